@@ -1,0 +1,22 @@
+// The one place where the fusedclip op schemas live. Backend files add kernels with
+// TORCH_LIBRARY_IMPL(fusedclip, <DispatchKey>, m); csrc/README.md states each op's contract.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fusedclip._C runs the static registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedclip, m) {
+  m.def(
+      "reduce(Tensor[] tensors, float norm_type, bool per_tensor) -> "
+      "(Tensor power_sum, Tensor found_inf, Tensor per_tensor_power)");
+  m.def(
+      "finalize(Tensor power_sum, float norm_type, float? max_norm, Tensor? inv_scale, "
+      "ScalarType out_dtype) -> (Tensor total_norm, Tensor clip_coef)");
+  m.def("scale_(Tensor(a!)[] tensors, Tensor clip_coef, float? clip_value) -> ()");
+}

@@ -1,0 +1,1 @@
+"""fusedclip: fused gradient clipping and AMP unscaling for PyTorch."""
