@@ -30,7 +30,7 @@ def _extensions():
     cpu_sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc/include")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]
     # cpp_extension reads CUDA_HOME (or guesses from nvcc on PATH) when imported.
     cuda_home = cpp_extension.CUDA_HOME
     if _usable_cuda_home(cuda_home) and cuda_sources:
@@ -41,7 +41,7 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+                "nvcc": ["-O3", "-lineinfo"],
             },
         )
         print(f"fusedclip: building CPU and CUDA kernels with CUDA_HOME={cuda_home}", file=sys.stderr)

@@ -53,9 +53,7 @@ def reduce(
     """
     device = tensors[0].device
     powers = torch.stack([tensor_power(t, norm_type) for t in tensors])
-    nonfinite = torch.stack(
-        [~torch.isfinite(t.detach()).all() for t in tensors]
-    ).any()
+    nonfinite = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
     power_sum = combine_powers(powers, norm_type)
     per_tensor_power = powers if per_tensor else torch.empty(0, dtype=torch.float64, device=device)
     return power_sum, nonfinite.to(torch.float32), per_tensor_power

@@ -1,0 +1,123 @@
+"""Backend choice: which implementation of the three ops (reduce, finalize, scale_) runs a device's
+gradients.
+
+`backend=None` means the FUSEDCLIP_BACKEND environment variable, else "auto": CUDA tensors go to
+the CUDA extension if it was built with CUDA kernels, else to Triton, else to the reference; CPU
+tensors go to the C++ CPU kernels, else to the reference. An explicit backend that cannot run on
+the tensors' device raises and says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from fusedclip import ops, reference
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+
+
+class Backend(NamedTuple):
+    name: str
+    reduce: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    finalize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    scale_: Callable[..., None]
+
+
+@functools.cache
+def _triton_ops():
+    """Imports the Triton backend on first use (importing triton costs about a second)."""
+    from fusedclip import triton as triton_backend
+
+    return triton_backend
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
+    """None if backend `name` can run (on `device_type` tensors, when given), else the reason."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if ops.EXTENSION_ERROR is not None:
+            return ops.EXTENSION_ERROR
+        if device_type not in (None, "cpu"):
+            return f"it runs CPU tensors only, not {device_type} tensors"
+        return None
+    if name == "cuda":
+        if not ops.has_kernel("reduce", "CUDA"):
+            return (
+                ops.EXTENSION_ERROR
+                or "the extension was built without a CUDA toolkit (set CUDA_HOME and rebuild)"
+            )
+        if device_type is None and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if device_type not in (None, "cuda"):
+            return f"it runs CUDA tensors only, not {device_type} tensors"
+        return None
+    if name == "triton":
+        triton_backend = _triton_ops()
+        if not triton_backend.is_available():
+            return triton_backend.unavailable_reason()
+        if device_type is None:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_type == "cpu" and not _triton_interpreted():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in ("cuda", "cpu"):
+            return f"Triton cannot run {device_type} tensors"
+        return None
+    return f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
+
+
+def backends() -> list[str]:
+    """The backends that can run here (for some device present), best first."""
+    return [name for name in BACKEND_NAMES[1:] if unavailable_reason(name) is None]
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend name asked for: the argument, else FUSEDCLIP_BACKEND, else "auto"; validated."""
+    name = backend if backend is not None else os.environ.get("FUSEDCLIP_BACKEND", "auto")
+    if name not in BACKEND_NAMES:
+        source = "backend" if backend is not None else "FUSEDCLIP_BACKEND"
+        raise ValueError(
+            f"{source}={name!r} is not a backend; choose one of {', '.join(BACKEND_NAMES)}"
+        )
+    return name
+
+
+def _auto_name(device_type: str) -> str:
+    if device_type == "cuda":
+        for name in ("cuda", "triton"):
+            if unavailable_reason(name, "cuda") is None:
+                return name
+    elif device_type == "cpu" and unavailable_reason("cpu", "cpu") is None:
+        return "cpu"
+    return "reference"
+
+
+def select(device: torch.device, backend: str | None) -> Backend:
+    """The backend that runs `device`'s gradients; raises ValueError/RuntimeError with the reason."""
+    name = requested_backend(backend)
+    if name == "auto":
+        name = _auto_name(device.type)
+    else:
+        reason = unavailable_reason(name, device.type)
+        if reason is not None:
+            raise RuntimeError(f"backend={name!r} cannot run {device} gradients: {reason}")
+    return _backend(name)
+
+
+@functools.cache
+def _backend(name: str) -> Backend:
+    if name in ("cpu", "cuda"):
+        return Backend(name, ops.reduce, ops.finalize, ops.scale_)
+    if name == "triton":
+        triton_backend = _triton_ops()
+        return Backend(name, triton_backend.reduce, triton_backend.finalize, triton_backend.scale_)
+    return Backend(name, reference.reduce, reference.finalize, reference.scale_)

@@ -1,0 +1,77 @@
+"""Typed wrappers over `torch.ops.fusedclip.*` (the C++/CUDA extension) and their fake impls.
+
+Importing this module loads the extension if it was built; `EXTENSION_ERROR` says why not
+otherwise. The op contracts are in csrc/README.md; fusedclip/reference.py specifies them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+
+try:
+    from fusedclip import _C  # noqa: F401  (registers torch.ops.fusedclip.*)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:
+    if (
+        importlib.util.find_spec("fusedclip._C") is None
+    ):  # a pure-Python install (FUSEDCLIP_SKIP_EXT=1)
+        EXTENSION_ERROR = (
+            "the fusedclip._C extension is not built (pip install without FUSEDCLIP_SKIP_EXT=1)"
+        )
+    else:  # built, but it does not load: say so once
+        EXTENSION_ERROR = f"the fusedclip._C extension does not load ({error})"
+        warnings.warn(f"fusedclip: {EXTENSION_ERROR}; using the fallback backends", stacklevel=2)
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel of `fusedclip::op_name` for `dispatch_key`."""
+    if EXTENSION_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclip::{op_name}", dispatch_key)
+
+
+def reduce(
+    tensors: list[torch.Tensor], norm_type: float, per_tensor: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.fusedclip.reduce.default(tensors, norm_type, per_tensor)
+
+
+def finalize(
+    power_sum: torch.Tensor,
+    norm_type: float,
+    max_norm: float | None,
+    inv_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.fusedclip.finalize.default(
+        power_sum, norm_type, max_norm, inv_scale, out_dtype
+    )
+
+
+def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor, clip_value: float | None) -> None:
+    torch.ops.fusedclip.scale_.default(tensors, clip_coef, clip_value)
+
+
+if EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("fusedclip::reduce")
+    def _reduce_fake(tensors, norm_type, per_tensor):
+        device = tensors[0].device
+        scalar = tensors[0].new_empty((), dtype=torch.float64)
+        found_inf = tensors[0].new_empty((), dtype=torch.float32)
+        per_tensor_power = torch.empty(
+            len(tensors) if per_tensor else 0, dtype=torch.float64, device=device
+        )
+        return scalar, found_inf, per_tensor_power
+
+    @torch.library.register_fake("fusedclip::finalize")
+    def _finalize_fake(power_sum, norm_type, max_norm, inv_scale, out_dtype):
+        return power_sum.new_empty((), dtype=out_dtype), power_sum.new_empty((), dtype=out_dtype)
+
+    @torch.library.register_fake("fusedclip::scale_")
+    def _scale_fake(tensors, clip_coef, clip_value):
+        return None

@@ -1,0 +1,419 @@
+"""The public API against torch.nn.utils (parity) and the float64 reference (accuracy)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import NORM_RTOL, assert_close, assert_grads_close, backend_params, is_interpreted
+
+import fusedclip
+from fusedclip import reference
+
+NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf, "inf", "2"]
+
+
+def make_parameters(sizes, dtypes, device, scale=3.0, none_grads=()):
+    """Parameters with random gradients (dtypes cycled); indices in `none_grads` get no grad."""
+    parameters = []
+    for index, size in enumerate(sizes):
+        dtype = dtypes[index % len(dtypes)]
+        parameter = torch.nn.Parameter(torch.randn(size, dtype=torch.float64).to(dtype).to(device))
+        if index not in none_grads:
+            parameter.grad = (torch.randn(size, dtype=torch.float64) * scale).to(dtype).to(device)
+        parameters.append(parameter)
+    return parameters
+
+
+def clone_parameters(parameters):
+    copies = []
+    for parameter in parameters:
+        copy = torch.nn.Parameter(parameter.detach().clone())
+        copy.grad = None if parameter.grad is None else parameter.grad.clone()
+        copies.append(copy)
+    return copies
+
+
+def reference_total_norm(grads, norm_type):
+    powers = torch.stack([reference.tensor_power(g.cpu(), float(norm_type)) for g in grads])
+    return reference.power_to_norm(
+        reference.combine_powers(powers, float(norm_type)), float(norm_type)
+    )
+
+
+def sizes_for(device, backend):
+    if is_interpreted(device, backend):
+        return [0, 1, 3, 4095, 70001]
+    return [0, 1, 3, 4095, 65537, (1 << 20) + 9]
+
+
+BACKENDS = backend_params()
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=lambda p: f"p{p}")
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        [torch.float32],
+        [torch.float16],
+        [torch.bfloat16],
+        [torch.float64],
+        [torch.float32, torch.bfloat16, torch.float16],
+    ],
+    ids=["f32", "f16", "bf16", "f64", "mixed"],
+)
+def test_clip_grad_norm_matches_torch_and_reference(device, backend, norm_type, dtypes):
+    sizes = sizes_for(device, backend)
+    if float(norm_type) == math.inf:
+        sizes = [s for s in sizes if s]  # torch's inf norm raises on an empty tensor
+    parameters = make_parameters(sizes, dtypes, device, none_grads=(2,))
+    theirs = clone_parameters(parameters)
+    originals = [None if p.grad is None else p.grad.clone() for p in parameters]
+    grads = [g for g in originals if g is not None]
+    expected_norm = reference_total_norm(grads, norm_type)
+    max_norm = expected_norm.item() / 3  # clipping happens
+
+    ours = fusedclip.clip_grad_norm_(parameters, max_norm, norm_type, backend=backend)
+    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+
+    out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    assert ours.dtype == out_dtype and ours.shape == () and ours.device.type == device
+    rtol = max(NORM_RTOL[d] for d in dtypes) * 4
+    assert_close(ours, expected_norm, rtol=rtol, what="total norm vs reference")
+    coef = min(1.0, max_norm / (expected_norm.item() + 1e-6))
+    # torch accumulates in the gradients' dtype (float32 at best), so it is the less accurate
+    # side: agree within its rounding. A 16-bit torch norm can overflow to inf (a documented
+    # deviation); then only the reference counts.
+    torch_rtol = 1e-2 if torch.float16 in dtypes or torch.bfloat16 in dtypes else 1e-3
+    torch_comparable = math.isfinite(torch_norm.item())
+    if torch_comparable:
+        assert_close(
+            ours, torch_norm.to(torch.float64), rtol=torch_rtol, what="total norm vs torch"
+        )
+    for index, (parameter, torch_parameter, original) in enumerate(
+        zip(parameters, theirs, originals, strict=True)
+    ):
+        if original is None:
+            assert parameter.grad is None
+            continue
+        assert_grads_close(
+            parameter.grad, original.cpu().to(torch.float64) * coef, what=f"grad {index}"
+        )
+        if torch_comparable:
+            assert_close(
+                parameter.grad,
+                torch_parameter.grad,
+                rtol=torch_rtol,
+                atol=1e-30,
+                what=f"grad {index} vs torch",
+            )
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_clip_grad_norm_no_clip_needed_leaves_grads(device, backend):
+    parameters = make_parameters([100, 4095], [torch.float32], device, scale=1e-3)
+    originals = [p.grad.clone() for p in parameters]
+    norm = fusedclip.clip_grad_norm_(parameters, 1e6, backend=backend)
+    assert norm.item() > 0
+    for parameter, original in zip(parameters, originals, strict=True):
+        assert torch.equal(parameter.grad, original)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_accepts_generator_single_tensor_and_no_grads(device, backend):
+    parameters = make_parameters([10, 20], [torch.float32], device)
+    theirs = clone_parameters(parameters)
+    ours = fusedclip.clip_grad_norm_((p for p in parameters), 0.5, backend=backend)
+    expected = torch.nn.utils.clip_grad_norm_((p for p in theirs), 0.5)
+    assert_close(ours, expected, rtol=1e-6, what="generator")
+    single = make_parameters([33], [torch.float32], device)[0]
+    single_theirs = clone_parameters([single])[0]
+    assert_close(
+        fusedclip.clip_grad_norm_(single, 0.1, backend=backend),
+        torch.nn.utils.clip_grad_norm_(single_theirs, 0.1),
+        rtol=1e-6,
+        what="single tensor",
+    )
+    assert_close(single.grad, single_theirs.grad, rtol=1e-6, what="single tensor grad")
+    no_grads = make_parameters([5], [torch.float32], device, none_grads=(0,))
+    empty = fusedclip.clip_grad_norm_(no_grads, 1.0, backend=backend)
+    assert empty.item() == torch.nn.utils.clip_grad_norm_(no_grads, 1.0).item() == 0.0
+    assert fusedclip.clip_grad_norm_([], 1.0, backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=lambda p: f"p{p}")
+def test_get_total_norm_and_clip_grads_with_norm_match_torch(device, backend, norm_type):
+    parameters = make_parameters([7, 4095, 300], [torch.float32, torch.float64], device)
+    theirs = clone_parameters(parameters)
+    grads = [p.grad for p in parameters]
+    ours = fusedclip.get_total_norm(grads, norm_type, backend=backend)
+    expected = torch.nn.utils.get_total_norm([p.grad for p in theirs], norm_type)
+    assert ours.dtype == torch.float64
+    assert_close(ours, reference_total_norm(grads, norm_type), rtol=1e-12, what="get_total_norm")
+    assert_close(
+        ours, expected, rtol=1e-6, what="get_total_norm vs torch"
+    )  # torch: float32 per tensor
+    fusedclip.clip_grads_with_norm_(parameters, 1.0, ours, backend=backend)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, expected)
+    for index, (mine, torch_parameter) in enumerate(zip(parameters, theirs, strict=True)):
+        assert_close(mine.grad, torch_parameter.grad, rtol=1e-6, what=f"grad {index}")
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str
+)
+def test_clip_grad_value_matches_torch(device, backend, dtype):
+    parameters = make_parameters([1, 4095, 65537], [dtype], device)
+    theirs = clone_parameters(parameters)
+    fusedclip.clip_grad_value_(parameters, 0.75, backend=backend)
+    torch.nn.utils.clip_grad_value_(theirs, 0.75)
+    for mine, torch_parameter in zip(parameters, theirs, strict=True):
+        assert torch.equal(mine.grad, torch_parameter.grad)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_clip_grad_value_with_inv_scale_unscales_then_clamps(device, backend):
+    parameters = make_parameters([4095, 65], [torch.float32, torch.bfloat16], device, scale=1024.0)
+    originals = [p.grad.clone() for p in parameters]
+    fusedclip.clip_grad_value_(parameters, 1.0, inv_scale=1 / 1024, backend=backend)
+    for parameter, original in zip(parameters, originals, strict=True):
+        expected = (original.cpu().to(torch.float64) / 1024).clamp(-1.0, 1.0)
+        assert_grads_close(parameter.grad, expected, what=str(parameter.dtype))
+    fusedclip.clip_grad_value_([], 1.0, backend=backend)  # a no-op, where torch raises
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("inv_scale_kind", ["float", "tensor"])
+def test_fused_clip_unscales_measures_and_clips_in_one_call(device, backend, inv_scale_kind):
+    scale = 65536.0
+    grads = [
+        g * scale
+        for g in make_tensors([4095, 3, 0, 70001], [torch.float32, torch.bfloat16], device)
+    ]
+    originals = [g.clone() for g in grads]
+    inv_scale = 1 / scale if inv_scale_kind == "float" else torch.tensor(1 / scale, device=device)
+    unscaled64 = [g.cpu().to(torch.float64) / scale for g in originals]
+    expected_norm = reference_total_norm(unscaled64, 2.0)
+    max_norm = expected_norm.item() / 2
+    result = fusedclip.fused_clip_(
+        grads,
+        max_norm=max_norm,
+        inv_scale=inv_scale,
+        clip_value=0.9,
+        per_tensor=True,
+        backend=backend,
+    )
+    assert_close(result.total_norm, expected_norm, rtol=4e-6, what="total_norm")
+    assert result.found_inf.item() == 0.0 and result.found_inf.dtype == torch.float32
+    clip_factor = min(1.0, max_norm / (expected_norm.item() + 1e-6))
+    assert_close(result.clip_coef, torch.tensor(clip_factor / scale), rtol=1e-6, what="clip_coef")
+    expected_per_tensor = torch.stack([reference_total_norm([g], 2.0) for g in unscaled64])
+    assert_close(result.per_tensor_norms, expected_per_tensor, rtol=4e-6, what="per_tensor_norms")
+    for index, (grad, original64) in enumerate(zip(grads, unscaled64, strict=True)):
+        assert_grads_close(grad, (original64 * clip_factor).clamp(-0.9, 0.9), what=f"grad {index}")
+
+
+def make_tensors(sizes, dtypes, device):
+    return [p.grad for p in make_parameters(sizes, dtypes, device)]
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_fused_clip_measures_only_without_max_norm(device, backend):
+    grads = make_tensors([100, 37], [torch.float16], device)
+    originals = [g.clone() for g in grads]
+    result = fusedclip.fused_clip_(grads, norm_type=math.inf, backend=backend)
+    assert_close(
+        result.total_norm, reference_total_norm(originals, math.inf), rtol=1e-6, what="inf norm"
+    )
+    assert result.per_tensor_norms is None
+    assert all(torch.equal(g, o) for g, o in zip(grads, originals, strict=True))
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+def test_nonfinite_gradients_like_torch(device, backend, bad):
+    parameters = make_parameters([4095, 9], [torch.float32], device)
+    parameters[0].grad[-1] = bad
+    theirs = clone_parameters(parameters)
+    ours = fusedclip.clip_grad_norm_(parameters, 1.0, backend=backend)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert_close(ours, expected, rtol=0, what="non-finite norm")
+    for mine, torch_parameter in zip(parameters, theirs, strict=True):
+        assert_close(
+            mine.grad, torch_parameter.grad, rtol=0, what="grads scaled by a non-finite norm"
+        )
+    result = fusedclip.fused_clip_(
+        [p.grad for p in make_parameters([65], [torch.float32], device)]
+        + [torch.tensor([bad], device=device)],
+        backend=backend,
+    )
+    assert result.found_inf.item() == 1.0
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_error_if_nonfinite_raises_before_touching_grads(device, backend):
+    parameters = make_parameters([100, 4], [torch.float32], device)
+    parameters[1].grad[0] = math.nan
+    originals = [p.grad.clone() for p in parameters]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedclip.clip_grad_norm_(parameters, 1.0, error_if_nonfinite=True, backend=backend)
+    for parameter, original in zip(parameters, originals, strict=True):
+        assert torch.equal(parameter.grad, original) or torch.equal(
+            parameter.grad.isnan(), original.isnan()
+        )
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_same_gradient_listed_twice_counts_once(device, backend):
+    parameters = make_parameters([4095, 50], [torch.float32], device)
+    originals = [p.grad.clone() for p in parameters]
+    norm = fusedclip.clip_grad_norm_(
+        [parameters[0], parameters[1], parameters[0]], 1.0, backend=backend
+    )
+    expected = reference_total_norm(originals, 2.0)
+    assert_close(norm, expected, rtol=4e-6, what="norm of a repeated gradient")
+    coef = min(1.0, 1.0 / (expected.item() + 1e-6))
+    assert_grads_close(parameters[0].grad, originals[0].cpu().double() * coef, what="scaled once")
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_strided_and_channels_last_gradients(device, backend):
+    base = torch.randn(64, 130, device=device)
+    strided = base[:, ::2]  # gaps: goes through a contiguous copy and back
+    transposed = torch.randn(33, 65, device=device).t()  # dense, another dim order
+    channels_last = torch.randn(2, 3, 8, 9, device=device).to(memory_format=torch.channels_last)
+    grads = [strided, transposed, channels_last]
+    originals = [g.clone() for g in grads]
+    untouched_gaps = base[:, 1::2].clone()
+    expected = reference_total_norm(originals, 2.0)
+    result = fusedclip.fused_clip_(grads, max_norm=1.0, backend=backend)
+    assert_close(result.total_norm, expected, rtol=4e-6, what="norm")
+    coef = min(1.0, 1.0 / (expected.item() + 1e-6))
+    for index, (grad, original) in enumerate(zip(grads, originals, strict=True)):
+        assert_grads_close(grad, original.cpu().double() * coef, what=f"grad {index}")
+    assert torch.equal(base[:, 1::2], untouched_gaps)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_sparse_gradients(device, backend):
+    indices = torch.tensor([[0, 2, 2, 5], [1, 0, 0, 3]])  # (2, 0) appears twice: uncoalesced
+    values = torch.tensor([3.0, -4.0, 1.0, 12.0])
+    sparse = torch.sparse_coo_tensor(indices, values, (6, 4)).to(device)
+    dense = torch.randn(10, device=device)
+    theirs_sparse, theirs_dense = sparse.clone(), dense.clone()
+    norm = fusedclip.fused_clip_([sparse, dense], max_norm=1.0, backend=backend).total_norm
+    expected = reference_total_norm([theirs_sparse.to_dense(), theirs_dense], 2.0)
+    assert_close(norm, expected, rtol=4e-6, what="norm with a sparse gradient")
+    coef = min(1.0, 1.0 / (expected.item() + 1e-6))
+    assert_close(sparse.to_dense(), theirs_sparse.to_dense() * coef, rtol=1e-6, what="sparse grad")
+    fusedclip.fused_clip_([sparse], clip_value=0.01, backend=backend)
+    assert sparse.to_dense().abs().max().item() <= 0.01
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_result_is_deterministic(device, backend):
+    grads = make_tensors([70001, 3, 4095], [torch.float32, torch.float16], device)
+    first = fusedclip.get_total_norm(grads, backend=backend)
+    second = fusedclip.get_total_norm(grads, backend=backend)
+    assert torch.equal(first, second)
+
+
+def test_float16_norm_above_65504_stays_finite():
+    """torch returns the norm in float16, which overflows and then zeroes every gradient."""
+    grads = [torch.full((100,), 60000.0, dtype=torch.float16)]
+    norm = fusedclip.clip_grad_norm_([_with_grad(g) for g in grads], 1.0)
+    assert norm.dtype == torch.float32 and math.isfinite(norm.item())
+    assert_close(norm, torch.tensor(600000.0), rtol=1e-6, what="fp16 norm")
+
+
+def _with_grad(grad):
+    parameter = torch.nn.Parameter(torch.zeros_like(grad))
+    parameter.grad = grad
+    return parameter
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_norm": -1.0}, ValueError, "max_norm"),
+        ({"max_norm": math.nan}, ValueError, "max_norm"),
+        ({"max_norm": 1.0, "norm_type": 0.0}, ValueError, "norm_type"),
+        ({"max_norm": 1.0, "norm_type": -2.0}, ValueError, "norm_type"),
+        ({"max_norm": 1.0, "norm_type": math.nan}, ValueError, "norm_type"),
+        ({"max_norm": 1.0, "norm_type": "fro"}, ValueError, "norm_type"),
+        ({"max_norm": 1.0, "inv_scale": math.inf}, ValueError, "inv_scale"),
+        ({"max_norm": 1.0, "inv_scale": torch.ones(2)}, ValueError, "inv_scale"),
+        ({"max_norm": 1.0, "backend": "gpu"}, ValueError, "backend"),
+    ],
+    ids=lambda v: (
+        str(v)
+        if not isinstance(v, dict)
+        else "-".join(f"{k}={v[k]}" for k in v if k != "max_norm" or len(v) == 1)
+    ),
+)
+def test_bad_arguments_raise_and_touch_nothing(kwargs, error, match):
+    parameters = make_parameters([100, 7], [torch.float32], "cpu")
+    originals = [p.grad.clone() for p in parameters]
+    with pytest.raises(error, match=match):
+        fusedclip.clip_grad_norm_(parameters, **kwargs)
+    for parameter, original in zip(parameters, originals, strict=True):
+        assert torch.equal(parameter.grad, original)
+
+
+def test_bad_gradients_and_values_raise_and_touch_nothing():
+    parameters = make_parameters([100], [torch.float32], "cpu")
+    original = parameters[0].grad.clone()
+    with pytest.raises(TypeError, match="dtype"):
+        fusedclip.fused_clip_(
+            [parameters[0].grad, torch.zeros(3, dtype=torch.int64)], max_norm=1e-3
+        )
+    with pytest.raises(ValueError, match="clip_value"):
+        fusedclip.clip_grad_value_(parameters, -0.5)
+    with pytest.raises(ValueError, match="clip_value"):
+        fusedclip.fused_clip_([parameters[0].grad], clip_value=math.nan)
+    assert torch.equal(parameters[0].grad, original)
+
+
+def test_unavailable_backend_raises_with_reason_and_touches_nothing():
+    parameters = make_parameters([100], [torch.float32], "cpu")
+    original = parameters[0].grad.clone()
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run cpu gradients"):
+        fusedclip.clip_grad_norm_(parameters, 1e-3, backend="cuda")
+    assert torch.equal(parameters[0].grad, original)
+
+
+def test_backends_lists_what_runs_here():
+    names = fusedclip.backends()
+    assert "reference" in names
+    assert ("cuda" in names) == (
+        torch.cuda.is_available() and fusedclip.ops.has_kernel("reduce", "CUDA")
+    )
+
+
+def test_environment_variable_picks_the_backend(monkeypatch):
+    parameters = make_parameters([100], [torch.float32], "cpu")
+    monkeypatch.setenv("FUSEDCLIP_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FUSEDCLIP_BACKEND"):
+        fusedclip.clip_grad_norm_(parameters, 1.0)
+    monkeypatch.setenv("FUSEDCLIP_BACKEND", "reference")
+    assert fusedclip.dispatch.select(torch.device("cpu"), None).name == "reference"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_gradients_on_two_devices():
+    cpu_parameters = make_parameters([1000], [torch.float32], "cpu")
+    cuda_parameters = make_parameters([1000], [torch.float32], "cuda")
+    parameters = cuda_parameters + cpu_parameters
+    theirs = clone_parameters(parameters)
+    ours = fusedclip.clip_grad_norm_(parameters, 1.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert ours.device.type == "cuda"
+    assert_close(ours, expected, rtol=1e-6, what="two-device norm")
+    for mine, torch_parameter in zip(parameters, theirs, strict=True):
+        assert_close(mine.grad, torch_parameter.grad, rtol=1e-6, what="two-device grad")
