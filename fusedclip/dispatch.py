@@ -45,8 +45,8 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
     if name == "reference":
         return None
     if name == "cpu":
-        if ops.EXTENSION_ERROR is not None:
-            return ops.EXTENSION_ERROR
+        if not ops.has_kernel("reduce", "CPU"):
+            return ops.EXTENSION_ERROR or "the extension was built without CPU kernels"
         if device_type not in (None, "cpu"):
             return f"it runs CPU tensors only, not {device_type} tensors"
         return None
