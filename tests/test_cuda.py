@@ -1,0 +1,117 @@
+"""What only a GPU can show: no host sync, CUDA-graph capture, kernel registration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_close, assert_grads_close
+
+import fusedclip
+from fusedclip import ops, reference
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_BACKENDS = [
+    pytest.param(name, id=name, marks=pytest.mark.cuda) for name in ("cuda", "triton", "reference")
+]
+
+
+@pytest.mark.parametrize("op", ["reduce", "finalize", "scale_"])
+def test_every_op_has_a_cuda_kernel_when_built_with_a_toolkit(op):
+    if ops.EXTENSION_ERROR is not None:
+        pytest.skip(ops.EXTENSION_ERROR)
+    if not ops.has_kernel("reduce", "CUDA"):
+        pytest.skip("the extension was built without a CUDA toolkit")
+    assert ops.has_kernel(op, "CUDA"), f"fusedclip::{op} has no CUDA kernel"
+    assert ops.has_kernel(op, "CPU"), f"fusedclip::{op} has no CPU kernel"
+
+
+def _gradients(device="cuda"):
+    sizes = [(1 << 20) + 3, 4095, 0, 65537, 1]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    return [torch.randn(n, device=device, dtype=d) * 3 for n, d in zip(sizes, dtypes, strict=True)]
+
+
+def _available(backend):
+    reason = fusedclip.dispatch.unavailable_reason(backend, "cuda")
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_no_host_sync(backend):
+    _available(backend)
+    grads = _gradients()
+    fusedclip.fused_clip_(grads, max_norm=1.0, inv_scale=0.5, backend=backend)  # warm-up, caches
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fusedclip.fused_clip_(grads, max_norm=1.0, inv_scale=0.5, clip_value=0.1, backend=backend)
+        parameters = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+        for parameter, grad in zip(parameters, grads, strict=True):
+            parameter.grad = grad
+        fusedclip.clip_grad_norm_(parameters, 1.0, backend=backend)
+        fusedclip.clip_grad_value_(parameters, 1.0, inv_scale=2.0, backend=backend)
+        fusedclip.get_total_norm(grads, float("inf"), backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_clip_captured_in_a_cuda_graph_replays_correctly(backend):
+    _available(backend)
+    grads = _gradients()
+    inv_scale = torch.tensor(0.25, device="cuda")
+    fusedclip.fused_clip_(grads, max_norm=1.0, inv_scale=inv_scale, backend=backend)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fusedclip.fused_clip_(grads, max_norm=1.0, inv_scale=inv_scale, backend=backend)
+    for replay in range(3):
+        fresh = _gradients()
+        for grad, value in zip(grads, fresh, strict=True):
+            grad.copy_(value)
+        if replay == 2:
+            grads[0][5] = math.inf
+        inv_scale.fill_(0.5 ** (replay + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected_norm = reference.power_to_norm(
+            reference.reduce([f.cpu() for f in fresh], 2.0, False)[0], 2.0
+        ) * 0.5 ** (replay + 1)
+        if replay == 2:
+            assert result.found_inf.item() == 1.0
+            continue
+        assert result.found_inf.item() == 0.0
+        assert_close(result.total_norm, expected_norm, rtol=4e-6, what=f"replay {replay} norm")
+        coef = min(1.0, 1.0 / (expected_norm.item() + 1e-6)) * 0.5 ** (replay + 1)
+        for grad, value in zip(grads, fresh, strict=True):
+            assert_grads_close(grad, value.cpu().double() * coef, what=f"replay {replay}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_single_tensor_above_2_to_the_31_elements(backend):
+    _available(backend)
+    if backend == "reference":
+        pytest.skip("the reference needs a float64 copy of 2^31 elements")
+    free, _ = torch.cuda.mem_get_info()
+    count = (1 << 31) + 1025
+    if free < count * 2 * 3:
+        pytest.skip("not enough GPU memory")
+    big = torch.ones(count, dtype=torch.bfloat16, device="cuda")
+    big[-1] = 2.0
+    result = fusedclip.fused_clip_([big], max_norm=1.0, norm_type=1.0, backend=backend)
+    assert_close(result.total_norm, torch.tensor(float(count + 1)), rtol=1e-6, what="norm")
+    coef = 1.0 / (count + 1 + 1e-6)
+    assert_close(
+        big[-3:].float(),
+        torch.tensor([coef, coef, 2 * coef]).to(torch.bfloat16),
+        rtol=0,
+        what="tail",
+    )
+    del big
