@@ -1,0 +1,627 @@
+// CPU kernels of reduce / finalize / scale_ (contracts in csrc/README.md, oracle in
+// fusedclip/reference.py).
+//
+// Both passes cut every tensor into chunks of kChunkSize elements (a chunk never spans two
+// tensors) and run the chunks with at::parallel_for. reduce writes one float64 partial per chunk
+// and combines the partials in chunk order afterwards, so its bits never depend on the thread
+// count. The hot loops are plain lane loops that GCC vectorizes; target_clones builds each of them
+// twice (AVX2 and the x86-64 baseline, chosen at load time) because the extension is compiled
+// without -mavx2. The AVX2 clone enables no FMA and nothing here allows reassociation, so both
+// clones give the same bits.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <fusedclip/checks.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FUSEDCLIP_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#define FUSEDCLIP_HAVE_F16C 1
+#else
+#define FUSEDCLIP_TARGET_CLONES
+#define FUSEDCLIP_HAVE_F16C 0
+#endif
+#define FUSEDCLIP_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace fusedclip {
+namespace {
+
+// Fixed, never derived from the thread count: the chunking decides the summation order.
+// 64K elements = 256 KiB of float32, a slice that stays in L2 while one thread walks it.
+constexpr int64_t kChunkSize = 65536;
+// Independent accumulators per loop: enough to fill several vector registers and hide add latency.
+constexpr int kLanes = 16;
+// at::parallel_for splits work only when every task gets at least this many elements.
+constexpr int64_t kMinElementsPerTask = 262144;
+
+enum class NormKind { kOne, kTwo, kInf, kGeneral };
+
+FUSEDCLIP_ALWAYS_INLINE float fp32_from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+FUSEDCLIP_ALWAYS_INLINE uint32_t fp32_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// IEEE half -> float, exact. Branch-free integer/float arithmetic (the method of c10's
+// fp16_ieee_to_fp32_value) so that a loop of these vectorizes without F16C.
+FUSEDCLIP_ALWAYS_INLINE float half_bits_to_float(uint16_t half) {
+  const uint32_t w = static_cast<uint32_t>(half) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  // Exponent rebias by 0xE0 then scale by 2^-112: keeps inf/NaN, fixes the bias of normals.
+  const float normalized = fp32_from_bits((two_w >> 4) + (0xE0u << 23)) * fp32_from_bits(15u << 23);
+  const float denormalized = fp32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t is_denormal = 0u - static_cast<uint32_t>(two_w < (1u << 27));  // all ones or 0
+  const uint32_t magnitude =
+      (fp32_to_bits(denormalized) & is_denormal) | (fp32_to_bits(normalized) & ~is_denormal);
+  return fp32_from_bits(sign | magnitude);
+}
+
+// float -> IEEE half, round to nearest even (c10's fp16_ieee_from_fp32_value), branch-free.
+FUSEDCLIP_ALWAYS_INLINE uint16_t float_to_half_bits(float value) {
+  const float scale_to_inf = fp32_from_bits(0x77800000u);   // 2^112
+  const float scale_to_zero = fp32_from_bits(0x08800000u);  // 2^-110
+  float base = (std::fabs(value) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = fp32_to_bits(value);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t bias = std::max(shl1_w & 0xFF000000u, 0x71000000u);
+  base = fp32_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = fp32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(shl1_w > 0xFF000000u);  // all ones or 0
+  return static_cast<uint16_t>((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan));
+}
+
+FUSEDCLIP_ALWAYS_INLINE float bfloat16_bits_to_float(uint16_t bf16) {
+  return fp32_from_bits(static_cast<uint32_t>(bf16) << 16);
+}
+
+// float -> bfloat16, round to nearest even, NaN stays NaN (as c10::BFloat16).
+FUSEDCLIP_ALWAYS_INLINE uint16_t float_to_bfloat16_bits(float value) {
+  const uint32_t bits = fp32_to_bits(value);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(value != value);  // all ones or 0
+  return static_cast<uint16_t>((0x7FC0u & is_nan) | (rounded & ~is_nan));
+}
+
+// Per dtype: how elements are stored, the type the scale product is formed in, and the unsigned
+// bit pattern of |x| (for a non-negative IEEE value, integer order is value order and every NaN
+// sorts above inf, so an integer max of the magnitude bits is a NaN-propagating max |x|).
+template <at::ScalarType kDtype>
+struct DtypeTraits;
+
+template <>
+struct DtypeTraits<at::kFloat> {
+  using Storage = float;
+  using Compute = float;
+  using Bits = uint32_t;
+  static constexpr Bits kMagnitudeMask = 0x7FFFFFFFu;
+  static constexpr Bits kExponentMask = 0x7F800000u;
+  static FUSEDCLIP_ALWAYS_INLINE Compute load(Storage x) { return x; }
+  static FUSEDCLIP_ALWAYS_INLINE Storage store(Compute x) { return x; }
+};
+
+template <>
+struct DtypeTraits<at::kDouble> {
+  using Storage = double;
+  using Compute = double;
+  using Bits = int64_t;  // signed is fine: the sign bit is masked off, and AVX2 compares signed
+  static constexpr Bits kMagnitudeMask = 0x7FFFFFFFFFFFFFFFll;
+  static constexpr Bits kExponentMask = 0x7FF0000000000000ll;
+  static FUSEDCLIP_ALWAYS_INLINE Compute load(Storage x) { return x; }
+  static FUSEDCLIP_ALWAYS_INLINE Storage store(Compute x) { return x; }
+};
+
+template <>
+struct DtypeTraits<at::kHalf> {
+  using Storage = uint16_t;
+  using Compute = float;
+  using Bits = uint16_t;
+  static constexpr Bits kMagnitudeMask = 0x7FFFu;
+  static constexpr Bits kExponentMask = 0x7C00u;
+  static FUSEDCLIP_ALWAYS_INLINE Compute load(Storage x) { return half_bits_to_float(x); }
+  static FUSEDCLIP_ALWAYS_INLINE Storage store(Compute x) { return float_to_half_bits(x); }
+};
+
+template <>
+struct DtypeTraits<at::kBFloat16> {
+  using Storage = uint16_t;
+  using Compute = float;
+  using Bits = uint16_t;
+  static constexpr Bits kMagnitudeMask = 0x7FFFu;
+  static constexpr Bits kExponentMask = 0x7F80u;
+  static FUSEDCLIP_ALWAYS_INLINE Compute load(Storage x) { return bfloat16_bits_to_float(x); }
+  static FUSEDCLIP_ALWAYS_INLINE Storage store(Compute x) { return float_to_bfloat16_bits(x); }
+};
+
+template <at::ScalarType kDtype>
+double magnitude_bits_to_double(typename DtypeTraits<kDtype>::Bits bits) {
+  using Traits = DtypeTraits<kDtype>;
+  typename Traits::Storage storage;
+  std::memcpy(&storage, &bits, sizeof(storage));
+  return static_cast<double>(Traits::load(storage));
+}
+
+template <NormKind kKind>
+FUSEDCLIP_ALWAYS_INLINE double power_term(double x, double norm_type) {
+  if constexpr (kKind == NormKind::kTwo) {
+    return x * x;
+  } else if constexpr (kKind == NormKind::kOne) {
+    return std::fabs(x);
+  } else {
+    return std::pow(std::fabs(x), norm_type);
+  }
+}
+
+// Sums kLanes accumulators in a fixed tree order.
+FUSEDCLIP_ALWAYS_INLINE double combine_lanes(const double (&lanes)[kLanes]) {
+  double pairs[kLanes / 2];
+  for (int j = 0; j < kLanes / 2; ++j) pairs[j] = lanes[j] + lanes[j + kLanes / 2];
+  double quads[kLanes / 4];
+  for (int j = 0; j < kLanes / 4; ++j) quads[j] = pairs[j] + pairs[j + kLanes / 4];
+  return (quads[0] + quads[2]) + (quads[1] + quads[3]);
+}
+
+// lanes[j] += |x|^p over x[0..numel), element k going to lane k % kLanes. numel must be a
+// multiple of kLanes except on the last call for a chunk, so the lane of an element is fixed.
+template <NormKind kKind, typename T>
+FUSEDCLIP_ALWAYS_INLINE void accumulate_powers(const T* x, int64_t numel, double norm_type,
+                                               double (&lanes)[kLanes]) {
+  int64_t i = 0;
+  for (; i + kLanes <= numel; i += kLanes) {
+#pragma GCC unroll 16
+    for (int j = 0; j < kLanes; ++j) {
+      lanes[j] += power_term<kKind>(static_cast<double>(x[i + j]), norm_type);
+    }
+  }
+  for (int j = 0; i + j < numel; ++j) {
+    lanes[j] += power_term<kKind>(static_cast<double>(x[i + j]), norm_type);
+  }
+}
+
+// 16-bit gradients are widened a block at a time into a float buffer: a plain conversion loop and
+// a plain float loop vectorize, one fused loop does not.
+constexpr int64_t kWidenBlock = 1024;
+static_assert(kWidenBlock % kLanes == 0 && kChunkSize % kWidenBlock == 0);
+
+#if FUSEDCLIP_HAVE_F16C
+// float16 <-> float32 with F16C (every AVX2 CPU has it): the branch-free bit arithmetic above costs
+// a dozen instructions per element, vcvtph2ps / vcvtps2ph one per eight. Same values (the
+// conversion is exact one way, round-to-nearest-even the other). Called once per block, never
+// inlined, so the rest of the file needs no F16C.
+__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const uint16_t* data, int64_t numel,
+                                                             float* out) {
+  int64_t k = 0;
+  for (; k + 8 <= numel; k += 8) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + k));
+    _mm256_storeu_ps(out + k, _mm256_cvtph_ps(half));
+  }
+  for (; k < numel; ++k) out[k] = half_bits_to_float(data[k]);
+}
+
+__attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* values, int64_t numel,
+                                                             uint16_t* out) {
+  int64_t k = 0;
+  for (; k + 8 <= numel; k += 8) {
+    const __m128i half = _mm256_cvtps_ph(_mm256_loadu_ps(values + k), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), half);
+  }
+  for (; k < numel; ++k) out[k] = float_to_half_bits(values[k]);
+}
+
+bool cpu_has_f16c() {
+  static const bool has_f16c = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return has_f16c;
+}
+#endif
+
+template <at::ScalarType kDtype>
+FUSEDCLIP_ALWAYS_INLINE void widen_block(const typename DtypeTraits<kDtype>::Storage* data,
+                                         int64_t numel, float* out) {
+#if FUSEDCLIP_HAVE_F16C
+  if (kDtype == at::kHalf && cpu_has_f16c()) return half_to_float_f16c(data, numel, out);
+#endif
+  for (int64_t k = 0; k < numel; ++k) out[k] = DtypeTraits<kDtype>::load(data[k]);
+}
+
+template <at::ScalarType kDtype>
+FUSEDCLIP_ALWAYS_INLINE void narrow_block(const float* values, int64_t numel,
+                                          typename DtypeTraits<kDtype>::Storage* out) {
+#if FUSEDCLIP_HAVE_F16C
+  if (kDtype == at::kHalf && cpu_has_f16c()) return float_to_half_f16c(values, numel, out);
+#endif
+  for (int64_t k = 0; k < numel; ++k) out[k] = DtypeTraits<kDtype>::store(values[k]);
+}
+
+// One chunk of the read pass: sum over its elements of |x|^p, each x converted to float64 first
+// (max |x| for p = inf, NaN-propagating). A non-finite element makes the result non-finite.
+template <at::ScalarType kDtype, NormKind kKind>
+FUSEDCLIP_TARGET_CLONES double reduce_chunk(const void* data_ptr, int64_t numel, double norm_type) {
+  using Traits = DtypeTraits<kDtype>;
+  if constexpr (kKind == NormKind::kInf) {
+    using Bits = typename Traits::Bits;
+    const auto* data = static_cast<const Bits*>(data_ptr);
+    Bits lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= numel; i += kLanes) {
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) {
+        const Bits magnitude = data[i + j] & Traits::kMagnitudeMask;
+        lanes[j] = magnitude > lanes[j] ? magnitude : lanes[j];
+      }
+    }
+    for (int j = 0; i + j < numel; ++j) {
+      const Bits magnitude = data[i + j] & Traits::kMagnitudeMask;
+      lanes[j] = magnitude > lanes[j] ? magnitude : lanes[j];
+    }
+    Bits max_bits = 0;
+    for (int j = 0; j < kLanes; ++j) max_bits = lanes[j] > max_bits ? lanes[j] : max_bits;
+    return magnitude_bits_to_double<kDtype>(max_bits);
+  } else {
+    const auto* data = static_cast<const typename Traits::Storage*>(data_ptr);
+    double lanes[kLanes] = {};
+    if constexpr (std::is_same_v<typename Traits::Storage, uint16_t>) {
+      alignas(64) float block[kWidenBlock];
+      for (int64_t i = 0; i < numel; i += kWidenBlock) {
+        const int64_t block_numel = std::min(kWidenBlock, numel - i);
+        widen_block<kDtype>(data + i, block_numel, block);
+        accumulate_powers<kKind>(block, block_numel, norm_type, lanes);
+      }
+    } else {
+      accumulate_powers<kKind>(data, numel, norm_type, lanes);
+    }
+    return combine_lanes(lanes);
+  }
+}
+
+// Only asked when a chunk's partial is not finite: |x|^p of finite float64 (or of any dtype for
+// p > 2) can overflow, so the partial alone cannot tell overflow from an inf/NaN element.
+template <at::ScalarType kDtype>
+bool chunk_has_nonfinite(const void* data_ptr, int64_t numel) {
+  using Traits = DtypeTraits<kDtype>;
+  const auto* data = static_cast<const typename Traits::Bits*>(data_ptr);
+  for (int64_t i = 0; i < numel; ++i) {
+    if ((data[i] & Traits::kExponentMask) == Traits::kExponentMask) return true;
+  }
+  return false;
+}
+
+// One chunk of the write pass: x = clamp(x * clip_coef, lower, upper) in the dtype's compute type.
+// `x < lower ? lower : x` keeps NaN (a NaN compares false), as torch.clamp does.
+template <at::ScalarType kDtype, bool kClamp>
+FUSEDCLIP_TARGET_CLONES void scale_chunk(void* data_ptr, int64_t numel, double clip_coef,
+                                         double clip_value) {
+  using Traits = DtypeTraits<kDtype>;
+  using Compute = typename Traits::Compute;
+  auto* data = static_cast<typename Traits::Storage*>(data_ptr);
+  const Compute coef = static_cast<Compute>(clip_coef);
+  const Compute upper = static_cast<Compute>(clip_value);
+  const Compute lower = -upper;
+  const auto scale = [&](Compute x) {
+    x = x * coef;
+    if constexpr (kClamp) {
+      x = x < lower ? lower : x;
+      x = x > upper ? upper : x;
+    }
+    return x;
+  };
+  if constexpr (std::is_same_v<typename Traits::Storage, uint16_t>) {
+    alignas(64) float block[kWidenBlock];
+    for (int64_t i = 0; i < numel; i += kWidenBlock) {
+      const int64_t block_numel = std::min(kWidenBlock, numel - i);
+      widen_block<kDtype>(data + i, block_numel, block);
+      for (int64_t k = 0; k < block_numel; ++k) block[k] = scale(block[k]);
+      narrow_block<kDtype>(block, block_numel, data + i);
+    }
+  } else {
+    for (int64_t i = 0; i < numel; ++i) data[i] = scale(data[i]);
+  }
+}
+
+using ReduceChunkFn = double (*)(const void*, int64_t, double);
+using NonfiniteChunkFn = bool (*)(const void*, int64_t);
+using ScaleChunkFn = void (*)(void*, int64_t, double, double);
+
+template <at::ScalarType kDtype>
+ReduceChunkFn reduce_chunk_fn_for(NormKind kind) {
+  switch (kind) {
+    case NormKind::kOne: return &reduce_chunk<kDtype, NormKind::kOne>;
+    case NormKind::kTwo: return &reduce_chunk<kDtype, NormKind::kTwo>;
+    case NormKind::kInf: return &reduce_chunk<kDtype, NormKind::kInf>;
+    case NormKind::kGeneral: return &reduce_chunk<kDtype, NormKind::kGeneral>;
+  }
+  return nullptr;
+}
+
+ReduceChunkFn reduce_chunk_fn(at::ScalarType dtype, NormKind kind) {
+  switch (dtype) {
+    case at::kFloat: return reduce_chunk_fn_for<at::kFloat>(kind);
+    case at::kDouble: return reduce_chunk_fn_for<at::kDouble>(kind);
+    case at::kHalf: return reduce_chunk_fn_for<at::kHalf>(kind);
+    case at::kBFloat16: return reduce_chunk_fn_for<at::kBFloat16>(kind);
+    default: TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
+  }
+  return nullptr;
+}
+
+NonfiniteChunkFn nonfinite_chunk_fn(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return &chunk_has_nonfinite<at::kFloat>;
+    case at::kDouble: return &chunk_has_nonfinite<at::kDouble>;
+    case at::kHalf: return &chunk_has_nonfinite<at::kHalf>;
+    case at::kBFloat16: return &chunk_has_nonfinite<at::kBFloat16>;
+    default: TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
+  }
+  return nullptr;
+}
+
+ScaleChunkFn scale_chunk_fn(at::ScalarType dtype, bool clamp) {
+  switch (dtype) {
+    case at::kFloat:
+      return clamp ? &scale_chunk<at::kFloat, true> : &scale_chunk<at::kFloat, false>;
+    case at::kDouble:
+      return clamp ? &scale_chunk<at::kDouble, true> : &scale_chunk<at::kDouble, false>;
+    case at::kHalf: return clamp ? &scale_chunk<at::kHalf, true> : &scale_chunk<at::kHalf, false>;
+    case at::kBFloat16:
+      return clamp ? &scale_chunk<at::kBFloat16, true> : &scale_chunk<at::kBFloat16, false>;
+    default: TORCH_CHECK(false, "fusedclip::scale_: unsupported dtype ", dtype);
+  }
+  return nullptr;
+}
+
+// One tensor's flat storage span and where its chunks start in the global chunk numbering.
+struct TensorSpan {
+  char* data;
+  int64_t numel;
+  int64_t element_size;
+  int64_t first_chunk;
+  at::ScalarType dtype;
+};
+
+// spans[0..num_tensors) plus a sentinel spans[num_tensors] whose first_chunk is num_chunks.
+struct ChunkPlan {
+  at::Tensor storage;  // owns the spans; allocated by PyTorch
+  TensorSpan* spans;
+  int64_t num_tensors;
+  int64_t num_chunks;
+  int64_t grain;  // chunks per task, at least
+
+  int64_t tensor_of_chunk(int64_t chunk) const {
+    // The last span starting at or before `chunk`: the non-empty tensor that holds it.
+    const TensorSpan* it = std::upper_bound(
+        spans, spans + num_tensors, chunk,
+        [](int64_t c, const TensorSpan& span) { return c < span.first_chunk; });
+    return (it - spans) - 1;
+  }
+
+  // Calls fn(tensor_index, chunk_index, chunk_data, chunk_numel) for chunks [begin, end).
+  template <typename Fn>
+  void for_each_chunk(int64_t begin, int64_t end, const Fn& fn) const {
+    if (begin >= end) return;
+    int64_t t = tensor_of_chunk(begin);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      while (chunk >= spans[t + 1].first_chunk) ++t;
+      const TensorSpan& span = spans[t];
+      const int64_t offset = (chunk - span.first_chunk) * kChunkSize;
+      const int64_t numel = std::min(kChunkSize, span.numel - offset);
+      fn(t, chunk, span.data + offset * span.element_size, numel);
+    }
+  }
+
+  // The same chunks, last first: after reduce walked them forward, the write pass starts on the
+  // chunks still in cache.
+  template <typename Fn>
+  void for_each_chunk_reversed(int64_t begin, int64_t end, const Fn& fn) const {
+    if (begin >= end) return;
+    int64_t t = tensor_of_chunk(end - 1);
+    for (int64_t chunk = end - 1; chunk >= begin; --chunk) {
+      while (chunk < spans[t].first_chunk) --t;
+      const TensorSpan& span = spans[t];
+      const int64_t offset = (chunk - span.first_chunk) * kChunkSize;
+      const int64_t numel = std::min(kChunkSize, span.numel - offset);
+      fn(t, chunk, span.data + offset * span.element_size, numel);
+    }
+  }
+};
+
+ChunkPlan make_chunk_plan(at::TensorList tensors) {
+  ChunkPlan plan;
+  plan.num_tensors = static_cast<int64_t>(tensors.size());
+  plan.storage = at::empty({static_cast<int64_t>((plan.num_tensors + 1) * sizeof(TensorSpan))},
+                           at::TensorOptions().dtype(at::kByte));
+  plan.spans = reinterpret_cast<TensorSpan*>(plan.storage.data_ptr());
+  int64_t num_chunks = 0;
+  int64_t total_numel = 0;
+  for (int64_t t = 0; t < plan.num_tensors; ++t) {
+    const at::Tensor& tensor = tensors[t];
+    const int64_t numel = tensor.numel();
+    plan.spans[t] = TensorSpan{static_cast<char*>(tensor.data_ptr()), numel,
+                               static_cast<int64_t>(tensor.element_size()), num_chunks,
+                               tensor.scalar_type()};
+    num_chunks += (numel + kChunkSize - 1) / kChunkSize;
+    total_numel += numel;
+  }
+  plan.spans[plan.num_tensors] = TensorSpan{nullptr, 0, 0, num_chunks, at::kFloat};
+  plan.num_chunks = num_chunks;
+  const int64_t mean_chunk_numel =
+      std::max<int64_t>(1, total_numel / std::max<int64_t>(1, num_chunks));
+  plan.grain = std::max<int64_t>(1, kMinElementsPerTask / mean_chunk_numel);
+  return plan;
+}
+
+NormKind norm_kind(double norm_type) {
+  if (std::isinf(norm_type)) return NormKind::kInf;
+  if (norm_type == 2.0) return NormKind::kTwo;
+  if (norm_type == 1.0) return NormKind::kOne;
+  return NormKind::kGeneral;
+}
+
+// NaN-propagating max: once NaN, stays NaN.
+double nan_max(double accumulated, double value) {
+  return (value > accumulated || std::isnan(value)) ? value : accumulated;
+}
+
+void check_cpu(const at::Device& device, const char* op) {
+  TORCH_CHECK(device.is_cpu(), "fusedclip::", op, " (CPU kernel) got tensors on ", device);
+}
+
+double read_scalar(const at::Tensor& scalar) {
+  return scalar.scalar_type() == at::kDouble ? *scalar.const_data_ptr<double>()
+                                             : static_cast<double>(*scalar.const_data_ptr<float>());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors, double norm_type,
+                                                          bool per_tensor) {
+  check_gradient_list(tensors, "tensors");
+  check_norm_type(norm_type);
+  check_cpu(tensors[0].device(), "reduce");
+
+  const NormKind kind = norm_kind(norm_type);
+  const ChunkPlan plan = make_chunk_plan(tensors);
+  const auto float64 = at::TensorOptions().dtype(at::kDouble);
+
+  // [num_chunks] partial |g|^p sums (or max |g|), then [num_chunks] non-finite flags (0 or 1).
+  at::Tensor chunk_results = at::empty({2 * plan.num_chunks}, float64);
+  double* chunk_power = chunk_results.data_ptr<double>();
+  double* chunk_nonfinite = chunk_power + plan.num_chunks;
+
+  at::parallel_for(0, plan.num_chunks, plan.grain, [&](int64_t begin, int64_t end) {
+    at::ScalarType fn_dtype = at::ScalarType::Undefined;
+    ReduceChunkFn reduce_fn = nullptr;
+    plan.for_each_chunk(begin, end, [&](int64_t t, int64_t chunk, char* data, int64_t numel) {
+      const at::ScalarType dtype = plan.spans[t].dtype;
+      if (dtype != fn_dtype) {
+        reduce_fn = reduce_chunk_fn(dtype, kind);
+        fn_dtype = dtype;
+      }
+      const double power = reduce_fn(data, numel, norm_type);
+      chunk_power[chunk] = power;
+      chunk_nonfinite[chunk] =
+          (!std::isfinite(power) && nonfinite_chunk_fn(dtype)(data, numel)) ? 1.0 : 0.0;
+    });
+  });
+
+  at::Tensor power_sum = at::empty({}, float64);
+  at::Tensor found_inf = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor per_tensor_power = at::empty({per_tensor ? plan.num_tensors : 0}, float64);
+  double* per_tensor_out = per_tensor ? per_tensor_power.data_ptr<double>() : nullptr;
+
+  // Fixed order: chunks of a tensor in order, then tensors in order.
+  double total = 0.0;
+  bool any_nonfinite = false;
+  for (int64_t t = 0; t < plan.num_tensors; ++t) {
+    double tensor_power = 0.0;
+    const int64_t chunk_end = plan.spans[t + 1].first_chunk;
+    for (int64_t chunk = plan.spans[t].first_chunk; chunk < chunk_end; ++chunk) {
+      tensor_power = kind == NormKind::kInf ? nan_max(tensor_power, chunk_power[chunk])
+                                            : tensor_power + chunk_power[chunk];
+      any_nonfinite = any_nonfinite || chunk_nonfinite[chunk] != 0.0;
+    }
+    total = kind == NormKind::kInf ? nan_max(total, tensor_power) : total + tensor_power;
+    if (per_tensor_out != nullptr) per_tensor_out[t] = tensor_power;
+  }
+  *power_sum.data_ptr<double>() = total;
+  *found_inf.data_ptr<float>() = any_nonfinite ? 1.0f : 0.0f;
+  return {power_sum, found_inf, per_tensor_power};
+}
+
+std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& power_sum, double norm_type,
+                                                std::optional<double> max_norm,
+                                                const std::optional<at::Tensor>& inv_scale,
+                                                at::ScalarType out_dtype) {
+  check_scalar_tensor(power_sum, "power_sum", power_sum.device());
+  check_cpu(power_sum.device(), "finalize");
+  check_norm_type(norm_type);
+  check_out_dtype(out_dtype);
+  if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", power_sum.device());
+
+  const double power = read_scalar(power_sum);
+  double norm;
+  if (std::isinf(norm_type)) {
+    norm = power;
+  } else if (norm_type == 2.0) {
+    norm = std::sqrt(power);  // torch's pow(x, 0.5) is sqrt
+  } else if (norm_type == 1.0) {
+    norm = power;
+  } else {
+    norm = std::pow(power, 1.0 / norm_type);
+  }
+  const double scale = inv_scale.has_value() ? read_scalar(*inv_scale) : 1.0;
+  if (inv_scale.has_value()) norm *= std::fabs(scale);
+
+  double coef = 1.0;
+  if (max_norm.has_value()) {
+    const double ratio = *max_norm / (norm + 1e-6);
+    coef = ratio > 1.0 ? 1.0 : ratio;  // keeps NaN
+  }
+  if (inv_scale.has_value()) coef *= scale;
+
+  const auto options = power_sum.options().dtype(out_dtype);
+  at::Tensor total_norm = at::empty({}, options);
+  at::Tensor clip_coef = at::empty({}, options);
+  if (out_dtype == at::kDouble) {
+    *total_norm.data_ptr<double>() = norm;
+    *clip_coef.data_ptr<double>() = coef;
+  } else {
+    *total_norm.data_ptr<float>() = static_cast<float>(norm);
+    *clip_coef.data_ptr<float>() = static_cast<float>(coef);
+  }
+  return {total_norm, clip_coef};
+}
+
+void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
+               std::optional<double> clip_value) {
+  check_gradient_list(tensors, "tensors");
+  check_cpu(tensors[0].device(), "scale_");
+  check_scalar_tensor(clip_coef, "clip_coef", tensors[0].device());
+  check_clip_value(clip_value);
+
+  const double coef = read_scalar(clip_coef);
+  if (coef == 1.0 && !clip_value.has_value()) return;  // nothing to write
+  const bool clamp = clip_value.has_value();
+  const double bound = clip_value.value_or(0.0);
+
+  const ChunkPlan plan = make_chunk_plan(tensors);
+  at::parallel_for(0, plan.num_chunks, plan.grain, [&](int64_t begin, int64_t end) {
+    at::ScalarType fn_dtype = at::ScalarType::Undefined;
+    ScaleChunkFn scale_fn = nullptr;
+    plan.for_each_chunk_reversed(begin, end, [&](int64_t t, int64_t, char* data, int64_t numel) {
+      const at::ScalarType dtype = plan.spans[t].dtype;
+      if (dtype != fn_dtype) {
+        scale_fn = scale_chunk_fn(dtype, clamp);
+        fn_dtype = dtype;
+      }
+      scale_fn(data, numel, coef, bound);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("reduce", &reduce_cpu);
+  m.impl("finalize", &finalize_cpu);
+  m.impl("scale_", &scale_cpu);
+}
+
+}  // namespace fusedclip
