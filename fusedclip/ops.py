@@ -27,11 +27,20 @@ except ImportError as error:
         warnings.warn(f"fusedclip: {EXTENSION_ERROR}; using the fallback backends", stacklevel=2)
 
 
+OP_NAMES = ("reduce", "finalize", "scale_")
+# Read once: the dispatcher query is not traceable by torch.compile, and registrations happen
+# when the extension loads.
+_REGISTERED_KERNELS = {
+    (name, key): EXTENSION_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclip::{name}", key)
+    for name in OP_NAMES
+    for key in ("CPU", "CUDA")
+}
+
+
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel of `fusedclip::op_name` for `dispatch_key`."""
-    if EXTENSION_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclip::{op_name}", dispatch_key)
+    return _REGISTERED_KERNELS.get((op_name, dispatch_key), False)
 
 
 def reduce(

@@ -27,11 +27,13 @@ NORM_RTOL = {
     torch.float64: 1e-12,
 }
 # Clipped gradients: within 2 ulp of the reference's result rounded to the gradient's dtype.
+# For float64 the coefficient's own last bits depend on the (chunked, fixed) summation order of
+# the norm, which differs from the reference's: allow 8 ulp there.
 ULP = {
     torch.float32: 2.0**-23,
     torch.float16: 2.0**-10,
     torch.bfloat16: 2.0**-7,
-    torch.float64: 2.0**-52,
+    torch.float64: 4 * 2.0**-52,
 }
 
 

@@ -89,7 +89,7 @@ def test_reduce_float64_sum_of_finite_squares_does_not_overflow(device, backend)
     # |g| = 1e19 squares to 1e38 (finite in float64, overflow for a float32 accumulator).
     tensors = [torch.full((1000,), 1e19, dtype=torch.float32, device=device)]
     power_sum, found_inf, _ = ops.reduce(tensors, 2.0, False)
-    assert_close(power_sum, torch.tensor(1000 * 1e38), rtol=1e-6, what="power_sum")
+    assert_close(power_sum, torch.tensor(1000 * 1e38, dtype=torch.float64), rtol=1e-6, what="power_sum")
     assert found_inf.item() == 0.0
 
 
@@ -176,7 +176,7 @@ def test_scale_matches_reference(device, backend, dtype, coef, clip_value):
     coef_tensor = torch.tensor(coef, dtype=torch.float32, device=device)
     ops.scale_(tensors, coef_tensor, clip_value)
     for index, (tensor, original) in enumerate(zip(tensors, originals, strict=True)):
-        expected = original.cpu().to(torch.float64) * coef
+        expected = original.cpu().to(torch.float64) * coef_tensor.item()
         if clip_value is not None:
             expected = expected.clamp(-clip_value, clip_value)
         assert_grads_close(tensor, expected, what=f"tensor {index} ({tensor.numel()} elements)")
@@ -222,7 +222,7 @@ def test_ops_reject_bad_inputs(device, backend):
     ops = dispatch.select(torch.device(device), backend)
     with pytest.raises((RuntimeError, ValueError), match="tensors"):
         ops.reduce([torch.zeros(3, dtype=torch.int32, device=device)], 2.0, False)
-    with pytest.raises((RuntimeError, ValueError), match="tensors"):
+    with pytest.raises((RuntimeError, ValueError), match="(?i)tensors"):
         ops.reduce([], 2.0, False)
 
 
