@@ -1,0 +1,205 @@
+// Builds and caches the device metadata tables of multi_tensor.cuh.
+#include "multi_tensor.cuh"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/util/Exception.h>
+
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <vector>
+
+namespace fusedclip::cuda {
+
+int dtype_group(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return 0;
+    case at::kHalf:
+      return 1;
+    case at::kBFloat16:
+      return 2;
+    case at::kDouble:
+      return 3;
+    default:
+      TORCH_CHECK(false, "fusedclip CUDA kernels do not support dtype ", dtype);
+  }
+}
+
+namespace {
+
+// Gradient sets usually keep their addresses between steps, so one or two keys are live at a time
+// (e.g. the reduce and scale_ of one step share one); four leaves room for a few parameter groups.
+constexpr size_t kCacheCapacity = 4;
+
+struct CacheEntry {
+  std::vector<int64_t> key;
+  std::shared_ptr<const MultiTensorLayout> layout;
+};
+
+struct CapturedEntry {
+  unsigned long long capture_id;
+  std::vector<int64_t> key;
+  std::shared_ptr<const MultiTensorLayout> layout;
+  void* pinned_host_copy;  // source of the graph's memcpy node; never freed
+};
+
+std::mutex cache_mutex;
+std::deque<CacheEntry> recent_tables;  // most recently used first
+std::vector<CapturedEntry> captured_tables;
+
+// [device, stream, n, then (data_ptr, numel, dtype) per tensor]: everything the table depends on,
+// plus the stream its copy was ordered on.
+std::vector<int64_t> make_key(at::TensorList tensors, const c10::cuda::CUDAStream& stream) {
+  std::vector<int64_t> key;
+  key.reserve(3 + 3 * tensors.size());
+  key.push_back(stream.device_index());
+  key.push_back(stream.id());
+  key.push_back(static_cast<int64_t>(tensors.size()));
+  for (const auto& t : tensors) {
+    key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+    key.push_back(t.numel());
+    key.push_back(static_cast<int64_t>(t.scalar_type()));
+  }
+  return key;
+}
+
+struct HostTable {
+  std::vector<int64_t> words;
+  std::array<int64_t, kNumDtypeGroups + 1> group_first_chunk;
+  int64_t num_chunks;
+};
+
+HostTable build_host_table(at::TensorList tensors) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  HostTable host;
+  std::array<int64_t, kNumDtypeGroups> group_chunks{};
+  for (const auto& t : tensors) {
+    group_chunks[dtype_group(t.scalar_type())] += chunk_count(t.numel());
+  }
+  host.group_first_chunk[0] = 0;
+  for (int g = 0; g < kNumDtypeGroups; ++g) {
+    host.group_first_chunk[g + 1] = host.group_first_chunk[g] + group_chunks[g];
+  }
+  host.num_chunks = host.group_first_chunk[kNumDtypeGroups];
+  // The launch grid of one group is its chunk count (gridDim.x <= 2^31 - 1) and chunk -> tensor
+  // entries are int32.
+  TORCH_CHECK(host.num_chunks < (int64_t{1} << 31),
+              "fusedclip: the gradients span more than 2^31 chunks of ", kChunkElements,
+              " elements; split the call");
+  TORCH_CHECK(n < (int64_t{1} << 31), "fusedclip: more than 2^31 tensors in one call");
+
+  host.words.assign(3 * n + (host.num_chunks + 1) / 2, 0);
+  int64_t* data_ptrs = host.words.data();
+  int64_t* numels = data_ptrs + n;
+  int64_t* first_chunk = numels + n;
+  int32_t* chunk_tensor = reinterpret_cast<int32_t*>(first_chunk + n);
+  std::array<int64_t, kNumDtypeGroups> next_chunk;
+  std::copy(host.group_first_chunk.begin(), host.group_first_chunk.end() - 1, next_chunk.begin());
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& t = tensors[i];
+    const int64_t chunks = chunk_count(t.numel());
+    int64_t& next = next_chunk[dtype_group(t.scalar_type())];
+    data_ptrs[i] = reinterpret_cast<int64_t>(t.data_ptr());
+    numels[i] = t.numel();
+    first_chunk[i] = next;
+    for (int64_t c = 0; c < chunks; ++c) {
+      chunk_tensor[next + c] = static_cast<int32_t>(i);
+    }
+    next += chunks;
+  }
+  return host;
+}
+
+std::shared_ptr<MultiTensorLayout> make_layout(const HostTable& host, at::Tensor device_buffer,
+                                               int64_t num_tensors) {
+  auto layout = std::make_shared<MultiTensorLayout>();
+  const int64_t* base = device_buffer.const_data_ptr<int64_t>();
+  layout->device_buffer = std::move(device_buffer);
+  layout->table.data_ptrs = base;
+  layout->table.numels = base + num_tensors;
+  layout->table.first_chunk = base + 2 * num_tensors;
+  layout->table.chunk_tensor = reinterpret_cast<const int32_t*>(base + 3 * num_tensors);
+  layout->table.num_tensors = num_tensors;
+  layout->table.num_chunks = host.num_chunks;
+  layout->group_first_chunk = host.group_first_chunk;
+  return layout;
+}
+
+at::Tensor empty_device_words(int64_t words, const c10::cuda::CUDAStream& stream) {
+  return at::empty({words}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA,
+                                                                          stream.device_index()));
+}
+
+}  // namespace
+
+std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
+    at::TensorList tensors, const c10::cuda::CUDAStream& stream) {
+  std::vector<int64_t> key = make_key(tensors, stream);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+
+  cudaStreamCaptureStatus capture_status = cudaStreamCaptureStatusNone;
+  unsigned long long capture_id = 0;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &capture_status, &capture_id));
+
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  if (capture_status == cudaStreamCaptureStatusActive) {
+    // An eager table may be evicted (freed) while a graph still reads it, and a table copied
+    // during another capture holds data only after that graph replays; so each capture gets its
+    // own table (shared by the ops of that capture) whose pinned source and device copy live as
+    // long as the process.
+    for (const auto& entry : captured_tables) {
+      if (entry.capture_id == capture_id && entry.key == key) {
+        return entry.layout;
+      }
+    }
+    const HostTable host = build_host_table(tensors);
+    const size_t bytes = host.words.size() * sizeof(int64_t);
+    void* pinned = nullptr;
+    {
+      // cudaHostAlloc is not a stream operation; relaxed mode lets it run while capturing.
+      c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      C10_CUDA_CHECK(cudaHostAlloc(&pinned, bytes, cudaHostAllocDefault));
+    }
+    std::memcpy(pinned, host.words.data(), bytes);
+    at::Tensor device_buffer = empty_device_words(static_cast<int64_t>(host.words.size()), stream);
+    C10_CUDA_CHECK(cudaMemcpyAsync(device_buffer.data_ptr(), pinned, bytes,
+                                   cudaMemcpyHostToDevice, stream.stream()));
+    auto layout = make_layout(host, std::move(device_buffer), n);
+    captured_tables.push_back({capture_id, std::move(key), layout, pinned});
+    return layout;
+  }
+
+  for (auto it = recent_tables.begin(); it != recent_tables.end(); ++it) {
+    if (it->key == key) {
+      if (it != recent_tables.begin()) {
+        CacheEntry hit = std::move(*it);
+        recent_tables.erase(it);
+        recent_tables.push_front(std::move(hit));
+      }
+      return recent_tables.front().layout;
+    }
+  }
+
+  const HostTable host = build_host_table(tensors);
+  const int64_t words = static_cast<int64_t>(host.words.size());
+  at::Tensor pinned = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(pinned.data_ptr(), host.words.data(), words * sizeof(int64_t));
+  at::Tensor device_buffer = empty_device_words(words, stream);
+  // copy_ records the pinned block's use on the stream, so the host allocator does not hand it out
+  // again before the copy has read it; no sync.
+  device_buffer.copy_(pinned, /*non_blocking=*/true);
+  auto layout = make_layout(host, std::move(device_buffer), n);
+  // An evicted table is freed to the caching allocator on `stream`, after the launches that read it.
+  recent_tables.push_front({std::move(key), layout});
+  if (recent_tables.size() > kCacheCapacity) {
+    recent_tables.pop_back();
+  }
+  return layout;
+}
+
+}  // namespace fusedclip::cuda

@@ -1,0 +1,594 @@
+"""Standalone GPU check of the hand-written CUDA kernels (csrc/cuda) against fusedclip.reference.
+
+Run from the repository root after an in-place build (no pytest needed):
+
+    python setup.py build_ext --inplace && python tests/gpu_scratch_cuda.py [--no-bench] [--no-huge]
+
+Prints one PASS/FAIL line per check, then a timing table (CUDA events, median), and exits 1 if any
+check failed. The reference runs on CPU float64 copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402  (torch first: it loads libc10 that fusedclip._C links against)
+
+# isort: split
+import fusedclip._C  # noqa: E402, F401  (registers torch.ops.fusedclip.*)
+
+from fusedclip import reference  # noqa: E402
+
+ops = torch.ops.fusedclip
+DEV = torch.device("cuda")
+CHUNK = 65536
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
+SIZES = [0, 1, 3, 4095, 65537, 1 << 22]
+# scale_ tolerance: 2 ulp of the dtype (the kernels form the product in float32, the oracle in float64)
+SCALE_RTOL = {
+    torch.float32: 2.4e-7,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+    torch.float64: 5e-16,
+}
+SCALE_ATOL = {
+    torch.float32: 1e-30,
+    torch.float16: 1.2e-7,
+    torch.bfloat16: 1e-30,
+    torch.float64: 1e-300,
+}
+POWER_RTOL = 1e-6
+
+results: list[tuple[str, bool]] = []
+
+
+def check(name: str, fn) -> None:
+    try:
+        message = fn()
+        ok = message is None or message is True
+        detail = "" if ok else f": {message}"
+    except Exception as error:  # noqa: BLE001
+        ok = False
+        detail = f": {type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"
+    results.append((name, ok))
+    print(f"{'PASS' if ok else 'FAIL'} {name}{detail}", flush=True)
+
+
+def make(n: int, dtype: torch.dtype, scale: float = 1.0, misalign: int = 0) -> torch.Tensor:
+    buffer = torch.randn(n + misalign, device=DEV, dtype=torch.float32).mul_(scale).to(dtype)
+    return buffer[misalign:]
+
+
+def cpu64(tensors):
+    return [t.detach().cpu().to(torch.float64) for t in tensors]
+
+
+def same_value(got: torch.Tensor, want: torch.Tensor, rtol: float) -> str | None:
+    got = got.detach().cpu().to(torch.float64).reshape(-1)
+    want = want.detach().cpu().to(torch.float64).reshape(-1)
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    for i, (g, w) in enumerate(zip(got.tolist(), want.tolist(), strict=True)):
+        if math.isnan(w) or math.isnan(g):
+            if not (math.isnan(w) and math.isnan(g)):
+                return f"[{i}] got {g!r} want {w!r}"
+        elif math.isinf(w) or math.isinf(g):
+            if g != w:
+                return f"[{i}] got {g!r} want {w!r}"
+        elif abs(g - w) > rtol * abs(w) + 1e-300:
+            return f"[{i}] got {g!r} want {w!r} (rel {abs(g - w) / max(abs(w), 1e-300):.2e})"
+    return None
+
+
+def compare_reduce(tensors, norm_type: float, per_tensor: bool = True) -> str | None:
+    power_sum, found_inf, per = ops.reduce(tensors, norm_type, per_tensor)
+    torch.cuda.synchronize()
+    want_sum, want_inf, want_per = reference.reduce(cpu64(tensors), norm_type, per_tensor)
+    if power_sum.dtype != torch.float64 or power_sum.shape != ():
+        return f"power_sum {power_sum.dtype} {tuple(power_sum.shape)}"
+    if found_inf.dtype != torch.float32 or found_inf.shape != ():
+        return f"found_inf {found_inf.dtype} {tuple(found_inf.shape)}"
+    if per.dtype != torch.float64 or per.shape != ((len(tensors),) if per_tensor else (0,)):
+        return f"per_tensor_power {per.dtype} {tuple(per.shape)}"
+    # The oracle sees float64 copies, whose non-finite test matches the input's.
+    for label, got, want, rtol in (
+        ("power_sum", power_sum, want_sum, POWER_RTOL),
+        ("found_inf", found_inf, want_inf, 0.0),
+        ("per_tensor_power", per, want_per, POWER_RTOL),
+    ):
+        problem = same_value(got, want, rtol)
+        if problem:
+            return f"{label} {problem}"
+    return None
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.detach().contiguous().view(view).clone()
+
+
+# ---- reduce --------------------------------------------------------------------------------------
+
+
+def reduce_checks() -> None:
+    for dtype in DTYPES:
+        for n in SIZES:
+            tensors = [make(n, dtype)]
+            for p in NORM_TYPES:
+                check(f"reduce {dtype} n={n} p={p}", lambda t=tensors, p=p: compare_reduce(t, p))
+
+    def mixed(p):
+        torch.manual_seed(1)
+        tensors = []
+        for i, n in enumerate([3, 0, 65536, 65537, 4095, 1, 200_000, 0, 131_072, 7]):
+            tensors.append(make(n, DTYPES[i % 4], scale=0.5 + i, misalign=i % 3))
+        return compare_reduce(tensors, p)
+
+    for p in NORM_TYPES:
+        check(f"reduce mixed dtypes + zero-size + misaligned p={p}", lambda p=p: mixed(p))
+
+    for dtype in DTYPES:
+        for misalign in (1, 2, 3, 5):
+            for n in (5, 17, 65535, 65536 * 2 + 9):
+                t = make(n, dtype, misalign=misalign)
+                check(
+                    f"reduce misaligned view {dtype} offset={misalign} n={n}",
+                    lambda t=t: compare_reduce([t], 2.0) or compare_reduce([t], math.inf),
+                )
+
+    check(
+        "reduce per_tensor=False gives an empty [0]",
+        lambda: compare_reduce([make(10, torch.float32)], 2.0, False),
+    )
+    check(
+        "reduce 3000 small tensors",
+        lambda: compare_reduce(
+            [make(1 + (i * 37) % 3000, DTYPES[i % 2]) for i in range(3000)], 2.0
+        ),
+    )
+
+    # Non-finite values at the first element, the last, a vector tail, a chunk boundary.
+    for dtype in DTYPES:
+        for n in (1, 3, 4095, 65537, 131_075):
+            positions = sorted({0, n - 1, max(n - 2, 0), min(CHUNK, n - 1)})
+            for position in positions:
+                for bad in (math.inf, -math.inf, math.nan):
+                    for misalign in (0, 1):
+                        t = make(n, dtype, misalign=misalign)
+                        t[position] = bad
+
+                        def run(t=t, dtype=dtype):
+                            for p in (2.0, 1.0, math.inf, 3.0):
+                                problem = compare_reduce([make(4, dtype), t], p)
+                                if problem:
+                                    return f"p={p}: {problem}"
+                                if ops.reduce([t], p, False)[1].item() != 1.0:
+                                    return f"p={p}: found_inf not set"
+                            return None
+
+                        check(
+                            f"reduce non-finite {bad} {dtype} n={n} at {position} misalign={misalign}",
+                            run,
+                        )
+
+    # float64 sums of finite float64 values overflow: power_sum inf but found_inf stays 0.
+    def overflow():
+        t = torch.full((1000,), 1e200, dtype=torch.float64, device=DEV)
+        power_sum, found_inf, _ = ops.reduce([t], 2.0, False)
+        if not math.isinf(power_sum.item()) or found_inf.item() != 0.0:
+            return f"power_sum {power_sum.item()} found_inf {found_inf.item()}"
+        t32 = torch.full((1000,), 3e38, dtype=torch.float32, device=DEV)
+        power_sum, found_inf, _ = ops.reduce([t32], 2.0, False)
+        if not math.isfinite(power_sum.item()) or found_inf.item() != 0.0:
+            return f"float32 3e38: power_sum {power_sum.item()} found_inf {found_inf.item()}"
+        power_sum, found_inf, _ = ops.reduce([t32], 12.0, False)  # |g|^12 overflows float64
+        if found_inf.item() != 0.0:
+            return "float32 3e38 p=12: found_inf set by an overflowing power of finite values"
+        return compare_reduce([t32], 2.0)
+
+    check("reduce overflow of finite values is not found_inf", overflow)
+
+    # NaN must survive the max even when a larger value follows it.
+    def nan_max():
+        t = torch.tensor([1.0, math.nan, 5.0, 100.0], device=DEV)
+        return compare_reduce([t, torch.full((70000,), 1e3, device=DEV)], math.inf)
+
+    check("reduce p=inf keeps NaN", nan_max)
+
+    def determinism():
+        torch.manual_seed(3)
+        tensors = [
+            make(n, DTYPES[i % 4], misalign=i % 2)
+            for i, n in enumerate([1 << 22, 65537, 5, 1 << 20, 333_333, 0])
+        ]
+        for p in NORM_TYPES:
+            first = [bits(x) for x in ops.reduce(tensors, p, True)]
+            for _ in range(3):
+                again = [bits(x) for x in ops.reduce(tensors, p, True)]
+                if not all(torch.equal(a, b) for a, b in zip(first, again, strict=True)):
+                    return f"p={p}: bits differ between runs"
+        # a freshly allocated (uncached table) copy at other addresses gives the same bits
+        copies = [t.clone() for t in tensors]
+        if not torch.equal(
+            bits(ops.reduce(copies, 2.0, True)[0]), bits(ops.reduce(tensors, 2.0, True)[0])
+        ):
+            return "bits differ for a copy at other addresses"
+        return None
+
+    check("reduce determinism (same bits, every run)", determinism)
+
+    def cache_invalidation():
+        a = make(100_000, torch.float32)
+        first = ops.reduce([a], 2.0, False)[0].item()
+        a.mul_(2)  # same pointers, new values: the cached table must still read the live data
+        second = ops.reduce([a], 2.0, False)[0].item()
+        if abs(second - 4 * first) > 1e-9 * second:
+            return f"{second} != 4 * {first}"
+        b = make(100_001, torch.float32)  # new pointer and size: a new table
+        return (
+            compare_reduce([b], 2.0) or compare_reduce([a, b], 2.0) or compare_reduce([b, a], 2.0)
+        )
+
+    check("reduce table cache follows the tensors", cache_invalidation)
+
+
+# ---- finalize ------------------------------------------------------------------------------------
+
+
+def finalize_checks() -> None:
+    def run(power_value, p, max_norm, inv, out_dtype):
+        power_sum = torch.tensor(power_value, dtype=torch.float64, device=DEV)
+        total_norm, clip_coef = ops.finalize(power_sum, p, max_norm, inv, out_dtype)
+        want_norm, want_coef = reference.finalize(
+            power_sum.cpu(), p, max_norm, None if inv is None else inv.cpu(), out_dtype
+        )
+        for label, got, want in (
+            ("total_norm", total_norm, want_norm),
+            ("clip_coef", clip_coef, want_coef),
+        ):
+            if got.dtype != out_dtype or got.shape != () or got.device.type != "cuda":
+                return f"{label}: {got.dtype} {tuple(got.shape)} {got.device}"
+            problem = same_value(got, want, 1e-14 if out_dtype == torch.float64 else 2.4e-7)
+            if problem:
+                return f"{label} {problem}"
+        return None
+
+    inv_scales = [
+        None,
+        torch.tensor([1 / 65536], dtype=torch.float32, device=DEV),
+        torch.tensor(1 / 1024, dtype=torch.float64, device=DEV),
+        torch.tensor(-0.5, dtype=torch.float32, device=DEV),
+    ]
+    for power_value in (0.0, 1e-3, 7.5, 1e30, math.inf, math.nan):
+        for p in (1.0, 2.0, 3.0, math.inf):
+            for max_norm in (None, 1.0, 1e40):
+                for inv in inv_scales:
+                    for out_dtype in (torch.float32, torch.float64):
+                        inv_label = None if inv is None else f"{inv.dtype}:{inv.item():g}"
+                        check(
+                            f"finalize power={power_value} p={p} max_norm={max_norm} inv={inv_label} {out_dtype}",
+                            lambda a=(power_value, p, max_norm, inv, out_dtype): run(*a),
+                        )
+
+
+# ---- scale_ --------------------------------------------------------------------------------------
+
+
+def compare_scale(tensors, coef: torch.Tensor, clip_value):
+    before = cpu64(tensors)
+    expected = [t.clone() for t in before]
+    reference.scale_(expected, coef.cpu(), clip_value)
+    ops.scale_(tensors, coef, clip_value)
+    torch.cuda.synchronize()
+    for i, (t, want) in enumerate(zip(tensors, expected, strict=True)):
+        want = want.to(t.dtype).to(torch.float64)  # the oracle's result rounded to the dtype
+        got = t.detach().cpu().to(torch.float64)
+        try:
+            torch.testing.assert_close(
+                got, want, rtol=SCALE_RTOL[t.dtype], atol=SCALE_ATOL[t.dtype], equal_nan=True
+            )
+        except AssertionError as error:
+            return f"tensor {i} ({t.dtype}, n={t.numel()}): {error}"
+    return None
+
+
+def scale_checks() -> None:
+    coefs = [
+        torch.tensor(0.3, dtype=torch.float32, device=DEV),
+        torch.tensor(1 / 3, dtype=torch.float64, device=DEV),
+        torch.tensor([1.0], dtype=torch.float32, device=DEV),
+    ]
+    for dtype in DTYPES:
+        for n in SIZES:
+            for coef in coefs:
+                for clip_value in (None, 0.5, 0.0):
+                    for misalign in (0, 1):
+                        t = make(n, dtype, scale=2.0, misalign=misalign)
+                        check(
+                            f"scale_ {dtype} n={n} coef={coef.dtype}:{coef.item():.4g} clip={clip_value} misalign={misalign}",
+                            lambda t=t, c=coef, v=clip_value: compare_scale([t], c, v),
+                        )
+
+    def neighbours_untouched():
+        for dtype in DTYPES:
+            buffer = make(70_000, dtype)
+            keep = bits(buffer)
+            view = buffer[3:-5]
+            ops.scale_([view], torch.tensor(0.5, device=DEV), 0.25)
+            after = bits(buffer)
+            if not (torch.equal(after[:3], keep[:3]) and torch.equal(after[-5:], keep[-5:])):
+                return f"{dtype}: elements outside the view were written"
+        return None
+
+    check("scale_ writes only inside a misaligned view", neighbours_untouched)
+
+    def nan_through_clamp():
+        t = torch.tensor([math.nan, math.inf, -math.inf, 3.0, -3.0, 0.1], device=DEV)
+        return compare_scale([t], torch.tensor(2.0, device=DEV), 1.0)
+
+    check("scale_ NaN passes the clamp, inf is clamped", nan_through_clamp)
+
+    def mixed():
+        tensors = [
+            make(n, DTYPES[i % 4], misalign=i % 3)
+            for i, n in enumerate([3, 0, 65537, 4095, 1, 200_000, 0, 7])
+        ]
+        return compare_scale(tensors, torch.tensor(0.7, dtype=torch.float64, device=DEV), 1.5)
+
+    check("scale_ mixed dtypes + zero-size + misaligned", mixed)
+    check(
+        "scale_ 3000 small tensors",
+        lambda: compare_scale(
+            [make(1 + (i * 37) % 3000, DTYPES[i % 2]) for i in range(3000)],
+            torch.tensor(0.5, device=DEV),
+            None,
+        ),
+    )
+
+    def early_exit():
+        # NaNs with payloads: a write through the float32 product would canonicalise them.
+        for dtype in DTYPES:
+            t = make(300_001, dtype, misalign=1)
+            raw = t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+            payload = {
+                8: 0x7FF0000000000123,
+                4: 0x7F800123,
+                2: 0x7C03 if dtype == torch.float16 else 0x7F83,
+            }[t.element_size()]
+            raw[::1000] = payload
+            before = bits(t)
+            for coef in (
+                torch.tensor(1.0, device=DEV),
+                torch.tensor([1.0], dtype=torch.float64, device=DEV),
+            ):
+                ops.scale_([t], coef, None)
+                if not torch.equal(bits(t), before):
+                    return f"{dtype}: coef == 1 without clip_value changed the data"
+        return None
+
+    check("scale_ coef == 1 and no clip_value leaves data bitwise untouched", early_exit)
+
+
+# ---- huge tensor, graphs -------------------------------------------------------------------------
+
+
+def huge_check() -> None:
+    n = (1 << 31) + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * 2:
+        print(f"SKIP huge tensor: {free / 2**30:.1f} GiB free")
+        return
+
+    def run():
+        t = torch.ones(n, dtype=torch.float16, device=DEV)
+        t[-1] = 2.0
+        t[(1 << 31) + 1] = 3.0
+        power_sum, found_inf, per = ops.reduce([t[1:]], 2.0, True)
+        want = (n - 1 - 2) + 4.0 + 9.0
+        if power_sum.item() != want or per.item() != want or found_inf.item() != 0.0:
+            return f"power_sum {power_sum.item()} per {per.item()} want {want}"
+        t[-2] = math.inf
+        if ops.reduce([t], math.inf, False)[1].item() != 1.0:
+            return "found_inf missed an inf past 2^31"
+        t[-2] = 1.0
+        ops.scale_([t[1:]], torch.tensor(0.5, device=DEV), None)
+        tail = t[-4:].float().tolist()
+        if t[0].item() != 1.0 or tail != [0.5, 0.5, 0.5, 1.0] or t[(1 << 31) + 1].item() != 1.5:
+            return f"scale_ past 2^31: head {t[0].item()} tail {tail} mid {t[(1 << 31) + 1].item()}"
+        return None
+
+    check(f"reduce/scale_ on one tensor of {n} elements (> 2^31)", run)
+
+
+def graph_check() -> None:
+    def run():
+        torch.manual_seed(5)
+        grads = [
+            make(n, DTYPES[i % 3], misalign=i % 2) for i, n in enumerate([70_000, 5, 1 << 20, 3000])
+        ]
+        inv_scale = torch.tensor([1 / 8], device=DEV)
+        originals = [g.clone() for g in grads]
+
+        def step():
+            power_sum, found_inf, _ = ops.reduce(grads, 2.0, False)
+            total_norm, clip_coef = ops.finalize(power_sum, 2.0, 1.0, inv_scale, torch.float32)
+            ops.scale_(grads, clip_coef, None)
+            return total_norm, found_inf
+
+        eager_norm, _ = step()
+        eager = [g.clone() for g in grads]
+        for g, o in zip(grads, originals, strict=True):
+            g.copy_(o)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(side)
+        for g, o in zip(grads, originals, strict=True):
+            g.copy_(o)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_norm, _ = step()
+        for _ in range(2):
+            # the graph must see the live values: restore, replay, compare
+            for g, o in zip(grads, originals, strict=True):
+                g.copy_(o)
+            graph.replay()
+            torch.cuda.synchronize()
+            if not torch.equal(bits(graph_norm), bits(eager_norm)):
+                return f"graph norm {graph_norm.item()} != eager {eager_norm.item()}"
+            for g, e in zip(grads, eager, strict=True):
+                if not torch.equal(bits(g), bits(e)):
+                    return "graph replay gradients differ from eager"
+        # churn the eager cache, then replay again: the graph's table must still be alive
+        for i in range(8):
+            ops.reduce([make(100 + i, torch.float32)], 2.0, False)
+        torch.cuda.synchronize()
+        for g, o in zip(grads, originals, strict=True):
+            g.copy_(o)
+        graph.replay()
+        torch.cuda.synchronize()
+        if not torch.equal(bits(graph_norm), bits(eager_norm)):
+            return "graph norm changed after the eager cache churned"
+        return None
+
+    check("CUDA graph capture and replay of reduce + finalize + scale_", run)
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+
+def median_ms(fn, setup=None, iters: int = 30, warmup: int = 5) -> float:
+    times = []
+    for i in range(warmup + iters):
+        if setup is not None:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, read and write both counted."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=DEV)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * 4 / (copy_ms * 1e-3)
+    print(
+        f"device-to-device copy of 1 GiB: {copy_ms * 1e3:.0f} us, {copy_bw / 1e9:.0f} GB/s (read+write)"
+    )
+    return copy_bw
+
+
+def bench_workload(label: str, shapes: list[int], copy_bw: float) -> None:
+    grads = [torch.randn(n, device=DEV) for n in shapes]
+    saved = [g.clone() for g in grads]
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    gradient_bytes = sum(g.numel() * g.element_size() for g in grads)
+    inv_scale = torch.tensor([1 / 1024], device=DEV)
+    found_inf = torch.zeros(1, device=DEV)
+
+    def restore():  # every timed call sees the same unclipped gradients
+        torch._foreach_copy_(grads, saved)
+
+    def fused_clip():
+        power_sum, _, _ = ops.reduce(grads, 2.0, False)
+        _, clip_coef = ops.finalize(power_sum, 2.0, 1.0, inv_scale, torch.float32)
+        ops.scale_(grads, clip_coef, None)
+
+    def fused_norm():
+        power_sum, _, _ = ops.reduce(grads, 2.0, False)
+        ops.finalize(power_sum, 2.0, None, None, torch.float32)
+
+    def fused_no_clip():  # coefficient exactly 1: one read, the write pass exits at once
+        power_sum, _, _ = ops.reduce(grads, 2.0, False)
+        _, clip_coef = ops.finalize(power_sum, 2.0, 1e30, None, torch.float32)
+        ops.scale_(grads, clip_coef, None)
+
+    def torch_clip():
+        found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+
+    def torch_norm():
+        torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+
+    torch_clip_ms = median_ms(torch_clip, restore)
+    torch_norm_ms = median_ms(torch_norm, restore)
+    rows = [
+        ("unscale+clip fusedclip", median_ms(fused_clip, restore), 3, torch_clip_ms),
+        ("unscale+clip torch", torch_clip_ms, 3, torch_clip_ms),
+        ("norm only fusedclip", median_ms(fused_norm, restore), 1, torch_norm_ms),
+        ("norm only torch", torch_norm_ms, 1, torch_norm_ms),
+        ("no-clip (coef 1) fusedclip", median_ms(fused_no_clip, restore), 1, torch_clip_ms),
+    ]
+    for path, ms, passes, torch_ms in rows:
+        moved = passes * gradient_bytes  # read+write counted, like the copy bandwidth
+        floor_ms = moved / copy_bw * 1e3
+        print(
+            f"{label:26} {path:28} {ms * 1e3:9.1f} {moved / (ms * 1e-3) / 1e9:7.0f} "
+            f"{100 * floor_ms / ms:6.0f}% {torch_ms / ms:7.2f}x"
+        )
+
+
+def bench() -> None:
+    props = torch.cuda.get_device_properties(DEV)
+    print(f"\n# timing on {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(
+        "# floor% = (passes x gradient bytes / measured copy bandwidth) / time; vs torch = torch time / time"
+    )
+    copy_bw = copy_bandwidth()
+    torch.cuda.empty_cache()
+    print(f"{'workload':26} {'path':28} {'us':>9} {'GB/s':>7} {'floor%':>7} {'vs torch':>8}")
+    for label, shapes in (
+        ("1 GiB fp32 in 8 tensors", [1 << 25] * 8),
+        ("2000 x 16K fp32", [1 << 14] * 2000),
+    ):
+        bench_workload(label, shapes, copy_bw)
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--no-huge", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("FAIL no CUDA device")
+        return 1
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fusedclip::reduce", "CUDA"):
+        print("FAIL fusedclip._C has no CUDA kernels (built without CUDA_HOME?)")
+        return 1
+    torch.manual_seed(0)
+    reduce_checks()
+    finalize_checks()
+    scale_checks()
+    graph_check()
+    if not args.no_huge:
+        huge_check()
+    failed = [name for name, ok in results if not ok]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    for name in failed[:50]:
+        print(f"  FAILED {name}")
+    if not args.no_bench:
+        bench()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
