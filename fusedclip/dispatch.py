@@ -36,10 +36,6 @@ def _triton_ops():
     return triton_backend
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
     """None if backend `name` can run (on `device_type` tensors, when given), else the reason."""
     if name == "reference":
@@ -64,13 +60,14 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
     if name == "triton":
         triton_backend = _triton_ops()
         if not triton_backend.is_available():
-            return triton_backend.unavailable_reason()
+            return triton_backend.unavailable_reason
         if device_type is None:
             device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_type == "cpu" and not _triton_interpreted():
-            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-        if device_type not in ("cuda", "cpu"):
-            return f"Triton cannot run {device_type} tensors"
+        if not triton_backend.supports_device(torch.device(device_type)):
+            return (
+                f"Triton cannot run {device_type} tensors (CPU tensors need TRITON_INTERPRET=1, "
+                "set before fusedclip.triton is imported)"
+            )
         return None
     return f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
 
@@ -118,6 +115,12 @@ def _backend(name: str) -> Backend:
     if name in ("cpu", "cuda"):
         return Backend(name, ops.reduce, ops.finalize, ops.scale_)
     if name == "triton":
-        triton_backend = _triton_ops()
-        return Backend(name, triton_backend.reduce, triton_backend.finalize, triton_backend.scale_)
+        _triton_ops()  # registers the ops
+        namespace = torch.ops.fusedclip
+        return Backend(
+            name,
+            namespace.triton_reduce.default,
+            namespace.triton_finalize.default,
+            namespace.triton_scale_.default,
+        )
     return Backend(name, reference.reduce, reference.finalize, reference.scale_)

@@ -28,12 +28,13 @@ NORM_RTOL = {
 }
 # Clipped gradients: within 2 ulp of the reference's result rounded to the gradient's dtype.
 # For float64 the coefficient's own last bits depend on the (chunked, fixed) summation order of
-# the norm, which differs from the reference's: allow 8 ulp there.
+# the norm (and, for general p, on exp2/log2 against pow), which differs from the
+# reference's: allow 32 ulp there.
 ULP = {
     torch.float32: 2.0**-23,
     torch.float16: 2.0**-10,
     torch.bfloat16: 2.0**-7,
-    torch.float64: 4 * 2.0**-52,
+    torch.float64: 16 * 2.0**-52,
 }
 
 
