@@ -11,9 +11,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
-
 #include <fusedclip/checks.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -345,32 +344,46 @@ using ScaleChunkFn = void (*)(void*, int64_t, double, double);
 template <at::ScalarType kDtype>
 ReduceChunkFn reduce_chunk_fn_for(NormKind kind) {
   switch (kind) {
-    case NormKind::kOne: return &reduce_chunk<kDtype, NormKind::kOne>;
-    case NormKind::kTwo: return &reduce_chunk<kDtype, NormKind::kTwo>;
-    case NormKind::kInf: return &reduce_chunk<kDtype, NormKind::kInf>;
-    case NormKind::kGeneral: return &reduce_chunk<kDtype, NormKind::kGeneral>;
+    case NormKind::kOne:
+      return &reduce_chunk<kDtype, NormKind::kOne>;
+    case NormKind::kTwo:
+      return &reduce_chunk<kDtype, NormKind::kTwo>;
+    case NormKind::kInf:
+      return &reduce_chunk<kDtype, NormKind::kInf>;
+    case NormKind::kGeneral:
+      return &reduce_chunk<kDtype, NormKind::kGeneral>;
   }
   return nullptr;
 }
 
 ReduceChunkFn reduce_chunk_fn(at::ScalarType dtype, NormKind kind) {
   switch (dtype) {
-    case at::kFloat: return reduce_chunk_fn_for<at::kFloat>(kind);
-    case at::kDouble: return reduce_chunk_fn_for<at::kDouble>(kind);
-    case at::kHalf: return reduce_chunk_fn_for<at::kHalf>(kind);
-    case at::kBFloat16: return reduce_chunk_fn_for<at::kBFloat16>(kind);
-    default: TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
+    case at::kFloat:
+      return reduce_chunk_fn_for<at::kFloat>(kind);
+    case at::kDouble:
+      return reduce_chunk_fn_for<at::kDouble>(kind);
+    case at::kHalf:
+      return reduce_chunk_fn_for<at::kHalf>(kind);
+    case at::kBFloat16:
+      return reduce_chunk_fn_for<at::kBFloat16>(kind);
+    default:
+      TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
   }
   return nullptr;
 }
 
 NonfiniteChunkFn nonfinite_chunk_fn(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return &chunk_has_nonfinite<at::kFloat>;
-    case at::kDouble: return &chunk_has_nonfinite<at::kDouble>;
-    case at::kHalf: return &chunk_has_nonfinite<at::kHalf>;
-    case at::kBFloat16: return &chunk_has_nonfinite<at::kBFloat16>;
-    default: TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
+    case at::kFloat:
+      return &chunk_has_nonfinite<at::kFloat>;
+    case at::kDouble:
+      return &chunk_has_nonfinite<at::kDouble>;
+    case at::kHalf:
+      return &chunk_has_nonfinite<at::kHalf>;
+    case at::kBFloat16:
+      return &chunk_has_nonfinite<at::kBFloat16>;
+    default:
+      TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
   }
   return nullptr;
 }
@@ -381,10 +394,12 @@ ScaleChunkFn scale_chunk_fn(at::ScalarType dtype, bool clamp) {
       return clamp ? &scale_chunk<at::kFloat, true> : &scale_chunk<at::kFloat, false>;
     case at::kDouble:
       return clamp ? &scale_chunk<at::kDouble, true> : &scale_chunk<at::kDouble, false>;
-    case at::kHalf: return clamp ? &scale_chunk<at::kHalf, true> : &scale_chunk<at::kHalf, false>;
+    case at::kHalf:
+      return clamp ? &scale_chunk<at::kHalf, true> : &scale_chunk<at::kHalf, false>;
     case at::kBFloat16:
       return clamp ? &scale_chunk<at::kBFloat16, true> : &scale_chunk<at::kBFloat16, false>;
-    default: TORCH_CHECK(false, "fusedclip::scale_: unsupported dtype ", dtype);
+    default:
+      TORCH_CHECK(false, "fusedclip::scale_: unsupported dtype ", dtype);
   }
   return nullptr;
 }
@@ -408,9 +423,9 @@ struct ChunkPlan {
 
   int64_t tensor_of_chunk(int64_t chunk) const {
     // The last span starting at or before `chunk`: the non-empty tensor that holds it.
-    const TensorSpan* it = std::upper_bound(
-        spans, spans + num_tensors, chunk,
-        [](int64_t c, const TensorSpan& span) { return c < span.first_chunk; });
+    const TensorSpan* it =
+        std::upper_bound(spans, spans + num_tensors, chunk,
+                         [](int64_t c, const TensorSpan& span) { return c < span.first_chunk; });
     return (it - spans) - 1;
   }
 
@@ -455,9 +470,9 @@ ChunkPlan make_chunk_plan(at::TensorList tensors) {
   for (int64_t t = 0; t < plan.num_tensors; ++t) {
     const at::Tensor& tensor = tensors[t];
     const int64_t numel = tensor.numel();
-    plan.spans[t] = TensorSpan{static_cast<char*>(tensor.data_ptr()), numel,
-                               static_cast<int64_t>(tensor.element_size()), num_chunks,
-                               tensor.scalar_type()};
+    plan.spans[t] =
+        TensorSpan{static_cast<char*>(tensor.data_ptr()), numel,
+                   static_cast<int64_t>(tensor.element_size()), num_chunks, tensor.scalar_type()};
     num_chunks += (numel + kChunkSize - 1) / kChunkSize;
     total_numel += numel;
   }

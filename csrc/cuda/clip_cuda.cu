@@ -1,24 +1,22 @@
 // CUDA kernels of fusedclip::reduce, finalize and scale_ (contract: csrc/README.md; oracle:
 // fusedclip/reference.py). Gradients are walked through the multi-tensor table of
 // multi_tensor.cuh: one block per fixed-size chunk of one tensor, one launch per dtype group.
-#include "multi_tensor.cuh"
-
-#include <fusedclip/checks.h>
-
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <fusedclip/checks.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+
+#include "multi_tensor.cuh"
 
 namespace fusedclip::cuda {
 namespace {
@@ -68,14 +66,16 @@ template <typename T>
 __device__ __forceinline__ void store_global(Vector<T>* address, const Vector<T>& value) {
   uint4 raw;
   memcpy(&raw, &value, sizeof(raw));
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(raw.x),
-               "r"(raw.y), "r"(raw.z), "r"(raw.w)
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(raw.x), "r"(raw.y),
+               "r"(raw.z), "r"(raw.w)
                : "memory");
 }
 
 __device__ __forceinline__ double to_double(float x) { return static_cast<double>(x); }
 __device__ __forceinline__ double to_double(double x) { return x; }
-__device__ __forceinline__ double to_double(__half x) { return static_cast<double>(__half2float(x)); }
+__device__ __forceinline__ double to_double(__half x) {
+  return static_cast<double>(__half2float(x));
+}
 __device__ __forceinline__ double to_double(__nv_bfloat16 x) {
   return static_cast<double>(__bfloat162float(x));
 }
@@ -87,18 +87,26 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_compute(float x);
 template <>
-__device__ __forceinline__ float from_compute<float>(float x) { return x; }
+__device__ __forceinline__ float from_compute<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_compute<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_compute<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 __device__ __forceinline__ double to_compute(double x) { return x; }
 template <typename T>
-__device__ __forceinline__ float to_compute(T x) { return to_float(x); }
+__device__ __forceinline__ float to_compute(T x) {
+  return to_float(x);
+}
 template <typename T>
-__device__ __forceinline__ T from_compute(double x) { return x; }
+__device__ __forceinline__ T from_compute(double x) {
+  return x;
+}
 
 enum class NormKind { kOne, kTwo, kInf, kGeneral };
 
@@ -459,10 +467,8 @@ void launch_reduce(const MultiTensorLayout& layout, double norm_type, double* ch
       if (chunks == 0) continue;
       dispatch_group(group, [&](auto tag) {
         using T = typename decltype(tag)::type;
-        power_partial_kernel<T, kKind>
-            <<<static_cast<unsigned>(chunks), kReadBlock, 0, stream>>>(
-                layout.table, layout.group_first_chunk[group], norm_type, chunk_power,
-                chunk_nonfinite);
+        power_partial_kernel<T, kKind><<<static_cast<unsigned>(chunks), kReadBlock, 0, stream>>>(
+            layout.table, layout.group_first_chunk[group], norm_type, chunk_power, chunk_nonfinite);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
@@ -515,8 +521,8 @@ void check_on_cuda(at::TensorList tensors, const char* name) {
               "; the CUDA kernels need CUDA tensors");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cuda(at::TensorList tensors,
-                                                           double norm_type, bool per_tensor) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cuda(at::TensorList tensors, double norm_type,
+                                                           bool per_tensor) {
   check_gradient_list(tensors, "tensors");
   check_on_cuda(tensors, "tensors");
   check_norm_type(norm_type);
@@ -546,7 +552,8 @@ std::tuple<at::Tensor, at::Tensor> finalize_cuda(const at::Tensor& power_sum, do
               "; the CUDA kernel needs a CUDA tensor");
   TORCH_CHECK(power_sum.scalar_type() == at::kDouble,
               "power_sum must be float64 (the output of reduce), got ", power_sum.scalar_type());
-  TORCH_CHECK(power_sum.numel() == 1, "power_sum must hold one element, got ", power_sum.numel());
+  TORCH_CHECK(power_sum.numel() == 1, "power_sum must hold one element, got ",
+              text(power_sum.numel()));
   check_norm_type(norm_type);
   check_out_dtype(out_dtype);
   if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", power_sum.device());

@@ -1,17 +1,17 @@
 // Builds and caches the device metadata tables of multi_tensor.cuh.
-#include "multi_tensor.cuh"
-
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/Exception.h>
-
 #include <cuda_runtime.h>
 
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <vector>
+
+#include "fusedclip/checks.h"
+#include "multi_tensor.cuh"
 
 namespace fusedclip::cuda {
 
@@ -89,7 +89,7 @@ HostTable build_host_table(at::TensorList tensors) {
   // The launch grid of one group is its chunk count (gridDim.x <= 2^31 - 1) and chunk -> tensor
   // entries are int32.
   TORCH_CHECK(host.num_chunks < (int64_t{1} << 31),
-              "fusedclip: the gradients span more than 2^31 chunks of ", kChunkElements,
+              "fusedclip: the gradients span more than 2^31 chunks of ", text(kChunkElements),
               " elements; split the call");
   TORCH_CHECK(n < (int64_t{1} << 31), "fusedclip: more than 2^31 tensors in one call");
 
@@ -131,8 +131,8 @@ std::shared_ptr<MultiTensorLayout> make_layout(const HostTable& host, at::Tensor
 }
 
 at::Tensor empty_device_words(int64_t words, const c10::cuda::CUDAStream& stream) {
-  return at::empty({words}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA,
-                                                                          stream.device_index()));
+  return at::empty({words},
+                   at::TensorOptions().dtype(at::kLong).device(at::kCUDA, stream.device_index()));
 }
 
 }  // namespace
@@ -167,8 +167,8 @@ std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
     }
     std::memcpy(pinned, host.words.data(), bytes);
     at::Tensor device_buffer = empty_device_words(static_cast<int64_t>(host.words.size()), stream);
-    C10_CUDA_CHECK(cudaMemcpyAsync(device_buffer.data_ptr(), pinned, bytes,
-                                   cudaMemcpyHostToDevice, stream.stream()));
+    C10_CUDA_CHECK(cudaMemcpyAsync(device_buffer.data_ptr(), pinned, bytes, cudaMemcpyHostToDevice,
+                                   stream.stream()));
     auto layout = make_layout(host, std::move(device_buffer), n);
     captured_tables.push_back({capture_id, std::move(key), layout, pinned});
     return layout;
@@ -194,7 +194,8 @@ std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
   // again before the copy has read it; no sync.
   device_buffer.copy_(pinned, /*non_blocking=*/true);
   auto layout = make_layout(host, std::move(device_buffer), n);
-  // An evicted table is freed to the caching allocator on `stream`, after the launches that read it.
+  // An evicted table is freed to the caching allocator on `stream`, after the launches that read
+  // it.
   recent_tables.push_front({std::move(key), layout});
   if (recent_tables.size() > kCacheCapacity) {
     recent_tables.pop_back();

@@ -6,8 +6,17 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 
 namespace fusedclip {
+
+// Numbers enter messages as strings. Formatting them through an ostream compiled into this
+// library crashed (SIGSEGV in num_put) where the extension's compiler was newer than the
+// libstdc++ loaded at run time (seen on the GPU machine: GCC 13 headers, torch 2.11).
+template <typename Number>
+std::string text(Number value) {
+  return std::to_string(value);
+}
 
 inline bool is_supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
@@ -18,34 +27,36 @@ inline bool is_supported_dtype(at::ScalarType dtype) {
 // non-overlapping (contiguous, channels-last and transposed gradients all are); the Python layer
 // copies anything else to a contiguous buffer first.
 inline void check_gradient_list(at::TensorList tensors, const char* name) {
-  TORCH_CHECK(!tensors.empty(), name, " must hold at least one tensor; skip the call when there is none");
+  TORCH_CHECK(!tensors.empty(), name,
+              " must hold at least one tensor; skip the call when there is none");
   const auto device = tensors[0].device();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    TORCH_CHECK(t.device() == device, name, "[", i, "] is on ", t.device(), " but ", name,
+    TORCH_CHECK(t.device() == device, name, "[", text(i), "] is on ", t.device(), " but ", name,
                 "[0] is on ", device, "; group the tensors by device");
-    TORCH_CHECK(is_supported_dtype(t.scalar_type()), name, "[", i, "] has dtype ", t.scalar_type(),
-                "; use float32, float16, bfloat16 or float64");
-    TORCH_CHECK(t.layout() == at::kStrided, name, "[", i, "] is not a strided (dense) tensor");
-    TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", i,
+    TORCH_CHECK(is_supported_dtype(t.scalar_type()), name, "[", text(i), "] has dtype ",
+                t.scalar_type(), "; use float32, float16, bfloat16 or float64");
+    TORCH_CHECK(t.layout() == at::kStrided, name, "[", text(i),
+                "] is not a strided (dense) tensor");
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", text(i),
                 "] is not dense and non-overlapping; pass a contiguous copy");
   }
 }
 
 inline void check_norm_type(double norm_type) {
-  TORCH_CHECK(norm_type > 0.0, "norm_type must be > 0 (or inf), got ", norm_type);
+  TORCH_CHECK(norm_type > 0.0, "norm_type must be > 0 (or inf), got ", text(norm_type));
 }
 
 inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.numel() == 1, name, " must hold one element, got ", t.numel());
+  TORCH_CHECK(t.numel() == 1, name, " must hold one element, got ", text(t.numel()));
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               " must be float32 or float64, got ", t.scalar_type());
   TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but must be on ", device);
 }
 
 inline void check_clip_value(std::optional<double> clip_value) {
-  TORCH_CHECK(!clip_value.has_value() || *clip_value >= 0.0,
-              "clip_value must be >= 0, got ", clip_value.value_or(0.0));
+  TORCH_CHECK(!clip_value.has_value() || *clip_value >= 0.0, "clip_value must be >= 0, got ",
+              text(clip_value.value_or(0.0)));
 }
 
 inline void check_out_dtype(at::ScalarType out_dtype) {

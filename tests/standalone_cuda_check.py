@@ -2,7 +2,7 @@
 
 Run from the repository root after an in-place build (no pytest needed):
 
-    python setup.py build_ext --inplace && python tests/gpu_scratch_cuda.py [--no-bench] [--no-huge]
+    python setup.py build_ext --inplace && python tests/standalone_cuda_check.py [--no-bench] [--no-huge]
 
 Prints one PASS/FAIL line per check, then a timing table (CUDA events, median), and exits 1 if any
 check failed. The reference runs on CPU float64 copies.
