@@ -419,9 +419,10 @@ def _keep_opaque(mode, op, types, args, kwargs):
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
-if kernels.INTERPRETED:
-    # torch.compile decomposes a triton_op into its kernels under FunctionalTensorMode, which only
-    # works for compiled kernels (wrap_triton returns interpreted ones as they are, untraceable).
-    # Under the interpreter the ops stay opaque in the graph and run eagerly instead.
-    for _op in (triton_reduce, triton_finalize, triton_scale_):
-        _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+# torch.compile would decompose a triton_op into its kernels under FunctionalTensorMode. Traced
+# tensors have no addresses, so that decomposition launches once per tensor instead of once per
+# dtype group through the pointer tables; torch 2.11's inductor also fails to generate code for it
+# on CUDA ('int' object has no attribute 'xreplace'), and under the interpreter wrap_triton returns
+# untraceable kernels. So the ops stay opaque in the graph and run their table-driven launches.
+for _op in (triton_reduce, triton_finalize, triton_scale_):
+    _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
