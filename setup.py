@@ -30,7 +30,10 @@ def _extensions():
     cpu_sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc/include")]
-    cxx_flags = ["-O3"]
+    # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it compiles
+    # to a serial loop. The extension then shares the libgomp that torch has already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", *openmp]
     # cpp_extension reads CUDA_HOME (or guesses from nvcc on PATH) when imported.
     cuda_home = cpp_extension.CUDA_HOME
     if _usable_cuda_home(cuda_home) and cuda_sources:
@@ -43,6 +46,7 @@ def _extensions():
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-lineinfo"],
             },
+            extra_link_args=openmp,
         )
         print(f"fusedclip: building CPU and CUDA kernels with CUDA_HOME={cuda_home}", file=sys.stderr)
     else:
@@ -52,8 +56,11 @@ def _extensions():
                 "(needs bin/nvcc and include/cuda_runtime.h); set CUDA_HOME to the toolkit root"
             )
         extension = cpp_extension.CppExtension(
-            "fusedclip._C", cpu_sources, include_dirs=include_dirs,
+            "fusedclip._C",
+            cpu_sources,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
         )
         print("fusedclip: no CUDA toolkit found, building the CPU kernels alone", file=sys.stderr)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)

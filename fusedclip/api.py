@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from fusedclip import dispatch, reference
+from fusedclip.layout import is_dense
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 
@@ -108,18 +109,6 @@ def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Te
     return inv_scale
 
 
-def _is_dense(tensor: torch.Tensor) -> bool:
-    """True when the elements fill their storage span exactly once (any dim order)."""
-    expected_stride = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda d: d[1]):
-        if size == 1:
-            continue
-        if stride != expected_stride:
-            return False
-        expected_stride *= size
-    return True
-
-
 class _DeviceGroup(NamedTuple):
     device: torch.device
     backend: dispatch.Backend
@@ -140,33 +129,45 @@ class _Plan(NamedTuple):
 
 
 def _plan(tensors: list[torch.Tensor], backend: str | None) -> _Plan:
-    """Groups the tensors by device (first-seen order) and picks each device's backend."""
-    by_device: dict[torch.device, list[int]] = {}
+    """Groups the tensors by device (first-seen order) and picks each device's backend.
+
+    One tight pass: with thousands of gradients, per-tensor Python work is the cost to watch.
+    """
+    by_device: dict[torch.device, tuple[list, list, list, list, list, list]] = {}
+    any_double = False
     for index, tensor in enumerate(tensors):
-        by_device.setdefault(tensor.device, []).append(index)
+        device = tensor.device
+        lists = by_device.get(device)
+        if lists is None:
+            lists = by_device[device] = ([], [], [], [], [], [])
+        dense, dense_order, strided, strided_order, sparse, sparse_order = lists
+        if tensor.is_sparse:
+            sparse.append(tensor)
+            sparse_order.append(index)
+        elif tensor.layout != torch.strided:
+            raise TypeError(
+                f"gradient {index} has layout {tensor.layout}; use strided or sparse_coo"
+            )
+        elif is_dense(tensor):
+            dense.append(tensor)
+            dense_order.append(index)
+        else:
+            strided.append(tensor)
+            strided_order.append(index)
+        any_double = any_double or tensor.dtype == torch.float64
     groups = []
-    for device, indices in by_device.items():
-        chosen = dispatch.select(device, backend)
-        dense, strided, sparse = [], [], []
-        dense_order, strided_order, sparse_order = [], [], []
-        for index in indices:
-            tensor = tensors[index]
-            if tensor.layout == torch.sparse_coo:
-                sparse.append(tensor)
-                sparse_order.append(index)
-            elif tensor.layout != torch.strided:
-                raise TypeError(
-                    f"gradient {index} has layout {tensor.layout}; use strided or sparse_coo"
-                )
-            elif _is_dense(tensor):
-                dense.append(tensor)
-                dense_order.append(index)
-            else:
-                strided.append(tensor)
-                strided_order.append(index)
+    for device, (
+        dense,
+        dense_order,
+        strided,
+        strided_order,
+        sparse,
+        sparse_order,
+    ) in by_device.items():
         order = dense_order + strided_order + sparse_order
-        groups.append(_DeviceGroup(device, chosen, dense, strided, sparse, order))
-    any_double = any(t.dtype == torch.float64 for t in tensors)
+        groups.append(
+            _DeviceGroup(device, dispatch.select(device, backend), dense, strided, sparse, order)
+        )
     return _Plan(groups, torch.float64 if any_double else torch.float32, len(tensors))
 
 

@@ -21,6 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from fusedclip.layout import is_dense
+
 from . import kernels
 
 # Elements per program in the read and write passes. Fixed: the partials, hence the result bits,
@@ -162,20 +164,6 @@ def _launch(kernel, grid: tuple, args: tuple, traced: bool, **meta) -> None:
     wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _is_dense(tensor: torch.Tensor) -> bool:
-    if tensor.is_contiguous():
-        return True
-    expected_stride = 1
-    for size, stride in sorted(
-        ((s, st) for s, st in zip(tensor.shape, tensor.stride(), strict=True) if s != 1),
-        key=lambda p: p[1],
-    ):
-        if stride != expected_stride:
-            return False
-        expected_stride *= size
-    return True
-
-
 def _check_device(device: torch.device) -> None:
     if device.type == "cuda" or device.type == "meta":
         return
@@ -204,7 +192,7 @@ def _check_gradient_list(tensors: list[torch.Tensor], name: str) -> None:
             )
         if t.layout != torch.strided:
             raise RuntimeError(f"{name}[{i}] is not a strided (dense) tensor")
-        if not _is_dense(t):
+        if not is_dense(t):
             raise RuntimeError(
                 f"{name}[{i}] is not dense and non-overlapping; pass a contiguous copy"
             )
