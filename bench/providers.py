@@ -1,0 +1,224 @@
+"""The implementations compared, per op, on one prepared gradient set (a `Case`).
+
+Ops: norm (measure only), clip (clip by norm), unscale_clip (AMP unscale + inf check + clip),
+clip_value (clamp), clip_step (unscale + clip + fused AdamW step). Every provider returns the
+norm it computed (None for clip_value), which the harness checks against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import fusedclip
+from fusedclip import reference
+
+OPS = ("norm", "clip", "unscale_clip", "clip_value", "clip_step")
+LOSS_SCALE = 65536.0
+# Passes over the gradient bytes that the cheapest correct implementation must make, for the
+# floor: norm reads once; clip and unscale_clip read, then read and write; clip_value reads and
+# writes. clip_step: one norm read, then the fused AdamW step reads grad, param, exp_avg,
+# exp_avg_sq and writes the last three (fp32 state the size of the gradients).
+FLOOR_PASSES = {"norm": 1, "clip": 3, "unscale_clip": 3, "clip_value": 2, "clip_step": 8}
+TORCH_BASELINE = "torch"
+
+
+@dataclass
+class Case:
+    """A gradient set, its pristine copy and what the ops need; restored before every sample."""
+
+    grads: list[torch.Tensor]
+    saved: list[torch.Tensor]
+    holders: list  # objects whose .grad is each gradient (parameters when there is an optimizer)
+    inv_scale: torch.Tensor
+    found_inf: torch.Tensor
+    norm: float  # float64 reference norm of the saved (loss-scaled) gradients
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def unscaled_norm(self) -> float:
+        return self.norm / LOSS_SCALE
+
+    @property
+    def max_norm(self) -> float:
+        """Half the norm: every clip really clips (fusedclip skips the write when nothing would)."""
+        return self.norm / 2
+
+    @property
+    def unscaled_max_norm(self) -> float:
+        return self.unscaled_norm / 2
+
+    @property
+    def clip_value(self) -> float:
+        return LOSS_SCALE * 0.5
+
+    def restore(self) -> None:
+        torch._foreach_copy_(self.grads, self.saved)
+        self.found_inf.zero_()
+
+
+def make_case(tensors: list[torch.Tensor], with_optimizer: bool) -> Case:
+    """Loss-scales `tensors` (in place) into the saved copy and prepares the live gradients."""
+    saved = [t.mul_(LOSS_SCALE) for t in tensors]
+    grads = [t.clone() for t in saved]
+    device = grads[0].device
+    powers = torch.stack([reference.tensor_power(g, 2.0) for g in saved])
+    case = Case(
+        grads=grads,
+        saved=saved,
+        holders=[_GradHolder(g) for g in grads],
+        inv_scale=torch.full((), 1.0 / LOSS_SCALE, device=device),
+        found_inf=torch.zeros(1, device=device),
+        norm=math.sqrt(powers.sum().item()),
+    )
+    if with_optimizer:
+        parameters = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for parameter, grad in zip(parameters, grads, strict=True):
+            parameter.grad = grad
+        case.holders = parameters
+        case.optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
+        # A fixed scale: growth would change the work between samples.
+        case.scaler = torch.amp.GradScaler(
+            device.type, init_scale=LOSS_SCALE, growth_interval=1 << 30
+        )
+        case.scaler.scale(
+            torch.zeros((), device=device)
+        )  # creates its scale tensor, as scale(loss) would
+    return case
+
+
+class _GradHolder:
+    """Stands in for a parameter: the drop-ins read only .grad (no parameter storage needed)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad):
+        self.grad = grad
+
+
+def _torch_unscale(case: Case) -> None:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in case.grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for grads in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, case.found_inf, case.inv_scale)
+
+
+def torch_provider(foreach: bool | None) -> dict[str, Callable[[Case], torch.Tensor | None]]:
+    def norm(case):
+        return torch.nn.utils.get_total_norm(case.grads, foreach=foreach)
+
+    def clip(case):
+        return torch.nn.utils.clip_grad_norm_(case.holders, case.max_norm, foreach=foreach)
+
+    def unscale_clip(case):
+        _torch_unscale(case)
+        return torch.nn.utils.clip_grad_norm_(case.holders, case.unscaled_max_norm, foreach=foreach)
+
+    def clip_value(case):
+        torch.nn.utils.clip_grad_value_(case.holders, case.clip_value, foreach=foreach)
+
+    def clip_step(case):
+        case.scaler.unscale_(case.optimizer)
+        total = torch.nn.utils.clip_grad_norm_(
+            case.holders, case.unscaled_max_norm, foreach=foreach
+        )
+        case.scaler.step(case.optimizer)
+        case.scaler.update()
+        return total
+
+    return {
+        "norm": norm,
+        "clip": clip,
+        "unscale_clip": unscale_clip,
+        "clip_value": clip_value,
+        "clip_step": clip_step,
+    }
+
+
+def fusedclip_provider(backend: str) -> dict[str, Callable[[Case], torch.Tensor | None]]:
+    def norm(case):
+        return fusedclip.get_total_norm(case.grads, backend=backend)
+
+    def clip(case):
+        return fusedclip.clip_grad_norm_(case.holders, case.max_norm, backend=backend)
+
+    def unscale_clip(case):
+        result = fusedclip.fused_clip_(
+            case.grads, max_norm=case.unscaled_max_norm, inv_scale=case.inv_scale, backend=backend
+        )
+        return result.total_norm
+
+    def clip_value(case):
+        fusedclip.clip_grad_value_(case.holders, case.clip_value, backend=backend)
+
+    ops = {"norm": norm, "clip": clip, "unscale_clip": unscale_clip, "clip_value": clip_value}
+    try:
+        from fusedclip.amp import clip_step as fused_clip_step
+    except ImportError:
+        return ops
+
+    def clip_step(case):
+        result = fused_clip_step(case.optimizer, case.unscaled_max_norm, scaler=case.scaler)
+        case.scaler.update()
+        return result.total_norm
+
+    ops["clip_step"] = clip_step
+    return ops
+
+
+def apex_provider() -> dict[str, Callable[[Case], torch.Tensor | None]] | None:
+    """NVIDIA apex's multi-tensor l2norm + scale, the two-call path frameworks wrap; None if absent."""
+    try:
+        import amp_C
+        from apex.multi_tensor_apply import multi_tensor_applier
+    except ImportError:
+        return None
+
+    def norm(case):
+        overflow = torch.zeros(1, dtype=torch.int, device=case.grads[0].device)
+        total, _ = multi_tensor_applier(amp_C.multi_tensor_l2norm, overflow, [case.grads], False)
+        return total
+
+    def clip(case):
+        total = norm(case)
+        coef = (case.max_norm / (total + 1e-6)).clamp(max=1.0)
+        overflow = torch.zeros(1, dtype=torch.int, device=case.grads[0].device)
+        multi_tensor_applier(amp_C.multi_tensor_scale, overflow, [case.grads, case.grads], coef)
+        return total
+
+    return {"norm": norm, "clip": clip}
+
+
+def providers(device: str) -> dict[str, dict[str, Callable]]:
+    """Provider name -> {op: function}. The torch default path is the baseline of every ratio."""
+    found = {
+        "torch-loop": torch_provider(foreach=False),
+        TORCH_BASELINE: torch_provider(foreach=None),
+    }
+    apex = apex_provider() if device == "cuda" else None
+    if apex is not None:
+        found["apex"] = apex
+    for backend in fusedclip.backends():
+        if (
+            backend == "reference"
+            or fusedclip.dispatch.unavailable_reason(backend, device) is not None
+        ):
+            continue
+        if backend == "triton" and device == "cpu":
+            continue  # the interpreter is for tests, not timings
+        found[f"fusedclip-{backend}"] = fusedclip_provider(backend)
+    return found
+
+
+def expected_norm(case: Case, op: str) -> float | None:
+    """The float64 reference value of what `op` returns on the restored gradients."""
+    if op == "norm" or op == "clip":
+        return case.norm
+    if op in ("unscale_clip", "clip_step"):
+        return case.unscaled_norm
+    return None
