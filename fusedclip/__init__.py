@@ -3,6 +3,7 @@
 One read and one write pass over the gradients, a fixed number of launches, no host sync.
 """
 
+from fusedclip import amp
 from fusedclip.api import (
     ClipResult,
     clip_grad_norm_,
@@ -10,6 +11,7 @@ from fusedclip.api import (
     clip_grads_with_norm_,
     fused_clip_,
     get_total_norm,
+    measure,
 )
 from fusedclip.dispatch import backends
 
@@ -21,5 +23,7 @@ __all__ = [
     "clip_grads_with_norm_",
     "fused_clip_",
     "get_total_norm",
+    "measure",
+    "amp",
 ]
 __version__ = "0.1.0"

@@ -268,7 +268,10 @@ def _clip(
     error_if_nonfinite: bool,
     process_group,
     backend: str | None,
+    apply: bool = True,
 ) -> ClipResult:
+    """Measures, then (when `apply`) scales the gradients in place; `apply=False` only computes
+    what the write pass would do, for callers that fold it into an optimizer step."""
     plan = _plan(tensors, backend)
     power_sum, found_inf, per_tensor_power = _measure(plan, norm_type, per_tensor, process_group)
     first = plan.groups[0]
@@ -278,7 +281,7 @@ def _clip(
     )
     if error_if_nonfinite and not torch.isfinite(total_norm).item():
         raise _nonfinite_error(norm_type)
-    if max_norm is not None or clip_value is not None or inv_scale is not None:
+    if apply and (max_norm is not None or clip_value is not None or inv_scale is not None):
         _apply(plan, clip_coef, clip_value)
     per_tensor_norms = None
     if per_tensor:
@@ -293,6 +296,41 @@ def _empty_result(per_tensor: bool) -> ClipResult:
     zero = torch.tensor(0.0)
     return ClipResult(
         zero, torch.tensor(0.0), torch.tensor(1.0), torch.empty(0) if per_tensor else None
+    )
+
+
+def _checked_clip(
+    tensors: TensorOrTensors,
+    *,
+    max_norm: float | None,
+    norm_type: float | str,
+    clip_value: float | None,
+    inv_scale: float | torch.Tensor | None,
+    per_tensor: bool,
+    process_group,
+    backend: str | None,
+    apply: bool,
+) -> ClipResult:
+    norm_type = _check_norm_type(norm_type)
+    max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
+    clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
+    inv_scale = _check_inv_scale(inv_scale)
+    dispatch.requested_backend(backend)
+    tensors = _unique(_as_tensor_list(tensors))
+    _check_tensors(tensors, "tensors")
+    if not tensors:
+        return _empty_result(per_tensor)
+    return _clip(
+        tensors,
+        norm_type=norm_type,
+        max_norm=max_norm,
+        clip_value=clip_value,
+        inv_scale=inv_scale,
+        per_tensor=per_tensor,
+        error_if_nonfinite=False,
+        process_group=process_group,
+        backend=backend,
+        apply=apply,
     )
 
 
@@ -313,25 +351,42 @@ def fused_clip_(
     `tensors` are the gradients themselves (a tensor or an iterable of tensors), modified in
     place when `inv_scale`, `max_norm` or `clip_value` is given.
     """
-    norm_type = _check_norm_type(norm_type)
-    max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
-    clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
-    inv_scale = _check_inv_scale(inv_scale)
-    dispatch.requested_backend(backend)
-    tensors = _unique(_as_tensor_list(tensors))
-    _check_tensors(tensors, "tensors")
-    if not tensors:
-        return _empty_result(per_tensor)
-    return _clip(
+    return _checked_clip(
         tensors,
-        norm_type=norm_type,
         max_norm=max_norm,
+        norm_type=norm_type,
         clip_value=clip_value,
         inv_scale=inv_scale,
         per_tensor=per_tensor,
-        error_if_nonfinite=False,
         process_group=process_group,
         backend=backend,
+        apply=True,
+    )
+
+
+@torch.no_grad()
+def measure(
+    tensors: TensorOrTensors,
+    *,
+    max_norm: float | None = None,
+    norm_type: float | str = 2.0,
+    inv_scale: float | torch.Tensor | None = None,
+    per_tensor: bool = False,
+    process_group=None,
+    backend: str | None = None,
+) -> ClipResult:
+    """What `fused_clip_` computes (norm, found_inf, clip_coef), in one read, touching nothing:
+    for callers that fold the write into another kernel, such as a fused optimizer's step."""
+    return _checked_clip(
+        tensors,
+        max_norm=max_norm,
+        norm_type=norm_type,
+        clip_value=None,
+        inv_scale=inv_scale,
+        per_tensor=per_tensor,
+        process_group=process_group,
+        backend=backend,
+        apply=False,
     )
 
 

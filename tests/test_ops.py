@@ -89,7 +89,9 @@ def test_reduce_float64_sum_of_finite_squares_does_not_overflow(device, backend)
     # |g| = 1e19 squares to 1e38 (finite in float64, overflow for a float32 accumulator).
     tensors = [torch.full((1000,), 1e19, dtype=torch.float32, device=device)]
     power_sum, found_inf, _ = ops.reduce(tensors, 2.0, False)
-    assert_close(power_sum, torch.tensor(1000 * 1e38, dtype=torch.float64), rtol=1e-6, what="power_sum")
+    assert_close(
+        power_sum, torch.tensor(1000 * 1e38, dtype=torch.float64), rtol=1e-6, what="power_sum"
+    )
     assert found_inf.item() == 0.0
 
 

@@ -1,0 +1,181 @@
+"""fusedclip.amp against torch's own AMP loop: scaler.unscale_ + clip_grad_norm_ + scaler.step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_close
+
+from fusedclip import amp
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+OVERFLOW_STEPS = {2, 5}
+MAX_NORM = 0.5
+
+
+def _model(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(
+        device=device, dtype=dtype
+    )
+
+
+def _optimizer(kind, params, fused):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=fused)
+    return torch.optim.AdamW(params, lr=1e-2, fused=fused)
+
+
+def _train(device, path, kind, fused, steps=8, dtype=torch.float32):
+    """Runs `path` for `steps` steps with overflows injected; returns parameters, scales, norms."""
+    model = _model(device, dtype)
+    optimizer = _optimizer(kind, model.parameters(), fused)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=3)
+    generator = torch.Generator().manual_seed(1)
+    scales, norms = [], []
+    for step in range(steps):
+        inputs = torch.randn(8, 16, generator=generator).to(device=device, dtype=dtype)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(model(inputs).float().square().mean()).backward()
+        if step in OVERFLOW_STEPS:
+            next(model.parameters()).grad.view(-1)[3] = math.inf
+        if path == "torch":
+            scaler.unscale_(optimizer)
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).float())
+            scaler.step(optimizer)
+        elif path == "unscale_clip_":
+            norms.append(amp.unscale_clip_(scaler, optimizer, MAX_NORM).total_norm)
+            scaler.step(optimizer)
+        else:
+            norms.append(amp.clip_step(optimizer, MAX_NORM, scaler=scaler).total_norm)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return [p.detach().clone() for p in model.parameters()], scales, norms
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["unscale_clip_", "clip_step"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_training_follows_torch_step_for_step(device, path, kind, fused):
+    expected_params, expected_scales, expected_norms = _train(device, "torch", kind, fused)
+    params, scales, norms = _train(device, path, kind, fused)
+    assert scales == expected_scales, "the scale must back off and grow exactly as torch's"
+    for step, (norm, expected) in enumerate(zip(norms, expected_norms, strict=True)):
+        if step in OVERFLOW_STEPS:
+            assert not math.isfinite(norm.item()) and not math.isfinite(expected.item())
+        else:
+            assert_close(norm, expected, rtol=1e-5, what=f"norm at step {step}")
+    for index, (param, expected) in enumerate(zip(params, expected_params, strict=True)):
+        assert_close(param, expected, rtol=1e-5, atol=1e-6, what=f"parameter {index}")
+
+
+@pytest.mark.parametrize("path", ["unscale_clip_", "clip_step"])
+def test_overflow_skips_the_step_and_backs_off(path):
+    model = _model("cpu")
+    optimizer = _optimizer("adamw", model.parameters(), fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.randn(4, 16)).square().sum()).backward()
+    next(model.parameters()).grad[0, 0] = math.nan
+    if path == "unscale_clip_":
+        result = amp.unscale_clip_(scaler, optimizer, 1.0)
+        scaler.step(optimizer)
+    else:
+        result = amp.clip_step(optimizer, 1.0, scaler=scaler)
+    scaler.update()
+    assert result.found_inf.item() == 1.0
+    assert scaler.get_scale() == 2.0**9
+    for param, original in zip(model.parameters(), before, strict=True):
+        assert torch.equal(param, original)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_gradients(device):
+    expected_params, expected_scales, _ = _train(
+        device, "torch", "adamw", False, dtype=torch.bfloat16, steps=4
+    )
+    params, scales, _ = _train(
+        device, "unscale_clip_", "adamw", False, dtype=torch.bfloat16, steps=4
+    )
+    assert scales == expected_scales
+    for param, expected in zip(params, expected_params, strict=True):
+        assert_close(param, expected, rtol=2e-2, atol=2e-3, what="bf16 parameter")
+
+
+def test_unscale_twice_raises_torchs_error():
+    model = _model("cpu")
+    optimizer = _optimizer("sgd", model.parameters(), fused=False)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(2, 16)).sum()).backward()
+    amp.unscale_clip_(scaler, optimizer, 1.0)
+    with pytest.raises(
+        RuntimeError, match=r"unscale_\(\) has already been called on this optimizer"
+    ):
+        scaler.unscale_(optimizer)
+    with pytest.raises(
+        RuntimeError, match=r"unscale_\(\) has already been called on this optimizer"
+    ):
+        amp.unscale_clip_(scaler, optimizer, 1.0)
+    scaler.step(optimizer)
+    with pytest.raises(RuntimeError, match=r"unscale_\(\) is being called after step\(\)"):
+        amp.unscale_clip_(scaler, optimizer, 1.0)
+
+
+def test_optimizer_without_gradients_behaves_like_torch():
+    def run(unscale):
+        model = _model("cpu")
+        optimizer = _optimizer("sgd", model.parameters(), fused=False)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.zeros((), requires_grad=True))
+        unscale(scaler, optimizer)
+        with pytest.raises(AssertionError, match="No inf checks were recorded") as error:
+            scaler.step(optimizer)
+        return str(error.value)
+
+    assert run(lambda s, o: amp.unscale_clip_(s, o, 1.0)) == run(lambda s, o: s.unscale_(o))
+
+
+def test_float16_gradients_are_refused_like_torch():
+    model = _model("cpu", torch.float16)
+    optimizer = _optimizer("sgd", model.parameters(), fused=False)
+    scaler = torch.amp.GradScaler("cpu")
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    scaler.scale(torch.zeros(()))
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        amp.unscale_clip_(scaler, optimizer, 1.0)
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.unscale_(optimizer)
+
+
+def test_disabled_scaler_is_plain_clipping():
+    model, reference_model = _model("cpu"), _model("cpu")
+    for m in (model, reference_model):
+        m(torch.ones(3, 16)).sum().backward()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = _optimizer("sgd", model.parameters(), fused=False)
+    result = amp.unscale_clip_(scaler, optimizer, 0.1)
+    expected = torch.nn.utils.clip_grad_norm_(reference_model.parameters(), 0.1)
+    assert_close(result.total_norm, expected, rtol=1e-6, what="norm")
+    for param, ref in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert_close(param.grad, ref.grad, rtol=1e-6, what="grad")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_clip_step_without_scaler_matches_clip_then_step(kind):
+    model, reference_model = _model("cpu"), _model("cpu")
+    optimizer = _optimizer(kind, model.parameters(), fused=True)
+    reference_optimizer = _optimizer(kind, reference_model.parameters(), fused=True)
+    for _ in range(3):
+        inputs = torch.randn(5, 16)
+        for m in (model, reference_model):
+            m.zero_grad()
+            m(inputs).square().sum().backward()
+        amp.clip_step(optimizer, 0.2)
+        torch.nn.utils.clip_grad_norm_(reference_model.parameters(), 0.2)
+        reference_optimizer.step()
+    for param, ref in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert_close(param, ref, rtol=1e-5, atol=1e-7, what="parameter")
