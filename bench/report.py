@@ -154,12 +154,20 @@ def newest_results(results_dir: str = RESULTS_DIR) -> list[dict]:
         if key not in newest or result.get("date", "") > newest[key][1].get("date", ""):
             newest[key] = (path, result)
     return [
-        result | {"path": os.path.relpath(path, os.path.dirname(results_dir))}
+        result
+        | {
+            "path": os.path.relpath(
+                path, os.path.dirname(os.path.dirname(os.path.abspath(results_dir)))
+            )
+        }
         for path, result in newest.values()
     ]
 
 
-def readme_table(result: dict) -> str:
+README_OPS = ("unscale_clip", "clip_step", "norm")
+
+
+def readme_table(result: dict, ops=README_OPS) -> str:
     """Markdown: per workload and op, the best fusedclip provider against torch."""
     lines = [
         f"**{result['device']}** — torch {result['torch']}, triton {result['triton']}, CUDA {result['cuda']}, "
@@ -169,7 +177,7 @@ def readme_table(result: dict) -> str:
         "| workload | op | MB | torch µs | fusedclip µs (backend) | vs torch | % of floor |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    keys = dict.fromkeys((r["workload"], r["op"]) for r in result["rows"])
+    keys = dict.fromkeys((r["workload"], r["op"]) for r in result["rows"] if r["op"] in ops)
     for workload, op in keys:
         rows = [r for r in result["rows"] if r["workload"] == workload and r["op"] == op]
         torch_rows = [r for r in rows if r["provider"] == "torch"]
