@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusedclip import dispatch, reference
+from fusedclip import dispatch, distributed, reference
 from fusedclip.layout import is_dense
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
@@ -122,13 +122,17 @@ class _Plan(NamedTuple):
     groups: list[_DeviceGroup]
     out_dtype: torch.dtype
     count: int
+    # Ranks holding the same elements as each tensor (replicated DTensor shards); None: all 1.
+    copies: list[int] | None = None
 
     @property
     def device(self) -> torch.device:
         return self.groups[0].device
 
 
-def _plan(tensors: list[torch.Tensor], backend: str | None) -> _Plan:
+def _plan(
+    tensors: list[torch.Tensor], backend: str | None, copies: list[int] | None = None
+) -> _Plan:
     """Groups the tensors by device (first-seen order) and picks each device's backend.
 
     One tight pass: with thousands of gradients, per-tensor Python work is the cost to watch.
@@ -168,7 +172,17 @@ def _plan(tensors: list[torch.Tensor], backend: str | None) -> _Plan:
         groups.append(
             _DeviceGroup(device, dispatch.select(device, backend), dense, strided, sparse, order)
         )
-    return _Plan(groups, torch.float64 if any_double else torch.float32, len(tensors))
+    if copies is not None and all(count == 1 for count in copies):
+        copies = None
+    return _Plan(groups, torch.float64 if any_double else torch.float32, len(tensors), copies)
+
+
+def _localized_plan(tensors: list[torch.Tensor], backend: str | None, process_group):
+    """(plan, process group): DTensor gradients are planned as their local shards."""
+    if distributed.has_dtensor(tensors):
+        tensors, copies, process_group = distributed.localize(tensors, process_group)
+        return _plan(tensors, backend, copies), process_group
+    return _plan(tensors, backend), process_group
 
 
 def _reduce_group(group: _DeviceGroup, norm_type: float, per_tensor: bool):
@@ -200,9 +214,18 @@ def _per_tensor_in_input_order(plan: _Plan, powers: list[torch.Tensor]) -> torch
     return joined[torch.tensor(inverse, device=plan.device)]
 
 
+def _copies_tensor(plan: _Plan) -> torch.Tensor:
+    copies = torch.tensor(plan.copies, dtype=torch.float64)
+    if plan.device.type == "cuda":
+        copies = copies.pin_memory()
+    return copies.to(plan.device, non_blocking=True)
+
+
 def _measure(plan: _Plan, norm_type: float, per_tensor: bool, process_group=None):
     """One read of every gradient: (power_sum float64, found_inf float32, per_tensor_power)."""
-    results = [_reduce_group(group, norm_type, per_tensor) for group in plan.groups]
+    # A shard that several ranks hold counts once in the global sum (a max needs no care).
+    weighted = plan.copies is not None and not reference.is_inf_norm(norm_type)
+    results = [_reduce_group(group, norm_type, per_tensor or weighted) for group in plan.groups]
     if len(results) == 1:
         power_sum, found_inf, _ = results[0]
     else:
@@ -212,15 +235,15 @@ def _measure(plan: _Plan, norm_type: float, per_tensor: bool, process_group=None
         )
         found_inf = torch.stack([r[1].to(device) for r in results]).amax()
     per_tensor_power = None
-    if per_tensor:
+    if per_tensor or weighted:
         per_tensor_power = _per_tensor_in_input_order(plan, [r[2] for r in results])
+    if weighted:
+        power_sum = (per_tensor_power / _copies_tensor(plan)).sum()
     if process_group is not None:
-        from fusedclip import distributed
-
         power_sum, found_inf = distributed.all_reduce_norm_state(
             power_sum, found_inf, norm_type, process_group
         )
-    return power_sum, found_inf, per_tensor_power
+    return power_sum, found_inf, per_tensor_power if per_tensor else None
 
 
 def _inv_scale_tensor(inv_scale: float | torch.Tensor | None, device: torch.device):
@@ -272,7 +295,7 @@ def _clip(
 ) -> ClipResult:
     """Measures, then (when `apply`) scales the gradients in place; `apply=False` only computes
     what the write pass would do, for callers that fold it into an optimizer step."""
-    plan = _plan(tensors, backend)
+    plan, process_group = _localized_plan(tensors, backend, process_group)
     power_sum, found_inf, per_tensor_power = _measure(plan, norm_type, per_tensor, process_group)
     first = plan.groups[0]
     inv_scale_tensor = _inv_scale_tensor(inv_scale, plan.device)
@@ -475,7 +498,7 @@ def clip_grads_with_norm_(
     _check_tensors(grads, "parameters' gradients")
     if not grads:
         return
-    plan = _plan(grads, backend)
+    plan, _ = _localized_plan(grads, backend, None)
     total_norm = torch.as_tensor(total_norm, device=plan.device)
     clip_coef = reference.clip_coefficient(total_norm, max_norm, None).to(plan.out_dtype)
     _apply(plan, clip_coef, None)
@@ -499,7 +522,7 @@ def clip_grad_value_(
     _check_tensors(grads, "parameters' gradients")
     if not grads:
         return
-    plan = _plan(grads, backend)
+    plan, _ = _localized_plan(grads, backend, None)
     clip_coef = _inv_scale_tensor(inv_scale, plan.device)
     if clip_coef is None:
         clip_coef = torch.ones((), dtype=plan.out_dtype, device=plan.device)

@@ -1,0 +1,196 @@
+"""Sharded gradients across processes (gloo, CPU): the global norm, one verdict on every rank."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available(), reason="torch.distributed is not available"
+)
+
+NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
+SIZES = [(10, 3), (7,), (1, 5), (64, 2)]  # 1 row: some ranks get an empty shard
+
+
+def _full_gradients():
+    generator = torch.Generator().manual_seed(7)
+    return [
+        torch.randn(size, generator=generator, dtype=torch.float64).float() * 3 for size in SIZES
+    ]
+
+
+def _shard(tensor, rank, world):
+    return tensor.tensor_split(world, dim=0)[rank].clone()
+
+
+def _reference_norm(tensors, norm_type):
+    from fusedclip import reference
+
+    powers = torch.stack([reference.tensor_power(t, norm_type) for t in tensors])
+    return reference.power_to_norm(reference.combine_powers(powers, norm_type), norm_type).item()
+
+
+def _close(actual, expected, what, rtol=1e-6):
+    actual, expected = float(actual), float(expected)
+    if math.isnan(expected):
+        assert math.isnan(actual), f"{what}: {actual} is not NaN"
+    elif math.isinf(expected):
+        assert actual == expected, f"{what}: {actual} != {expected}"
+    else:
+        assert abs(actual - expected) <= rtol * abs(expected), f"{what}: {actual} != {expected}"
+
+
+def _check_process_group(rank, world):
+    import fusedclip
+
+    full = _full_gradients()
+    for norm_type in NORM_TYPES:
+        shards = [_shard(t, rank, world) for t in full]
+        expected_norm = _reference_norm(full, norm_type)
+        max_norm = expected_norm / 3
+        norm = fusedclip.clip_grad_norm_(
+            [_parameter(s) for s in shards], max_norm, norm_type, process_group=dist.group.WORLD
+        )
+        _close(norm, expected_norm, f"rank {rank} p={norm_type} norm")
+        coef = min(1.0, max_norm / (expected_norm + 1e-6))
+        for shard, original in zip(shards, full, strict=True):
+            expected = (_shard(original, rank, world).double() * coef).float()
+            assert torch.allclose(shard, expected, rtol=2e-7, atol=0), (
+                f"rank {rank} p={norm_type} shard"
+            )
+        total = fusedclip.get_total_norm(
+            [_shard(t, rank, world) for t in full], norm_type, process_group=dist.group.WORLD
+        )
+        gathered = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(gathered, total.float())
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree on the norm"
+
+
+def _check_overflow_on_one_rank(rank, world):
+    import fusedclip
+
+    for bad in (math.inf, math.nan):
+        for norm_type in (2.0, math.inf):
+            shards = [_shard(t, rank, world) for t in _full_gradients()]
+            if rank == world - 1:
+                shards[0].view(-1)[0] = bad
+            result = fusedclip.fused_clip_(
+                shards, max_norm=1.0, norm_type=norm_type, process_group=dist.group.WORLD
+            )
+            assert result.found_inf.item() == 1.0, (
+                f"rank {rank} missed the overflow on another rank"
+            )
+            norm = result.total_norm.item()
+            assert math.isnan(norm) if math.isnan(bad) else norm == math.inf, (
+                f"rank {rank}: norm {norm}"
+            )
+
+
+def _check_dtensor(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    import fusedclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    mesh_2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replica", "shard"))
+    full = _full_gradients()
+    placements = [
+        (mesh, [Shard(0)]),
+        (mesh, [Replicate()]),
+        (mesh_2d, [Replicate(), Shard(0)]),
+        (mesh_2d, [Replicate(), Replicate()]),
+    ]
+    for norm_type in NORM_TYPES:
+        grads = [
+            distribute_tensor(t.clone(), m, p) for t, (m, p) in zip(full, placements, strict=True)
+        ]
+        expected_norm = _reference_norm(full, norm_type)
+        result = fusedclip.fused_clip_(grads, max_norm=expected_norm / 2, norm_type=norm_type)
+        assert type(result.total_norm) is torch.Tensor, "the norm must be a plain tensor"
+        _close(result.total_norm, expected_norm, f"rank {rank} p={norm_type} DTensor norm")
+        coef = min(1.0, (expected_norm / 2) / (expected_norm + 1e-6))
+        for grad, original in zip(grads, full, strict=True):
+            expected = (original.double() * coef).float()
+            assert torch.allclose(grad.full_tensor(), expected, rtol=2e-7), (
+                f"rank {rank} DTensor grad"
+            )
+    partial = DTensor.from_local(full[0].clone(), mesh, [Partial()])
+    try:
+        fusedclip.fused_clip_([partial], max_norm=1.0)
+    except ValueError as error:
+        assert "Partial" in str(error)
+    else:
+        raise AssertionError("a Partial DTensor gradient must be refused")
+
+
+def _check_fsdp2_training_matches_unsharded(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import fusedclip
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    sharded, unsharded = model(), model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in sharded:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    sharded_optimizer = torch.optim.SGD(sharded.parameters(), lr=0.1)
+    unsharded_optimizer = torch.optim.SGD(unsharded.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(4):
+        inputs = torch.randn(6, 8, generator=generator)  # the same batch on every rank
+        for network in (sharded, unsharded):
+            network.zero_grad()
+            network(inputs).square().sum().backward()
+        norm = fusedclip.clip_grad_norm_(sharded.parameters(), 0.5)
+        expected = torch.nn.utils.clip_grad_norm_(unsharded.parameters(), 0.5)
+        _close(norm, expected, f"rank {rank} step {step} FSDP2 norm", rtol=1e-5)
+        sharded_optimizer.step()
+        unsharded_optimizer.step()
+    for mine, theirs in zip(sharded.parameters(), unsharded.parameters(), strict=True):
+        assert torch.allclose(mine.full_tensor(), theirs, rtol=1e-5, atol=1e-6), (
+            f"rank {rank} FSDP2 parameter"
+        )
+
+
+def _parameter(grad):
+    parameter = torch.nn.Parameter(torch.zeros_like(grad))
+    parameter.grad = grad
+    return parameter
+
+
+def _worker(rank, world, init_file, checks):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for check in checks:
+            globals()[check](rank, world)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_gradients(world):
+    checks = [
+        "_check_process_group",
+        "_check_overflow_on_one_rank",
+        "_check_dtensor",
+        "_check_fsdp2_training_matches_unsharded",
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(
+            _worker, args=(world, os.path.join(folder, "init"), checks), nprocs=world, join=True
+        )
