@@ -29,9 +29,20 @@ def _optimizer_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
 
 
 def _scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, funcname: str) -> dict:
-    """The scaler's record for `optimizer`, after torch's own checks for `unscale_`."""
-    scaler._check_scale_growth_tracker(funcname)
-    state = scaler._per_optimizer_states[id(optimizer)]
+    """The scaler's record for `optimizer`, after torch's own checks for `unscale_`.
+
+    Reads the scaler's fields rather than calling its methods: torch.compile does not trace into
+    torch.amp, and this keeps unscale_clip_ free of graph breaks.
+    """
+    if scaler._scale is None:
+        raise AssertionError(
+            f"Attempted {funcname} but _scale is None.  This may indicate your script did not use "
+            "scaler.scale(loss or outputs) earlier in the iteration."
+        )
+    states = scaler._per_optimizer_states
+    state = states.get(id(optimizer))
+    if state is None:
+        state = states[id(optimizer)] = {"stage": OptState.READY, "found_inf_per_device": {}}
     if state["stage"] is OptState.UNSCALED:
         raise RuntimeError(
             "unscale_() has already been called on this optimizer since the last update()."
@@ -74,7 +85,7 @@ def unscale_clip_(
     does not unscale again. With a disabled scaler this is plain clipping.
     """
     grads = _optimizer_gradients(optimizer)
-    if not scaler.is_enabled():
+    if not scaler._enabled:
         return api.fused_clip_(
             grads,
             max_norm=max_norm,
@@ -121,7 +132,7 @@ def clip_step(
     `scaler.step` (which, for a non-fused optimizer, is torch's one sync on found_inf). With a
     scaler, call `scaler.update()` afterwards as usual.
     """
-    scaling = scaler is not None and scaler.is_enabled()
+    scaling = scaler is not None and scaler._enabled
     if not _is_fused(optimizer):
         if scaling:
             result = unscale_clip_(
