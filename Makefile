@@ -27,6 +27,9 @@ test: build
 bench: build
 	$(PY) -m bench
 
+demo: build
+	$(PY) -m bench.stability
+
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check fusedclip tests bench
 	$(VENV)/bin/ruff format --check fusedclip tests bench

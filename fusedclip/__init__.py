@@ -3,7 +3,7 @@
 One read and one write pass over the gradients, a fixed number of launches, no host sync.
 """
 
-from fusedclip import amp
+from fusedclip import amp, stability
 from fusedclip.api import (
     ClipResult,
     clip_grad_norm_,
@@ -13,6 +13,7 @@ from fusedclip.api import (
     get_total_norm,
     measure,
 )
+from fusedclip.autograd import clip_gradient
 from fusedclip.dispatch import backends
 
 __all__ = [
@@ -25,5 +26,7 @@ __all__ = [
     "get_total_norm",
     "measure",
     "amp",
+    "clip_gradient",
+    "stability",
 ]
 __version__ = "0.1.0"

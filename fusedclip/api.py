@@ -527,3 +527,18 @@ def clip_grad_value_(
     if clip_coef is None:
         clip_coef = torch.ones((), dtype=plan.out_dtype, device=plan.device)
     _apply(plan, clip_coef, clip_value)
+
+
+@torch.no_grad()
+def scale_(
+    tensors: TensorOrTensors, clip_coef: torch.Tensor, *, backend: str | None = None
+) -> None:
+    """g *= clip_coef for every tensor, through the fused write pass (skipped on the device when
+    clip_coef == 1); for callers that compute their own coefficient on the device."""
+    dispatch.requested_backend(backend)
+    tensors = _unique(_as_tensor_list(tensors))
+    _check_tensors(tensors, "tensors")
+    if not tensors:
+        return
+    plan, _ = _localized_plan(tensors, backend, None)
+    _apply(plan, clip_coef.to(plan.out_dtype), None)

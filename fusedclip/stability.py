@@ -1,0 +1,265 @@
+"""Stability tools that keep their state on the device and never sync per step.
+
+ZClip (adaptive z-score clipping), AGC (unit-wise adaptive gradient clipping, NFNets) and
+GradMonitor (an on-device history of norms, clip coefficients and overflows, read back only when
+asked). Each takes parameters or gradients and an optional `inv_scale`, so it composes with AMP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+
+from fusedclip import api
+from fusedclip.reference import NORM_EPS
+
+
+def _gradients(parameters) -> list[torch.Tensor]:
+    """Gradients of parameters (those without one skipped), or the tensors themselves."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for item in parameters:
+        if isinstance(item, torch.nn.Parameter) or getattr(item, "grad", None) is not None:
+            if item.grad is not None:
+                grads.append(item.grad)
+        else:
+            grads.append(item)
+    return grads
+
+
+class ZClipResult(NamedTuple):
+    total_norm: torch.Tensor  # the norm before clipping (of the unscaled gradients)
+    found_inf: torch.Tensor
+    clip_coef: torch.Tensor  # what the gradients were multiplied by (inv_scale included)
+    threshold: torch.Tensor  # the clip threshold this step
+    spike: torch.Tensor  # bool: the z-score exceeded z_thresh (never during warm-up)
+
+
+class ZClip:
+    """Adaptive clipping on the z-score of the gradient norm (Kumar et al., 2025).
+
+    Warm-up: the first `warmup_steps` norms are clipped to `max_norm` and recorded; their mean and
+    variance start the EMAs. Then each step: z = (g - mean) / std; when z > z_thresh the norm is
+    clipped to mean + (z_thresh^2 / z) * std ("adaptive", the paper's default) or to
+    mean + z_thresh * std ("zscore"); the EMAs are updated with the clipped norm:
+    mean <- alpha * mean + (1 - alpha) * g', var <- alpha * var + (1 - alpha) * (g' - mean)^2
+    (with the updated mean, as the reference implementation). `max_norm`, when given, also caps
+    the threshold after warm-up. Non-finite norms neither clip by z nor enter the EMAs.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        max_norm: float | None = 1.0,
+        mode: str = "adaptive",
+        eps: float = 1e-6,
+        backend: str | None = None,
+    ):
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if not z_thresh > 0:
+            raise ValueError(f"z_thresh must be > 0, got {z_thresh}")
+        if mode not in ("adaptive", "zscore"):
+            raise ValueError(f"mode must be 'adaptive' or 'zscore', got {mode!r}")
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+        if max_norm is not None and not max_norm >= 0:
+            raise ValueError(f"max_norm must be a non-negative number or None, got {max_norm}")
+        self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
+        self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
+        self.step_count = 0  # a host int: counting steps needs no sync
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self._warmup_norms: torch.Tensor | None = None
+
+    def _threshold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        std = self.var.sqrt().clamp(min=self.eps)
+        z = (norm - self.mean) / std
+        spike = (z > self.z_thresh) & torch.isfinite(norm)
+        if self.mode == "adaptive":
+            clipped_to = self.mean + (self.z_thresh**2 / z.clamp(min=self.z_thresh)) * std
+        else:
+            clipped_to = self.mean + self.z_thresh * std
+        threshold = torch.where(spike, clipped_to, norm)
+        if self.max_norm is not None:
+            threshold = threshold.clamp(max=self.max_norm)
+        return threshold, spike
+
+    @torch.no_grad()
+    def step(self, parameters, inv_scale: float | torch.Tensor | None = None) -> ZClipResult:
+        grads = _gradients(parameters)
+        measured = api.measure(grads, inv_scale=inv_scale, backend=self.backend)
+        norm = measured.total_norm.to(torch.float64)
+        finite = torch.isfinite(norm)
+        if self.step_count < self.warmup_steps:
+            if self._warmup_norms is None:
+                self._warmup_norms = torch.zeros(
+                    self.warmup_steps, dtype=torch.float64, device=norm.device
+                )
+            limit = math.inf if self.max_norm is None else self.max_norm
+            threshold = norm.clamp(max=limit)
+            self._warmup_norms[self.step_count] = torch.where(
+                finite, threshold, self._warmup_norms[: max(self.step_count, 1)].mean()
+            )
+            spike = torch.zeros((), dtype=torch.bool, device=norm.device)
+            if self.step_count == self.warmup_steps - 1:
+                self.mean = self._warmup_norms.mean()
+                self.var = self._warmup_norms.var(unbiased=False)
+        else:
+            threshold, spike = self._threshold(norm)
+            update = torch.where(finite, threshold, self.mean)
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * update
+            self.var = torch.where(
+                finite,
+                self.alpha * self.var + (1 - self.alpha) * (update - self.mean) ** 2,
+                self.var,
+            )
+        self.step_count += 1
+        # As clip_grad_norm_: scale by min(1, threshold / (norm + 1e-6)), times inv_scale.
+        clip_factor = (threshold / (norm + NORM_EPS)).clamp(max=1.0)
+        clip_coef = clip_factor * (measured.clip_coef.to(torch.float64))
+        api.scale_(grads, clip_coef, backend=self.backend)
+        return ZClipResult(
+            measured.total_norm,
+            measured.found_inf,
+            clip_coef.to(measured.total_norm.dtype),
+            threshold,
+            spike,
+        )
+
+
+def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """Norm per output unit: over all dims but the first for matrices and conv kernels (one value
+    per output row/channel, kept broadcastable); the whole tensor for vectors and scalars."""
+    if tensor.ndim <= 1:
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    return torch.linalg.vector_norm(
+        tensor, dim=tuple(range(1, tensor.ndim)), keepdim=True, dtype=torch.float32
+    )
+
+
+@torch.no_grad()
+def agc_(
+    parameters: Iterable[torch.nn.Parameter], clipping: float = 0.01, eps: float = 1e-3
+) -> None:
+    """Unit-wise adaptive gradient clipping (Brock et al., 2021): each unit's gradient G_i is
+    scaled by min(1, clipping * max(||W_i||, eps) / ||G_i||). Vectors and scalars count as one unit,
+    as in the NFNets reference code. Exclude the final classifier, as the paper does."""
+    if not clipping > 0:
+        raise ValueError(f"clipping must be > 0, got {clipping}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    for parameter in parameters:
+        if parameter.grad is None:
+            continue
+        max_norm = clipping * unitwise_norm(parameter.detach()).clamp(min=eps)
+        grad_norm = unitwise_norm(parameter.grad)
+        factor = torch.where(
+            grad_norm > max_norm, max_norm / grad_norm.clamp(min=1e-6), torch.ones_like(grad_norm)
+        )
+        parameter.grad.mul_(factor.to(parameter.grad.dtype))
+
+
+class AGC:
+    """`agc_` bound to a set of parameters: `AGC(model.parameters()).step()` after backward."""
+
+    def __init__(self, parameters, clipping: float = 0.01, eps: float = 1e-3):
+        self.parameters = list(parameters)
+        self.clipping, self.eps = clipping, eps
+        agc_([], clipping, eps)  # argument checks now, not at the first step
+
+    def step(self) -> None:
+        agc_(self.parameters, self.clipping, self.eps)
+
+
+class GradMonitor:
+    """An on-device ring buffer of total norm, clip coefficient, found_inf (and per-tensor norms).
+
+    `record(result)` after each clip is sync-free; `summary()` reads back only when asked. The
+    spike rule flags a step whose norm exceeds `spike_factor` times the EMA of earlier non-spike
+    norms: `should_skip` is an on-device bool to feed to the step (or to skip it).
+    """
+
+    def __init__(
+        self,
+        capacity: int = 1000,
+        names: list[str] | None = None,
+        spike_factor: float = 10.0,
+        ema: float = 0.98,
+    ):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity, self.names, self.spike_factor, self.ema = capacity, names, spike_factor, ema
+        self.steps = 0
+        self.norms = self.coefs = self.found_inf = self.per_tensor = None
+        self.norm_ema: torch.Tensor | None = None
+        self.should_skip: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def record(self, result, inv_scale: float | torch.Tensor | None = None) -> None:
+        """Appends a ClipResult (or ZClipResult). With AMP pass the step's `inv_scale`: the
+        result's clip_coef includes it, and the monitor records the clip factor alone."""
+        norm = result.total_norm.to(torch.float64)
+        if self.norms is None:
+            device = norm.device
+            self.norms = torch.zeros(self.capacity, dtype=torch.float64, device=device)
+            self.coefs = torch.zeros(self.capacity, dtype=torch.float64, device=device)
+            self.found_inf = torch.zeros(self.capacity, dtype=torch.float32, device=device)
+            self.norm_ema = norm.clone()
+        per_tensor = getattr(result, "per_tensor_norms", None)
+        if per_tensor is not None and self.per_tensor is None:
+            self.per_tensor = torch.zeros(
+                self.capacity, per_tensor.numel(), dtype=torch.float64, device=norm.device
+            )
+        slot = self.steps % self.capacity
+        self.norms[slot] = norm
+        coef = result.clip_coef.to(torch.float64)
+        if inv_scale is not None:
+            coef = coef / torch.as_tensor(inv_scale, dtype=torch.float64, device=coef.device)
+        self.coefs[slot] = coef
+        self.found_inf[slot] = result.found_inf.to(torch.float32)
+        if per_tensor is not None:
+            self.per_tensor[slot] = per_tensor.to(torch.float64)
+        spike = (norm > self.spike_factor * self.norm_ema) | ~torch.isfinite(norm)
+        self.should_skip = spike
+        self.norm_ema = torch.where(
+            spike, self.norm_ema, self.ema * self.norm_ema + (1 - self.ema) * norm
+        )
+        self.steps += 1
+
+    def summary(self, top_k: int = 5) -> dict:
+        """Reads the history back (one sync): clip frequency, norm percentiles, overflow steps,
+        and the tensors with the largest mean norm."""
+        filled = min(self.steps, self.capacity)
+        if filled == 0:
+            return {"steps": 0}
+        norms = self.norms[:filled].cpu()
+        coefs = self.coefs[:filled].cpu()
+        found = self.found_inf[:filled].cpu()
+        finite = norms[torch.isfinite(norms)]
+        quantiles = torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)
+        percentiles = (
+            torch.quantile(finite, quantiles).tolist() if finite.numel() else [math.nan] * 3
+        )
+        summary = {
+            "steps": self.steps,
+            "window": filled,
+            "clip_frequency": float((coefs < 1).double().mean()),
+            "overflow_steps": int(found.sum()),
+            "norm_p50": percentiles[0],
+            "norm_p90": percentiles[1],
+            "norm_p99": percentiles[2],
+            "norm_max": float(finite.max()) if finite.numel() else math.nan,
+        }
+        if self.per_tensor is not None:
+            means = self.per_tensor[:filled].cpu().nanmean(dim=0)
+            order = torch.argsort(means, descending=True)[:top_k].tolist()
+            names = self.names or [f"tensor {i}" for i in range(means.numel())]
+            summary["largest_norms"] = [(names[i], float(means[i])) for i in order]
+        return summary

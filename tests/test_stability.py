@@ -1,0 +1,184 @@
+"""ZClip, AGC and GradMonitor against plain-Python statements of their rules."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from conftest import assert_close
+
+import fusedclip
+from fusedclip.stability import AGC, GradMonitor, ZClip, agc_
+
+
+class PythonZClip:
+    """The published rule in plain floats (the oracle)."""
+
+    def __init__(self, alpha, z_thresh, warmup_steps, max_norm, mode, eps=1e-6):
+        self.alpha, self.z, self.warmup, self.max_norm, self.mode, self.eps = (
+            alpha,
+            z_thresh,
+            warmup_steps,
+            max_norm,
+            mode,
+            eps,
+        )
+        self.history, self.mean, self.var, self.count = [], None, None, 0
+
+    def threshold(self, norm):
+        limit = math.inf if self.max_norm is None else self.max_norm
+        if self.count < self.warmup:
+            threshold = min(norm, limit)
+            self.history.append(threshold)
+            if self.count == self.warmup - 1:
+                self.mean = statistics.fmean(self.history)
+                self.var = statistics.pvariance(self.history)
+        else:
+            std = max(math.sqrt(self.var), self.eps)
+            z = (norm - self.mean) / std
+            if z > self.z:
+                threshold = (
+                    self.mean + (self.z**2 / z) * std
+                    if self.mode == "adaptive"
+                    else self.mean + self.z * std
+                )
+            else:
+                threshold = norm
+            threshold = min(threshold, limit)
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * threshold
+            self.var = self.alpha * self.var + (1 - self.alpha) * (threshold - self.mean) ** 2
+        self.count += 1
+        return threshold
+
+
+def scripted_norms():
+    generator = torch.Generator().manual_seed(5)
+    norms = (1.0 + 0.1 * torch.randn(60, generator=generator, dtype=torch.float64)).tolist()
+    norms[3] = 1.6  # above max_norm during warm-up
+    for spike in (30, 31, 45):
+        norms[spike] = 6.0
+    norms[50] = 0.2
+    return norms
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "zscore"])
+@pytest.mark.parametrize("max_norm", [None, 1.5])
+def test_zclip_follows_the_published_rule(mode, max_norm):
+    zclip = ZClip(alpha=0.97, z_thresh=2.5, warmup_steps=25, max_norm=max_norm, mode=mode)
+    oracle = PythonZClip(0.97, 2.5, 25, max_norm, mode)
+    direction = torch.randn(1000, dtype=torch.float64)
+    direction /= direction.norm()
+    spikes = []
+    for step, norm in enumerate(scripted_norms()):
+        grad = direction * norm
+        result = zclip.step([grad])
+        expected_threshold = oracle.threshold(norm)
+        assert_close(
+            result.threshold,
+            torch.tensor(expected_threshold, dtype=torch.float64),
+            rtol=1e-9,
+            what=f"threshold at step {step}",
+        )
+        expected = direction * norm * min(1.0, expected_threshold / (norm + 1e-6))
+        assert_close(grad, expected, rtol=1e-9, atol=1e-15, what=f"clipped gradient at step {step}")
+        spikes.append(bool(result.spike))
+    assert [i for i, s in enumerate(spikes) if s] == [30, 31, 45]
+
+
+def test_zclip_with_inv_scale_measures_the_unscaled_norm():
+    zclip, plain = ZClip(warmup_steps=2, max_norm=None), ZClip(warmup_steps=2, max_norm=None)
+    for norm in (1.0, 1.1, 1.05, 9.0):
+        scaled = torch.full((100,), norm / 10 * 1024.0)
+        unscaled = torch.full((100,), norm / 10)
+        result = zclip.step([scaled], inv_scale=1 / 1024)
+        expected = plain.step([unscaled])
+        assert_close(result.total_norm, expected.total_norm, rtol=1e-6, what="norm")
+        assert_close(scaled, unscaled, rtol=1e-6, what="unscaled and clipped gradient")
+
+
+def test_zclip_does_not_sync(monkeypatch):
+    zclip = ZClip(warmup_steps=3)
+    grads = [torch.randn(50)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host sync in ZClip.step")
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
+    for _ in range(6):
+        zclip.step(grads)
+
+
+def test_agc_matches_its_formula_on_linear_and_conv_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4)
+    conv = torch.nn.Conv2d(3, 5, 3)
+    parameters = list(linear.parameters()) + list(conv.parameters())
+    for parameter in parameters:
+        parameter.grad = torch.randn_like(parameter) * torch.logspace(
+            -4, 1, parameter.shape[0]
+        ).view(-1, *[1] * (parameter.ndim - 1))
+    originals = [p.grad.clone() for p in parameters]
+    agc_(parameters, clipping=0.05, eps=1e-3)
+    for parameter, original in zip(parameters, originals, strict=True):
+        units = (
+            [(parameter.detach(), original)]
+            if parameter.ndim <= 1
+            else list(zip(parameter.detach(), original, strict=True))
+        )
+        expected = []
+        for weight_unit, grad_unit in units:
+            max_norm = 0.05 * max(weight_unit.double().norm().item(), 1e-3)
+            grad_norm = grad_unit.double().norm().item()
+            expected.append(
+                grad_unit.double() * (max_norm / grad_norm if grad_norm > max_norm else 1.0)
+            )
+        expected = expected[0] if parameter.ndim <= 1 else torch.stack(expected)
+        assert_close(
+            parameter.grad, expected, rtol=1e-5, atol=1e-12, what=f"AGC {tuple(parameter.shape)}"
+        )
+    with pytest.raises(ValueError, match="clipping"):
+        AGC(parameters, clipping=0.0)
+
+
+def test_grad_monitor_statistics_match_direct_computation():
+    names = ["embedding", "layer.weight", "layer.bias"]
+    monitor = GradMonitor(capacity=8, names=names, spike_factor=5.0)
+    generator = torch.Generator().manual_seed(2)
+    recorded = []
+    for step in range(12):
+        scale = 40.0 if step == 9 else 1.0
+        grads = [
+            torch.randn(size, generator=generator) * factor * scale
+            for size, factor in ((50, 3.0), (20, 1.0), (5, 0.1))
+        ]
+        if step == 4:
+            grads[1][0] = math.inf
+        result = fusedclip.fused_clip_(grads, max_norm=9.0, per_tensor=True)
+        monitor.record(result)
+        recorded.append(
+            (
+                result.total_norm.item(),
+                result.clip_coef.item(),
+                result.found_inf.item(),
+                result.per_tensor_norms.tolist(),
+            )
+        )
+        if step == 9:
+            assert bool(monitor.should_skip), "a 40x norm is a spike"
+        if step == 8:
+            assert not bool(monitor.should_skip)
+    window = recorded[-8:]
+    summary = monitor.summary(top_k=2)
+    assert summary["steps"] == 12 and summary["window"] == 8
+    assert summary["clip_frequency"] == pytest.approx(sum(c < 1 for _, c, _, _ in window) / 8)
+    assert summary["overflow_steps"] == sum(f for _, _, f, _ in window)
+    finite = torch.tensor([n for n, _, _, _ in window if math.isfinite(n)], dtype=torch.float64)
+    assert summary["norm_p50"] == pytest.approx(torch.quantile(finite, 0.5).item())
+    assert summary["norm_p90"] == pytest.approx(torch.quantile(finite, 0.9).item())
+    assert summary["norm_max"] == pytest.approx(finite.max().item())
+    per_tensor = torch.tensor([p for _, _, _, p in window], dtype=torch.float64).nanmean(dim=0)
+    top = torch.argsort(per_tensor, descending=True)[:2].tolist()
+    assert [name for name, _ in summary["largest_norms"]] == [names[i] for i in top]
