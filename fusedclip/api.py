@@ -280,21 +280,41 @@ def _nonfinite_error(norm_type: float) -> RuntimeError:
     )
 
 
+def _empty_result(per_tensor: bool) -> ClipResult:
+    zero = torch.tensor(0.0)
+    return ClipResult(
+        zero, torch.tensor(0.0), torch.tensor(1.0), torch.empty(0) if per_tensor else None
+    )
+
+
 def _clip(
     tensors: list[torch.Tensor],
+    name: str,
     *,
-    norm_type: float,
+    norm_type: float | str,
     max_norm: float | None,
-    clip_value: float | None,
-    inv_scale: float | torch.Tensor | None,
-    per_tensor: bool,
-    error_if_nonfinite: bool,
-    process_group,
-    backend: str | None,
+    clip_value: float | None = None,
+    inv_scale: float | torch.Tensor | None = None,
+    per_tensor: bool = False,
+    error_if_nonfinite: bool = False,
+    process_group=None,
+    backend: str | None = None,
     apply: bool = True,
 ) -> ClipResult:
-    """Measures, then (when `apply`) scales the gradients in place; `apply=False` only computes
-    what the write pass would do, for callers that fold it into an optimizer step."""
+    """Checks every argument, measures, then (when `apply`) scales the gradients in place.
+
+    `apply=False` only computes what the write pass would do, for callers that fold it into
+    another kernel. `name` is how error messages call `tensors`.
+    """
+    norm_type = _check_norm_type(norm_type)
+    max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
+    clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
+    inv_scale = _check_inv_scale(inv_scale)
+    dispatch.requested_backend(backend)
+    tensors = _unique(tensors)
+    _check_tensors(tensors, name)
+    if not tensors:
+        return _empty_result(per_tensor)
     plan, process_group = _localized_plan(tensors, backend, process_group)
     power_sum, found_inf, per_tensor_power = _measure(plan, norm_type, per_tensor, process_group)
     first = plan.groups[0]
@@ -315,48 +335,6 @@ def _clip(
     return ClipResult(total_norm, found_inf, clip_coef, per_tensor_norms)
 
 
-def _empty_result(per_tensor: bool) -> ClipResult:
-    zero = torch.tensor(0.0)
-    return ClipResult(
-        zero, torch.tensor(0.0), torch.tensor(1.0), torch.empty(0) if per_tensor else None
-    )
-
-
-def _checked_clip(
-    tensors: TensorOrTensors,
-    *,
-    max_norm: float | None,
-    norm_type: float | str,
-    clip_value: float | None,
-    inv_scale: float | torch.Tensor | None,
-    per_tensor: bool,
-    process_group,
-    backend: str | None,
-    apply: bool,
-) -> ClipResult:
-    norm_type = _check_norm_type(norm_type)
-    max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
-    clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
-    inv_scale = _check_inv_scale(inv_scale)
-    dispatch.requested_backend(backend)
-    tensors = _unique(_as_tensor_list(tensors))
-    _check_tensors(tensors, "tensors")
-    if not tensors:
-        return _empty_result(per_tensor)
-    return _clip(
-        tensors,
-        norm_type=norm_type,
-        max_norm=max_norm,
-        clip_value=clip_value,
-        inv_scale=inv_scale,
-        per_tensor=per_tensor,
-        error_if_nonfinite=False,
-        process_group=process_group,
-        backend=backend,
-        apply=apply,
-    )
-
-
 @torch.no_grad()
 def fused_clip_(
     tensors: TensorOrTensors,
@@ -374,16 +352,16 @@ def fused_clip_(
     `tensors` are the gradients themselves (a tensor or an iterable of tensors), modified in
     place when `inv_scale`, `max_norm` or `clip_value` is given.
     """
-    return _checked_clip(
-        tensors,
-        max_norm=max_norm,
+    return _clip(
+        _as_tensor_list(tensors),
+        "tensors",
         norm_type=norm_type,
+        max_norm=max_norm,
         clip_value=clip_value,
         inv_scale=inv_scale,
         per_tensor=per_tensor,
         process_group=process_group,
         backend=backend,
-        apply=True,
     )
 
 
@@ -400,11 +378,11 @@ def measure(
 ) -> ClipResult:
     """What `fused_clip_` computes (norm, found_inf, clip_coef), in one read, touching nothing:
     for callers that fold the write into another kernel, such as a fused optimizer's step."""
-    return _checked_clip(
-        tensors,
-        max_norm=max_norm,
+    return _clip(
+        _as_tensor_list(tensors),
+        "tensors",
         norm_type=norm_type,
-        clip_value=None,
+        max_norm=max_norm,
         inv_scale=inv_scale,
         per_tensor=per_tensor,
         process_group=process_group,
@@ -430,21 +408,12 @@ def clip_grad_norm_(
     Returns the total norm of the (unscaled) gradients as a 0-dim tensor on the first gradient's
     device. `foreach` is accepted and ignored: every backend is multi-tensor.
     """
-    norm_type = _check_norm_type(norm_type)
-    max_norm = _check_nonnegative(max_norm, "max_norm")
-    inv_scale = _check_inv_scale(inv_scale)
-    dispatch.requested_backend(backend)
-    grads = _unique(_gradients(parameters))
-    _check_tensors(grads, "parameters' gradients")
-    if not grads:
-        return torch.tensor(0.0)
     return _clip(
-        grads,
+        _gradients(parameters),
+        "parameters' gradients",
         norm_type=norm_type,
         max_norm=max_norm,
-        clip_value=None,
         inv_scale=inv_scale,
-        per_tensor=False,
         error_if_nonfinite=error_if_nonfinite,
         process_group=process_group,
         backend=backend,
@@ -462,19 +431,11 @@ def get_total_norm(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Drop-in for torch.nn.utils.get_total_norm: the norm of all `tensors` (not their .grad)."""
-    norm_type = _check_norm_type(norm_type)
-    dispatch.requested_backend(backend)
-    tensors = _unique(_as_tensor_list(tensors))
-    _check_tensors(tensors, "tensors")
-    if not tensors:
-        return torch.tensor(0.0)
     return _clip(
-        tensors,
+        _as_tensor_list(tensors),
+        "tensors",
         norm_type=norm_type,
         max_norm=None,
-        clip_value=None,
-        inv_scale=None,
-        per_tensor=False,
         error_if_nonfinite=error_if_nonfinite,
         process_group=process_group,
         backend=backend,
