@@ -94,15 +94,16 @@ def test_overflow_skips_the_step_and_backs_off(path):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_gradients(device):
+    # torch's CUDA unscale kernel has no bfloat16: its CPU path is the reference for every device.
     expected_params, expected_scales, _ = _train(
-        device, "torch", "adamw", False, dtype=torch.bfloat16, steps=4
+        "cpu", "torch", "adamw", False, dtype=torch.bfloat16, steps=4
     )
     params, scales, _ = _train(
         device, "unscale_clip_", "adamw", False, dtype=torch.bfloat16, steps=4
     )
     assert scales == expected_scales
     for param, expected in zip(params, expected_params, strict=True):
-        assert_close(param, expected, rtol=2e-2, atol=2e-3, what="bf16 parameter")
+        assert_close(param.cpu(), expected, rtol=2e-2, atol=2e-3, what="bf16 parameter")
 
 
 def test_unscale_twice_raises_torchs_error():
