@@ -115,3 +115,38 @@ def test_single_tensor_above_2_to_the_31_elements(backend):
         what="tail",
     )
     del big
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_clip_step_captured_in_a_cuda_graph_matches_eager():
+    """The one-read AMP path (norm + found_inf, then fused AdamW's own step) in a graph."""
+
+    def setup():
+        torch.manual_seed(0)
+        parameters = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (4097, 65, 3000)]
+        optimizer = torch.optim.AdamW(parameters, lr=1e-2, fused=True, capturable=True)
+        return parameters, optimizer
+
+    grads = [torch.randn(n, device="cuda") * 50 for n in (4097, 65, 3000)]
+    eager_parameters, eager_optimizer = setup()
+    graph_parameters, graph_optimizer = setup()
+    for parameter, grad in zip(eager_parameters + graph_parameters, grads + grads, strict=True):
+        parameter.grad = grad.clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: optimizer state, metadata caches
+        fusedclip.amp.clip_step(graph_optimizer, 1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    fusedclip.amp.clip_step(eager_optimizer, 1.0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fusedclip.amp.clip_step(graph_optimizer, 1.0)
+    for _ in range(3):
+        graph.replay()
+        expected = fusedclip.amp.clip_step(eager_optimizer, 1.0)
+    torch.cuda.synchronize()
+    assert_close(result.total_norm, expected.total_norm, rtol=1e-6, what="norm")
+    for mine, theirs in zip(graph_parameters, eager_parameters, strict=True):
+        assert_close(mine, theirs, rtol=1e-5, atol=1e-7, what="parameters after replays")
