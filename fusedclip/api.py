@@ -177,9 +177,16 @@ def _plan(
     return _Plan(groups, torch.float64 if any_double else torch.float32, len(tensors), copies)
 
 
-def _localized_plan(tensors: list[torch.Tensor], backend: str | None, process_group):
-    """(plan, process group): DTensor gradients are planned as their local shards."""
+def _localized_plan(
+    tensors: list[torch.Tensor], backend: str | None, process_group, *, measured: bool = True
+):
+    """(plan, process group): DTensor gradients are planned as their local shards.
+
+    `measured=False` is for write-only callers: no norm, so no count of the ranks holding a shard.
+    """
     if distributed.has_dtensor(tensors):
+        if not measured:
+            return _plan(distributed.local_shards(tensors), backend), process_group
         tensors, copies, process_group = distributed.localize(tensors, process_group)
         return _plan(tensors, backend, copies), process_group
     return _plan(tensors, backend), process_group
@@ -459,7 +466,7 @@ def clip_grads_with_norm_(
     _check_tensors(grads, "parameters' gradients")
     if not grads:
         return
-    plan, _ = _localized_plan(grads, backend, None)
+    plan, _ = _localized_plan(grads, backend, None, measured=False)
     total_norm = torch.as_tensor(total_norm, device=plan.device)
     clip_coef = reference.clip_coefficient(total_norm, max_norm, None).to(plan.out_dtype)
     _apply(plan, clip_coef, None)
@@ -483,7 +490,7 @@ def clip_grad_value_(
     _check_tensors(grads, "parameters' gradients")
     if not grads:
         return
-    plan, _ = _localized_plan(grads, backend, None)
+    plan, _ = _localized_plan(grads, backend, None, measured=False)
     clip_coef = _inv_scale_tensor(inv_scale, plan.device)
     if clip_coef is None:
         clip_coef = torch.ones((), dtype=plan.out_dtype, device=plan.device)
@@ -501,5 +508,5 @@ def scale_(
     _check_tensors(tensors, "tensors")
     if not tensors:
         return
-    plan, _ = _localized_plan(tensors, backend, None)
+    plan, _ = _localized_plan(tensors, backend, None, measured=False)
     _apply(plan, clip_coef.to(plan.out_dtype), None)

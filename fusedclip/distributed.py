@@ -3,12 +3,15 @@
 Each rank reduces its local gradients in the fused read (Σ|g|^p, or max |g| for p = inf, and
 found_inf); one all-reduce per call combines them; the finalize (root, 1e-6, clip coefficient)
 runs after it, once, on the global value. DTensor gradients need no group: they are replaced by
-their local shards, a shard held by several ranks (replicated placements) counts once, and the
-all-reduce runs over the default group, so gradients on several meshes combine in one collective.
+their local shards, a shard held by several ranks of the group (Replicate placements) counts once,
+and the all-reduce runs over the default group, so gradients on several meshes combine in one
+collective. Partial placements (a pending sum) are refused, and so are plain tensors among
+DTensors when no group says what they are.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -33,30 +36,88 @@ def has_dtensor(tensors: list[torch.Tensor]) -> bool:
 def localize(tensors: list[torch.Tensor], process_group):
     """(local tensors, copies per tensor, group): DTensors become their local shards.
 
-    `copies[i]` is how many ranks hold the same elements as tensor i (the product of the mesh
-    sizes along its Replicate placements), so each element counts once in the global sum.
+    `copies[i]` is how many ranks of the group hold the same elements as tensor i (its shard's
+    replicas along Replicate placements), so each element counts once in the global sum. The
+    group is `process_group`, or the default group when none is given.
     """
     dtensor = _dtensor_type()
-    local, copies = [], []
+    group = process_group if process_group is not None else dist.group.WORLD
+    local = local_shards(tensors)
+    copies = []
+    for index, tensor in enumerate(tensors):
+        if isinstance(tensor, dtensor):
+            copies.append(
+                _copies_in_group(tensor.device_mesh, tuple(tensor.placements), group, index)
+            )
+        elif process_group is None:
+            raise ValueError(
+                f"gradient {index} is a plain tensor among DTensor gradients, and without "
+                "process_group= fusedclip cannot tell whether it is replicated on every rank "
+                "or this rank's own shard: make it a DTensor (Replicate or Shard), or pass "
+                "process_group= to count plain tensors as this rank's disjoint share"
+            )
+        else:
+            copies.append(1)
+    return local, copies, group
+
+
+def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor's local tensor (a view: scaling it in place scales the DTensor)."""
+    dtensor = _dtensor_type()
+    local = []
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, dtensor):
             local.append(tensor)
-            copies.append(1)
             continue
-        count = 1
-        for mesh_dim, placement in enumerate(tensor.placements):
+        for placement in tensor.placements:
             if placement.is_partial():
                 raise ValueError(
                     f"gradient {index} is a DTensor with a Partial placement (a pending sum): its "
                     "local values are not a shard of the gradient; redistribute it to Shard or "
                     "Replicate before clipping"
                 )
-            if placement.is_replicate():
-                count *= tensor.device_mesh.size(mesh_dim)
         local.append(tensor.to_local())
-        copies.append(count)
-    group = process_group if process_group is not None else dist.group.WORLD
-    return local, copies, group
+    return local
+
+
+_copies_cache: dict = {}
+
+
+def _copies_in_group(mesh, placements: tuple, group, index: int) -> int:
+    """Ranks of `group` holding this rank's shard; checks that the group holds every shard.
+
+    Host-side only (mesh and group membership), cached per (mesh, placements, group).
+    """
+    key = (mesh, placements, group)
+    cached = _copies_cache.get(key)
+    if cached is not None:
+        return cached
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # not on this mesh: the local tensor is empty
+        return 1
+    shape = tuple(mesh.mesh.shape)
+    sharded = [dim for dim, placement in enumerate(placements) if not placement.is_replicate()]
+    group_ranks = set(dist.get_process_group_ranks(group))
+    # mesh.mesh holds the global rank at each coordinate; product() walks it in the same order.
+    members = [
+        position
+        for position, rank in zip(
+            itertools.product(*map(range, shape)), mesh.mesh.flatten().tolist(), strict=True
+        )
+        if rank in group_ranks
+    ]
+    shards_seen = len({tuple(position[dim] for dim in sharded) for position in members})
+    shards_total = math.prod(shape[dim] for dim in sharded)
+    count = sum(all(position[dim] == coordinate[dim] for dim in sharded) for position in members)
+    if count == 0 or shards_seen != shards_total:
+        raise ValueError(
+            f"gradient {index} is a DTensor on a mesh of shape {shape} with "
+            f"placements {list(placements)}, but process_group holds {shards_seen} of its "
+            f"{shards_total} shards{'' if count else ' and not this rank'}: pass a group that "
+            "spans its Shard dimensions, or no group (the default group)"
+        )
+    _copies_cache[key] = count
+    return count
 
 
 def all_reduce_norm_state(

@@ -131,6 +131,81 @@ def _check_dtensor(rank, world):
         raise AssertionError("a Partial DTensor gradient must be refused")
 
 
+def _check_group_narrower_than_mesh(rank, world):
+    """An explicit group counts a replicated shard once per copy it holds, not per mesh copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fusedclip
+
+    full = _full_gradients()
+    replicated_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replica", "shard"))
+    for group in (replicated_mesh["shard"].get_group(), dist.group.WORLD):
+        for norm_type in NORM_TYPES:
+            grads = [
+                distribute_tensor(full[0].clone(), replicated_mesh, [Replicate(), Shard(0)]),
+                distribute_tensor(full[1].clone(), replicated_mesh, [Replicate(), Replicate()]),
+            ]
+            norm = fusedclip.get_total_norm(grads, norm_type, process_group=group)
+            _close(norm, _reference_norm(full[:2], norm_type), f"rank {rank} p={norm_type}")
+    sharded_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replica", "shard"))
+    grad = distribute_tensor(full[0].clone(), sharded_mesh, [Replicate(), Shard(0)])
+    before = grad.to_local().clone()
+    try:
+        fusedclip.fused_clip_(
+            [grad], max_norm=0.0, process_group=sharded_mesh["replica"].get_group()
+        )
+    except ValueError as error:
+        assert f"holds 1 of its {world} shards" in str(error), str(error)
+    else:
+        raise AssertionError("a group missing some shards of a DTensor must be refused")
+    assert torch.equal(grad.to_local(), before), "a refused call must not touch the gradient"
+
+
+def _check_plain_tensors_among_dtensors(rank, world):
+    """Without a group a plain tensor is ambiguous (replica or shard?); with one it is a shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fusedclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = _full_gradients()
+    sharded = distribute_tensor(full[0].clone(), mesh, [Shard(0)])
+    plain = _shard(full[1], rank, world)
+    try:
+        fusedclip.get_total_norm([sharded, plain])
+    except ValueError as error:
+        assert "plain tensor among DTensor" in str(error), str(error)
+    else:
+        raise AssertionError("a plain tensor among DTensors without a group must be refused")
+    for norm_type in NORM_TYPES:
+        norm = fusedclip.get_total_norm([sharded, plain], norm_type, process_group=dist.group.WORLD)
+        _close(norm, _reference_norm(full[:2], norm_type), f"rank {rank} p={norm_type} mixed")
+    fusedclip.clip_grad_value_([_parameter(sharded), _parameter(plain)], 0.5)  # no norm: no count
+    assert sharded.to_local().abs().max() <= 0.5 and plain.abs().max() <= 0.5
+
+
+def _check_amp_overflow_on_one_rank_skips_everywhere(rank, world):
+    from fusedclip import amp
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    if rank == 0:
+        model.weight.grad[0, 0] = math.inf
+    before = [p.detach().clone() for p in model.parameters()]
+    result = amp.unscale_clip_(scaler, optimizer, 1.0, process_group=dist.group.WORLD)
+    scaler.step(optimizer)
+    scaler.update()
+    assert result.found_inf.item() == 1.0, f"rank {rank} missed the overflow on rank 0"
+    for parameter, original in zip(model.parameters(), before, strict=True):
+        assert torch.equal(parameter, original), f"rank {rank} stepped despite the overflow"
+    assert scaler.get_scale() == 8.0, f"rank {rank} did not back off: {scaler.get_scale()}"
+
+
 def _check_fsdp2_training_matches_unsharded(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -188,6 +263,9 @@ def test_sharded_gradients(world):
         "_check_process_group",
         "_check_overflow_on_one_rank",
         "_check_dtensor",
+        "_check_group_narrower_than_mesh",
+        "_check_plain_tensors_among_dtensors",
+        "_check_amp_overflow_on_one_rank_skips_everywhere",
         "_check_fsdp2_training_matches_unsharded",
     ]
     with tempfile.TemporaryDirectory() as folder:
