@@ -294,6 +294,15 @@ def _empty_result(per_tensor: bool) -> ClipResult:
     )
 
 
+def _runs_as_one_op(plan: _Plan, process_group) -> bool:
+    """Whether the whole clip can be the backend's `clip_` op: one device, every gradient dense,
+    nothing to combine across ranks or devices between the read and the write."""
+    if process_group is not None or plan.copies is not None or len(plan.groups) != 1:
+        return False
+    group = plan.groups[0]
+    return group.backend.clip_ is not None and not group.strided and not group.sparse
+
+
 def _clip(
     tensors: list[torch.Tensor],
     name: str,
@@ -323,16 +332,30 @@ def _clip(
     if not tensors:
         return _empty_result(per_tensor)
     plan, process_group = _localized_plan(tensors, backend, process_group)
-    power_sum, found_inf, per_tensor_power = _measure(plan, norm_type, per_tensor, process_group)
     first = plan.groups[0]
     inv_scale_tensor = _inv_scale_tensor(inv_scale, plan.device)
-    total_norm, clip_coef = first.backend.finalize(
-        power_sum, norm_type, max_norm, inv_scale_tensor, plan.out_dtype
-    )
-    if error_if_nonfinite and not torch.isfinite(total_norm).item():
-        raise _nonfinite_error(norm_type)
-    if apply and (max_norm is not None or clip_value is not None or inv_scale is not None):
-        _apply(plan, clip_coef, clip_value)
+    writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
+    if writes and not error_if_nonfinite and _runs_as_one_op(plan, process_group):
+        total_norm, found_inf, clip_coef, per_tensor_power = first.backend.clip_(
+            first.dense,
+            norm_type,
+            max_norm,
+            inv_scale_tensor,
+            clip_value,
+            plan.out_dtype,
+            per_tensor,
+        )
+    else:
+        power_sum, found_inf, per_tensor_power = _measure(
+            plan, norm_type, per_tensor, process_group
+        )
+        total_norm, clip_coef = first.backend.finalize(
+            power_sum, norm_type, max_norm, inv_scale_tensor, plan.out_dtype
+        )
+        if error_if_nonfinite and not torch.isfinite(total_norm).item():
+            raise _nonfinite_error(norm_type)
+        if writes:
+            _apply(plan, clip_coef, clip_value)
     per_tensor_norms = None
     if per_tensor:
         per_tensor_norms = reference.power_to_norm(per_tensor_power, norm_type)

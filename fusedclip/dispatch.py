@@ -1,5 +1,5 @@
 """Backend choice: which implementation of the three ops (reduce, finalize, scale_) runs a device's
-gradients.
+gradients, and whether it also has `clip_`, the three in one call.
 
 `backend=None` means the FUSEDCLIP_BACKEND environment variable, else "auto": CUDA tensors go to
 the CUDA extension if it was built with CUDA kernels, else to Triton, else to the reference; CPU
@@ -26,6 +26,9 @@ class Backend(NamedTuple):
     reduce: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     finalize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     scale_: Callable[..., None]
+    # reduce -> finalize -> scale_ in one op (the CUDA kernels can then run them in one launch);
+    # None where the backend has only the three.
+    clip_: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
 
 @functools.cache
@@ -113,7 +116,7 @@ def select(device: torch.device, backend: str | None) -> Backend:
 @functools.cache
 def _backend(name: str) -> Backend:
     if name in ("cpu", "cuda"):
-        return Backend(name, ops.reduce, ops.finalize, ops.scale_)
+        return Backend(name, ops.reduce, ops.finalize, ops.scale_, ops.clip_)
     if name == "triton":
         _triton_ops()  # registers the ops
         namespace = torch.ops.fusedclip

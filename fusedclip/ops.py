@@ -27,7 +27,7 @@ except ImportError as error:
         warnings.warn(f"fusedclip: {EXTENSION_ERROR}; using the fallback backends", stacklevel=2)
 
 
-OP_NAMES = ("reduce", "finalize", "scale_")
+OP_NAMES = ("reduce", "finalize", "scale_", "clip_")
 # Read once: the dispatcher query is not traceable by torch.compile, and registrations happen
 # when the extension loads.
 _REGISTERED_KERNELS = {
@@ -65,6 +65,23 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor, clip_value: flo
     torch.ops.fusedclip.scale_.default(tensors, clip_coef, clip_value)
 
 
+def clip_(
+    tensors: list[torch.Tensor],
+    norm_type: float,
+    max_norm: float | None,
+    inv_scale: torch.Tensor | None,
+    clip_value: float | None,
+    out_dtype: torch.dtype,
+    per_tensor: bool,
+    launch: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduce, finalize and scale_ in one call: (total_norm, found_inf, clip_coef,
+    per_tensor_power). `launch` ("auto", "single", "split") picks how CUDA runs the passes."""
+    return torch.ops.fusedclip.clip_.default(
+        tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch
+    )
+
+
 if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fusedclip::reduce")
@@ -84,3 +101,11 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("fusedclip::scale_")
     def _scale_fake(tensors, clip_coef, clip_value):
         return None
+
+    @torch.library.register_fake("fusedclip::clip_")
+    def _clip_fake(
+        tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch="auto"
+    ):
+        _, found_inf, per_tensor_power = _reduce_fake(tensors, norm_type, per_tensor)
+        total_norm = tensors[0].new_empty((), dtype=out_dtype)
+        return total_norm, found_inf, total_norm.new_empty(()), per_tensor_power

@@ -25,10 +25,11 @@ import torch  # noqa: E402  (torch first: it loads libc10 that fusedclip._C link
 import fusedclip._C  # noqa: E402, F401  (registers torch.ops.fusedclip.*)
 
 from fusedclip import reference  # noqa: E402
+from tests.alignment import same_alignment_copy  # noqa: E402
 
 ops = torch.ops.fusedclip
 DEV = torch.device("cuda")
-CHUNK = 65536
+CHUNK = 16384  # kChunkElements of csrc/cuda/multi_tensor.cuh
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
 SIZES = [0, 1, 3, 4095, 65537, 1 << 22]
@@ -377,6 +378,62 @@ def scale_checks() -> None:
     check("scale_ coef == 1 and no clip_value leaves data bitwise untouched", early_exit)
 
 
+# ---- clip_: the single cooperative launch against reduce -> finalize -> scale_ ------------------
+
+
+def clip_checks(wide: bool) -> None:
+    """Every output and gradient bit of clip_(launch=single) equals the three ops in sequence.
+    `wide` adds a set with more chunks than resident blocks, so blocks loop over chunks."""
+
+    def run(tensors, p, max_norm, inv, clip_value):
+        expected = [same_alignment_copy(t) for t in tensors]
+        got = ops.clip_(tensors, p, max_norm, inv, clip_value, torch.float64, True, "single")
+        power_sum, found_inf, per_tensor = ops.reduce(expected, p, True)
+        norm, coef = ops.finalize(power_sum, p, max_norm, inv, torch.float64)
+        ops.scale_(expected, coef, clip_value)
+        for name, a, b in zip(
+            ("total_norm", "found_inf", "clip_coef", "per_tensor"),
+            got,
+            (norm, found_inf, coef, per_tensor),
+            strict=True,
+        ):
+            if not torch.equal(bits(a), bits(b)):
+                return f"{name}: {a.tolist()} != {b.tolist()}"
+        for index, (a, b) in enumerate(zip(tensors, expected, strict=True)):
+            if not torch.equal(bits(a), bits(b)):
+                return f"gradient {index} ({a.dtype}) differs"
+        return None
+
+    sets = {
+        "mixed dtypes + zero-size + misaligned": lambda: [
+            make(n, DTYPES[i % 4], scale=3.0, misalign=i % 3)
+            for i, n in enumerate([70_000, 0, 5, 1 << 20, 3000, 65536, 1])
+        ],
+        "one non-finite": lambda: (
+            [make(200_000, torch.bfloat16)] + [torch.tensor([1.0, math.inf], device=DEV)]
+        ),
+    }
+    if wide:
+        sets["3000 chunks, 2000 tensors"] = lambda: (
+            [make(3000 * CHUNK, torch.float16)] + [make(1 + i, torch.float32) for i in range(2000)]
+        )
+    for label, build in sets.items():
+        for p in (2.0, math.inf, 3.0):
+            for max_norm, inv, clip_value in (
+                (1.0, 0.125, None),
+                (None, None, 0.01),
+                (1e30, None, None),
+            ):
+                inv_tensor = None if inv is None else torch.tensor(inv, device=DEV)
+                check(
+                    f"clip_ single == split: {label} p={p} max_norm={max_norm} inv={inv} "
+                    f"clip_value={clip_value}",
+                    lambda b=build, p=p, m=max_norm, i=inv_tensor, c=clip_value: run(
+                        b(), p, m, i, c
+                    ),
+                )
+
+
 # ---- huge tensor, graphs -------------------------------------------------------------------------
 
 
@@ -567,6 +624,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--no-huge", action="store_true")
+    parser.add_argument("--no-wide", action="store_true", help="skip the 3000-chunk clip_ set")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("FAIL no CUDA device")
@@ -578,6 +636,7 @@ def main() -> int:
     reduce_checks()
     finalize_checks()
     scale_checks()
+    clip_checks(wide=not args.no_wide)
     graph_check()
     if not args.no_huge:
         huge_check()

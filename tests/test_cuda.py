@@ -17,7 +17,7 @@ GPU_BACKENDS = [
 ]
 
 
-@pytest.mark.parametrize("op", ["reduce", "finalize", "scale_"])
+@pytest.mark.parametrize("op", ops.OP_NAMES)
 def test_every_op_has_a_cuda_kernel_when_built_with_a_toolkit(op):
     if ops.EXTENSION_ERROR is not None:
         pytest.skip(ops.EXTENSION_ERROR)
@@ -31,6 +31,19 @@ def _gradients(device="cuda"):
     sizes = [(1 << 20) + 3, 4095, 0, 65537, 1]
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float64]
     return [torch.randn(n, device=device, dtype=d) * 3 for n, d in zip(sizes, dtypes, strict=True)]
+
+
+CLIP_OUTPUTS = ("total_norm", "found_inf", "clip_coef", "per_tensor_power")
+
+
+def _needs_cuda_kernels():
+    reason = fusedclip.dispatch.unavailable_reason("cuda", "cuda")
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _bits(tensor):
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
 
 
 def _available(backend):
@@ -104,16 +117,21 @@ def test_single_tensor_above_2_to_the_31_elements(backend):
     if free < count * 2 * 3:
         pytest.skip("not enough GPU memory")
     big = torch.ones(count, dtype=torch.bfloat16, device="cuda")
-    big[-1] = 2.0
-    result = fusedclip.fused_clip_([big], max_norm=1.0, norm_type=1.0, backend=backend)
-    assert_close(result.total_norm, torch.tensor(float(count + 1)), rtol=1e-6, what="norm")
     coef = 1.0 / (count + 1 + 1e-6)
-    assert_close(
-        big[-3:].float(),
-        torch.tensor([coef, coef, 2 * coef]).to(torch.bfloat16),
-        rtol=0,
-        what="tail",
-    )
+    expected_tail = torch.tensor([coef, coef, 2 * coef]).to(torch.bfloat16)
+    # The CUDA backend also runs the single launch, which fused_clip_ takes only below L2 size.
+    launches = ("auto", "single") if backend == "cuda" else ("auto",)
+    for launch in launches:
+        big.fill_(1.0)
+        big[-1] = 2.0
+        if launch == "auto":
+            total_norm = fusedclip.fused_clip_(
+                [big], max_norm=1.0, norm_type=1.0, backend=backend
+            ).total_norm
+        else:
+            total_norm = ops.clip_([big], 1.0, 1.0, None, None, torch.float32, False, launch)[0]
+        assert_close(total_norm, torch.tensor(float(count + 1)), rtol=1e-6, what=f"{launch} norm")
+        assert_close(big[-3:].float(), expected_tail, rtol=0, what=f"{launch} tail")
     del big
 
 
@@ -150,3 +168,73 @@ def test_clip_step_captured_in_a_cuda_graph_matches_eager():
     assert_close(result.total_norm, expected.total_norm, rtol=1e-6, what="norm")
     for mine, theirs in zip(graph_parameters, eager_parameters, strict=True):
         assert_close(mine, theirs, rtol=1e-5, atol=1e-7, what="parameters after replays")
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("clip_value", [None, 0.002], ids=lambda v: f"value{v}")
+def test_single_launch_is_bit_identical_to_split_beyond_one_wave(norm_type, clip_value):
+    """More chunks than resident blocks (each block serves several), thousands of tensors (the
+    grid's warps loop over them for per-tensor norms), every dtype, misaligned views."""
+    _needs_cuda_kernels()
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    sizes = [(1 << 26) + 5, 3, 65537 * 7 + 1] + [1 + (i * 37) % 3000 for i in range(3000)]
+    grads = [
+        torch.randn(n + 1, device="cuda", dtype=dtypes[i % 4])[1:] * 3 for i, n in enumerate(sizes)
+    ]
+    grads[1][2] = math.nan if clip_value is None else 1.0
+    inv_scale = torch.tensor(2.0**-8, device="cuda")
+    results = {}
+    for launch in ("single", "split"):
+        copies = [g.clone() for g in grads]
+        outputs = ops.clip_(
+            copies, norm_type, 0.5, inv_scale, clip_value, torch.float64, True, launch
+        )
+        results[launch] = (outputs, copies)
+    (single, single_grads), (split, split_grads) = results["single"], results["split"]
+    for name, a, b in zip(CLIP_OUTPUTS, single, split, strict=True):
+        assert torch.equal(_bits(a), _bits(b)), name
+    for index, (a, b) in enumerate(zip(single_grads, split_grads, strict=True)):
+        assert torch.equal(_bits(a), _bits(b)), f"gradient {index}"
+    assert single[1].item() == (1.0 if clip_value is None else 0.0)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("launch", ["single", "split"])
+def test_each_launch_captured_in_a_cuda_graph(launch):
+    _needs_cuda_kernels()
+    grads = _gradients()
+    inv_scale = torch.tensor(0.25, device="cuda")
+    ops.clip_(grads, 2.0, 1.0, inv_scale, None, torch.float32, True, launch)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = ops.clip_(grads, 2.0, 1.0, inv_scale, None, torch.float32, True, launch)
+    for replay in range(2):
+        fresh = _gradients()
+        for grad, value in zip(grads, fresh, strict=True):
+            grad.copy_(value)
+        expected = [f.clone() for f in fresh]
+        expected_outputs = ops.clip_(
+            expected, 2.0, 1.0, inv_scale, None, torch.float32, True, "split"
+        )
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, a, b in zip(CLIP_OUTPUTS, outputs, expected_outputs, strict=True):
+            assert torch.equal(_bits(a), _bits(b)), f"replay {replay}: {name}"
+        for grad, want in zip(grads, expected, strict=True):
+            assert torch.equal(_bits(grad), _bits(want)), f"replay {replay}"
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_single_launch_rejects_other_devices_tensors_untouched():
+    _needs_cuda_kernels()
+    grads = _gradients()
+    originals = [g.clone() for g in grads]
+    with pytest.raises(RuntimeError, match="launch"):
+        ops.clip_(grads, 2.0, 1.0, None, None, torch.float32, False, "one")
+    for grad, original in zip(grads, originals, strict=True):
+        assert torch.equal(grad, original)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from alignment import same_alignment_copy
 from conftest import (
     NORM_RTOL,
     assert_close,
@@ -244,5 +245,115 @@ def test_opcheck(device, backend):
         (getattr(namespace, prefix + "finalize"), (power_sum, 2.0, None, None, torch.float64)),
         (getattr(namespace, prefix + "scale_"), (tensors, coef, 0.1)),
     ]
+    if not prefix:
+        cases += [
+            (namespace.clip_, (tensors, 2.0, 1.0, inv_scale, 0.1, torch.float32, True)),
+            (namespace.clip_, (tensors, math.inf, None, None, 0.1, torch.float64, False, "split")),
+        ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def clip_op_params():
+    """(device, backend, launch) for every backend with a fused clip_ op; CUDA runs each launch."""
+    params = []
+    for param in backend_params(include_reference=False):
+        device, backend = param.values
+        if dispatch.select(torch.device(device), backend).clip_ is None:
+            continue
+        launches = ("auto", "single", "split") if device == "cuda" else ("auto",)
+        for launch in launches:
+            params.append(
+                pytest.param(device, backend, launch, id=f"{param.id}-{launch}", marks=param.marks)
+            )
+    return params
+
+
+CLIP_CASES = {  # (max_norm, clip_value, inv_scale)
+    "norm": (1.0, None, None),
+    "unscale-norm": (1.0, None, 2.0**-10),
+    "unscale-norm-value": (0.5, 0.01, 0.25),
+    "value-only": (None, 0.05, None),
+    "unscale-only": (None, None, 0.5),
+    "no-clip-needed": (1e9, None, None),
+}
+
+
+@pytest.mark.parametrize(("device", "backend", "launch"), clip_op_params())
+@pytest.mark.parametrize("case", list(CLIP_CASES))
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0], ids=lambda p: f"p{p}")
+def test_clip_op_equals_reduce_finalize_scale(device, backend, launch, case, norm_type):
+    """clip_ is reduce -> finalize -> scale_: every output and every gradient bit agrees."""
+    ops = dispatch.select(torch.device(device), backend)
+    max_norm, clip_value, inv_scale = CLIP_CASES[case]
+    sizes = [17, 0, 65537, 3, 1000, 5, 4095, 1, 200003]
+    tensors = random_gradients(sizes, DTYPES, device)
+    tensors.append(torch.randn(4097, device=device)[1:])  # dense but not 16-byte aligned
+    expected = [same_alignment_copy(t) for t in tensors]
+    originals = [t.clone() for t in tensors]
+    inv_scale_tensor = None if inv_scale is None else torch.tensor(inv_scale, device=device)
+    out_dtype = torch.float64
+    poison_allocator(device)
+    total_norm, found_inf, clip_coef, per_tensor_power = ops.clip_(
+        tensors, norm_type, max_norm, inv_scale_tensor, clip_value, out_dtype, True, launch
+    )
+    power_sum, expected_inf, expected_per_tensor = ops.reduce(expected, norm_type, True)
+    expected_norm, expected_coef = ops.finalize(
+        power_sum, norm_type, max_norm, inv_scale_tensor, out_dtype
+    )
+    ops.scale_(expected, expected_coef, clip_value)
+    for name, got, want in [
+        ("total_norm", total_norm, expected_norm),
+        ("found_inf", found_inf, expected_inf),
+        ("clip_coef", clip_coef, expected_coef),
+        ("per_tensor_power", per_tensor_power, expected_per_tensor),
+    ]:
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(bits(got), bits(want)), f"{name}: {got} != {want}"
+    for index, (tensor, want) in enumerate(zip(tensors, expected, strict=True)):
+        assert torch.equal(bits(tensor), bits(want)), f"tensor {index} ({tensor.dtype})"
+    reference_norm = reference.power_to_norm(reference_reduce(originals, norm_type)[0], norm_type)
+    if inv_scale is not None:
+        reference_norm = reference_norm * inv_scale
+    assert_close(total_norm, reference_norm, rtol=1e-12, what="total_norm against float64")
+
+
+@pytest.mark.parametrize(("device", "backend", "launch"), clip_op_params())
+def test_clip_op_flags_nonfinite_and_propagates_it(device, backend, launch):
+    ops = dispatch.select(torch.device(device), backend)
+    tensors = random_gradients([65537 * 3, 100], [torch.bfloat16, torch.float32], device)
+    tensors[0][65537 * 2 + 11] = math.inf
+    total_norm, found_inf, clip_coef, per_tensor_power = ops.clip_(
+        tensors, 2.0, 1.0, None, None, torch.float32, False, launch
+    )
+    assert found_inf.item() == 1.0 and total_norm.item() == math.inf and clip_coef.item() == 0.0
+    assert per_tensor_power.shape == (0,)
+    assert torch.isnan(tensors[0][65537 * 2 + 11]).item()  # inf * 0, as torch does
+
+
+@pytest.mark.parametrize(("device", "backend", "launch"), clip_op_params())
+def test_clip_op_rejects_bad_arguments_and_leaves_gradients(device, backend, launch):
+    ops = dispatch.select(torch.device(device), backend)
+    tensors = random_gradients([100, 7], [torch.float32], device)
+    originals = [t.clone() for t in tensors]
+    bad_calls = {
+        "launch": (tensors, 2.0, 1.0, None, None, torch.float32, False, "fastest"),
+        "clip_value": (tensors, 2.0, 1.0, None, -1.0, torch.float32, False, launch),
+        "out_dtype": (tensors, 2.0, 1.0, None, None, torch.float16, False, launch),
+        "inv_scale": (
+            tensors,
+            2.0,
+            1.0,
+            torch.ones(2, device=device),
+            None,
+            torch.float32,
+            False,
+            launch,
+        ),
+        "norm_type": (tensors, -1.0, 1.0, None, None, torch.float32, False, launch),
+    }
+    for name, args in bad_calls.items():
+        with pytest.raises(RuntimeError, match=name):
+            ops.clip_(*args)
+        for tensor, original in zip(tensors, originals, strict=True):
+            assert torch.equal(tensor, original), f"a bad {name} changed a gradient"

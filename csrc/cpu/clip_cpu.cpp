@@ -631,12 +631,26 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
   });
 }
 
+// The three passes in order; on the CPU there is no launch to save, so `launch` is only checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(
+    at::TensorList tensors, double norm_type, std::optional<double> max_norm,
+    const std::optional<at::Tensor>& inv_scale, std::optional<double> clip_value,
+    at::ScalarType out_dtype, bool per_tensor, c10::string_view launch) {
+  parse_launch(launch);
+  check_clip_value(clip_value);  // the rest is checked by the passes, all before scale_cpu writes
+  auto [power_sum, found_inf, per_tensor_power] = reduce_cpu(tensors, norm_type, per_tensor);
+  auto [total_norm, clip_coef] = finalize_cpu(power_sum, norm_type, max_norm, inv_scale, out_dtype);
+  scale_cpu(tensors, clip_coef, clip_value);
+  return {total_norm, found_inf, clip_coef, per_tensor_power};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("reduce", &reduce_cpu);
   m.impl("finalize", &finalize_cpu);
   m.impl("scale_", &scale_cpu);
+  m.impl("clip_", &clip_cpu);
 }
 
 }  // namespace fusedclip

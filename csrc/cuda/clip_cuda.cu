@@ -1,20 +1,28 @@
-// CUDA kernels of fusedclip::reduce, finalize and scale_ (contract: csrc/README.md; oracle:
-// fusedclip/reference.py). Gradients are walked through the multi-tensor table of
-// multi_tensor.cuh: one block per fixed-size chunk of one tensor, one launch per dtype group.
+// CUDA kernels of fusedclip::reduce, finalize, scale_ and clip_ (contract: csrc/README.md;
+// oracle: fusedclip/reference.py). Gradients are walked through the multi-tensor table of
+// multi_tensor.cuh in fixed-size chunks of one tensor. The split path runs one block per chunk,
+// one launch per dtype group and pass; clip_'s single-launch path runs every pass in one
+// cooperative launch. Both compute each chunk with the same device functions and combine in the
+// same order, so their results are bit-identical.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <fusedclip/checks.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "multi_tensor.cuh"
 
@@ -22,9 +30,9 @@ namespace fusedclip::cuda {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kReadBlock = 256;
-constexpr int kScaleBlock = 256;
-constexpr int kCombineBlock = 512;
+// One block size for every kernel: the single-launch kernel runs each pass's per-chunk code with
+// the block shape the split kernels use, which keeps the two paths' results bit-identical.
+constexpr int kBlock = 256;
 // 16-byte vectors each thread keeps in flight per loop iteration.
 constexpr int kUnroll = 4;
 constexpr int kVectorBytes = 16;
@@ -45,6 +53,16 @@ __device__ __forceinline__ Vector<T> load_read_only(const Vector<T>* address) {
   const uint4 raw = __ldg(reinterpret_cast<const uint4*>(address));  // nothing writes it meanwhile
   Vector<T> value;
   static_assert(sizeof(value) == sizeof(raw), "vector size");
+  memcpy(&value, &raw, sizeof(raw));
+  return value;
+}
+
+// Coherent at L2 (the single launch later writes what it reads here); unlike the volatile asm
+// below, the compiler may predicate and schedule these loads.
+template <typename T>
+__device__ __forceinline__ Vector<T> load_through_l2(const Vector<T>* address) {
+  const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(address));
+  Vector<T> value;
   memcpy(&value, &raw, sizeof(raw));
   return value;
 }
@@ -203,17 +221,27 @@ template <typename T, NormKind kKind>
 constexpr bool kTestElements =
     kKind == NormKind::kGeneral || (sizeof(T) == 8 && kKind != NormKind::kInf);
 
-/* chunk_power[c] = sum over chunk c of |g|^p (max |g| for p = inf), float64;
- * chunk_nonfinite[c] = 1.0 if the chunk holds an inf or NaN, else 0.0.
- * Block b serves chunk chunk_offset + b. Per-thread order and the block tree are fixed by
- * kReadBlock and kUnroll, so the partial's bits depend only on the chunk's values. */
-template <typename T, NormKind kKind>
-__global__ void __launch_bounds__(kReadBlock)
-    power_partial_kernel(MultiTensorTable table, int64_t chunk_offset, double norm_type,
-                         double* __restrict__ chunk_power, double* __restrict__ chunk_nonfinite) {
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The arithmetic type of the write pass: float32 for 16- and 32-bit gradients, float64 for float64.
+template <typename T>
+using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+/* chunk_power[chunk] = sum over the chunk of |g|^p (max |g| for p = inf), float64;
+ * chunk_nonfinite[chunk] = 1.0 if the chunk holds an inf or NaN, else 0.0.
+ * Run by a whole block. Per-thread order and the block tree are fixed by kBlock and kUnroll, so
+ * the partial's bits depend only on the chunk's values. kReadOnly loads through the non-coherent
+ * path, which is allowed only when nothing writes the gradients during the kernel; otherwise
+ * through L2. */
+template <typename T, NormKind kKind, bool kReadOnly>
+__device__ __forceinline__ void reduce_chunk(const MultiTensorTable& table, int64_t chunk,
+                                             double norm_type, double* chunk_power,
+                                             double* chunk_nonfinite) {
   constexpr int kVec = Vector<T>::kSize;
   constexpr bool kTest = kTestElements<T, kKind>;
-  const int64_t chunk = chunk_offset + blockIdx.x;
   const ChunkSpan<T> span = chunk_span<T>(table, chunk);
   const int num_vectors = (span.size - span.head) / kVec;
   const int tail_begin = span.head + num_vectors * kVec;
@@ -224,13 +252,13 @@ __global__ void __launch_bounds__(kReadBlock)
   for (int u = 0; u < kUnroll; ++u) acc[u] = 0.0;
   bool nonfinite = false;
 
-  for (int base = threadIdx.x; base < num_vectors; base += kReadBlock * kUnroll) {
+  for (int base = threadIdx.x; base < num_vectors; base += kBlock * kUnroll) {
     Vector<T> loaded[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int index = base + u * kReadBlock;
+      const int index = base + u * kBlock;
       if (index < num_vectors) {
-        loaded[u] = load_read_only(vectors + index);
+        loaded[u] = kReadOnly ? load_read_only(vectors + index) : load_through_l2(vectors + index);
       } else {
         loaded[u] = Vector<T>{};  // zeros: neutral for every kind
       }
@@ -256,7 +284,7 @@ __global__ void __launch_bounds__(kReadBlock)
   double thread_value = acc[0];
 #pragma unroll
   for (int u = 1; u < kUnroll; ++u) thread_value = combine<kKind>(thread_value, acc[u]);
-  const double chunk_value = block_reduce<kKind, kReadBlock>(thread_value);
+  const double chunk_value = block_reduce<kKind, kBlock>(thread_value);
   if constexpr (kTest) {
     nonfinite = __syncthreads_or(nonfinite);
   }
@@ -265,89 +293,99 @@ __global__ void __launch_bounds__(kReadBlock)
     chunk_power[chunk] = chunk_value;
     chunk_nonfinite[chunk] = nonfinite ? 1.0 : 0.0;
   }
+  __syncthreads();  // block_reduce's shared slots are reused by the block's next chunk
 }
 
-/* Block 0: power_sum = (+) over all chunks in chunk order (thread t takes chunks t, t + B, ...,
- * then the fixed block tree), found_inf = any chunk non-finite.
- * Blocks 1..: one warp per tensor, per_tensor_power[i] = (+) over tensor i's contiguous chunks
- * (lane l takes chunks l, l + 32, ..., then the fixed butterfly). */
+/* Run by a whole block: (+) over every chunk's partial in chunk order (thread t takes chunks t,
+ * t + kBlock, ..., then the fixed block tree), valid in thread 0; *nonfinite (every thread) says
+ * whether any chunk was flagged. Loads go to L2: other blocks of the same launch may have written
+ * the partials. */
 template <NormKind kKind>
-__global__ void __launch_bounds__(kCombineBlock)
-    combine_partials_kernel(MultiTensorTable table, const double* __restrict__ chunk_power,
-                            const double* __restrict__ chunk_nonfinite,
-                            double* __restrict__ power_sum, float* __restrict__ found_inf,
-                            double* __restrict__ per_tensor_power) {
-  if (blockIdx.x == 0) {
-    double acc = 0.0;
-    bool nonfinite = false;
-#pragma unroll 4
-    for (int64_t c = threadIdx.x; c < table.num_chunks; c += kCombineBlock) {
-      acc = combine<kKind>(acc, chunk_power[c]);
-      nonfinite |= chunk_nonfinite[c] != 0.0;
-    }
-    acc = block_reduce<kKind, kCombineBlock>(acc);
-    nonfinite = __syncthreads_or(nonfinite);
-    if (threadIdx.x == 0) {
-      *power_sum = acc;
-      *found_inf = nonfinite ? 1.0f : 0.0f;
-    }
-    return;
+__device__ __forceinline__ double combine_chunks(int64_t num_chunks, const double* chunk_power,
+                                                 const double* chunk_nonfinite, bool* nonfinite) {
+  double acc = 0.0;
+  bool any = false;
+#pragma unroll 8
+  for (int64_t c = threadIdx.x; c < num_chunks; c += kBlock) {
+    acc = combine<kKind>(acc, __ldcg(chunk_power + c));
+    any |= __ldcg(chunk_nonfinite + c) != 0.0;
   }
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t tensor =
-      static_cast<int64_t>(blockIdx.x - 1) * (kCombineBlock / kWarpSize) + threadIdx.x / kWarpSize;
-  if (tensor >= table.num_tensors) return;  // warp-uniform
+  acc = block_reduce<kKind, kBlock>(acc);
+  *nonfinite = __syncthreads_or(any);
+  return acc;
+}
+
+/* Run by a whole warp: (+) over the partials of tensor's contiguous chunks (lane l takes chunks
+ * l, l + 32, ..., then the fixed butterfly), valid in every lane. */
+template <NormKind kKind>
+__device__ __forceinline__ double combine_tensor_chunks(const MultiTensorTable& table,
+                                                        int64_t tensor, const double* chunk_power) {
   const int64_t first = table.first_chunk[tensor];
   const int64_t end = first + chunk_count(table.numels[tensor]);
   double acc = 0.0;
-  for (int64_t c = first + lane; c < end; c += kWarpSize) {
-    acc = combine<kKind>(acc, chunk_power[c]);
+#pragma unroll 8  // loads in flight; the additions keep their order
+  for (int64_t c = first + threadIdx.x % kWarpSize; c < end; c += kWarpSize) {
+    acc = combine<kKind>(acc, __ldcg(chunk_power + c));
   }
-  acc = warp_reduce<kKind>(acc);
-  if (lane == 0) per_tensor_power[tensor] = acc;
+  return warp_reduce<kKind>(acc);
 }
 
-template <typename Out>
-__device__ __forceinline__ void store_as(void* out, double value) {
-  *static_cast<Out*>(out) = static_cast<Out>(value);
-}
+// The scalar epilogue's inputs and where its outputs go.
+struct FinalizeArgs {
+  double norm_type;
+  bool has_max_norm;
+  double max_norm;
+  const void* inv_scale;  // nullptr: no unscaling
+  bool inv_scale_is_double;
+  bool out_is_double;  // total_norm and clip_coef are float64, else float32
+  void* total_norm;
+  void* clip_coef;
+};
+
+// Both already rounded to the output dtype (held as double).
+struct Finalized {
+  double norm;
+  double coef;
+};
 
 /* total_norm = power_sum^(1/p) * |inv_scale|  (power_sum for p = inf);
  * clip_coef  = inv_scale * min(1, max_norm / (total_norm + 1e-6)), NaN-propagating; all float64,
- * rounded once to the output dtype. One thread. */
-__global__ void finalize_kernel(const double* __restrict__ power_sum, double norm_type,
-                                bool has_max_norm, double max_norm, const void* inv_scale,
-                                bool inv_scale_is_double, bool out_is_double, void* total_norm,
-                                void* clip_coef) {
-  const double power = *power_sum;
+ * rounded once to the output dtype. */
+__device__ Finalized finalize_values(double power, const FinalizeArgs& args) {
   double norm;
-  if (isinf(norm_type)) {
+  if (isinf(args.norm_type)) {
     norm = power;
-  } else if (norm_type == 2.0) {
+  } else if (args.norm_type == 2.0) {
     norm = sqrt(power);
-  } else if (norm_type == 1.0) {
+  } else if (args.norm_type == 1.0) {
     norm = power;
   } else {
-    norm = pow(power, 1.0 / norm_type);
+    norm = pow(power, 1.0 / args.norm_type);
   }
   double inv = 1.0;
-  if (inv_scale != nullptr) {
-    inv = inv_scale_is_double ? *static_cast<const double*>(inv_scale)
-                              : static_cast<double>(*static_cast<const float*>(inv_scale));
+  if (args.inv_scale != nullptr) {
+    inv = args.inv_scale_is_double
+              ? *static_cast<const double*>(args.inv_scale)
+              : static_cast<double>(*static_cast<const float*>(args.inv_scale));
     norm *= fabs(inv);
   }
   double coef = 1.0;
-  if (has_max_norm) {
-    const double ratio = max_norm / (norm + 1e-6);
+  if (args.has_max_norm) {
+    const double ratio = args.max_norm / (norm + 1e-6);
     coef = ratio > 1.0 ? 1.0 : ratio;  // keeps NaN, like clamp(max=1)
   }
   coef *= inv;
-  if (out_is_double) {
-    store_as<double>(total_norm, norm);
-    store_as<double>(clip_coef, coef);
+  if (args.out_is_double) return {norm, coef};
+  return {static_cast<float>(norm), static_cast<float>(coef)};
+}
+
+__device__ void store_finalized(const Finalized& result, const FinalizeArgs& args) {
+  if (args.out_is_double) {
+    *static_cast<double*>(args.total_norm) = result.norm;
+    *static_cast<double*>(args.clip_coef) = result.coef;
   } else {
-    store_as<float>(total_norm, norm);
-    store_as<float>(clip_coef, coef);
+    *static_cast<float*>(args.total_norm) = static_cast<float>(result.norm);
+    *static_cast<float*>(args.clip_coef) = static_cast<float>(result.coef);
   }
 }
 
@@ -358,23 +396,14 @@ __device__ __forceinline__ C scale_and_clamp(C x, C coef, C clip_value) {
   return y > clip_value ? clip_value : (y < -clip_value ? -clip_value : y);
 }
 
-/* g = clamp(g * clip_coef, -clip_value, clip_value), in float32 for 16- and 32-bit g (float64 for
- * float64), rounded to g's dtype. Each block first reads clip_coef and, when it is exactly 1 and
- * there is no clamp, returns without touching memory. */
+/* g = clamp(g * coef, -bound, bound) over one chunk (no clamp unless kClamp), in ComputeType<T>,
+ * rounded to g's dtype. Run by a whole block. */
 template <typename T, bool kClamp>
-__global__ void __launch_bounds__(kScaleBlock)
-    scale_kernel(MultiTensorTable table, int64_t chunk_offset, const void* clip_coef,
-                 bool coef_is_double, double clip_value) {
-  using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
+__device__ __forceinline__ void scale_chunk(const MultiTensorTable& table, int64_t chunk,
+                                            ComputeType<T> coef, ComputeType<T> bound) {
+  using C = ComputeType<T>;
   constexpr int kVec = Vector<T>::kSize;
-  const double coef_stored = coef_is_double
-                                 ? *static_cast<const double*>(clip_coef)
-                                 : static_cast<double>(*static_cast<const float*>(clip_coef));
-  if (!kClamp && coef_stored == 1.0) return;
-  const C coef = static_cast<C>(coef_stored);
-  const C bound = kClamp ? static_cast<C>(clip_value) : C(0);
-
-  const ChunkSpan<T> span = chunk_span<T>(table, chunk_offset + blockIdx.x);
+  const ChunkSpan<T> span = chunk_span<T>(table, chunk);
   const int num_vectors = (span.size - span.head) / kVec;
   const int tail_begin = span.head + num_vectors * kVec;
   Vector<T>* vectors = reinterpret_cast<Vector<T>*>(span.data + span.head);
@@ -385,20 +414,20 @@ __global__ void __launch_bounds__(kScaleBlock)
   };
 
   // Whole groups of kUnroll vectors per thread without bounds predicates, then the rest one by one.
-  const int whole_groups_end = num_vectors - (kUnroll - 1) * kScaleBlock;
+  const int whole_groups_end = num_vectors - (kUnroll - 1) * kBlock;
   int base = threadIdx.x;
-  for (; base < whole_groups_end; base += kScaleBlock * kUnroll) {
+  for (; base < whole_groups_end; base += kBlock * kUnroll) {
     Vector<T> loaded[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) loaded[u] = load_global(vectors + base + u * kScaleBlock);
+    for (int u = 0; u < kUnroll; ++u) loaded[u] = load_global(vectors + base + u * kBlock);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) loaded[u].elements[e] = apply(loaded[u].elements[e]);
-      store_global(vectors + base + u * kScaleBlock, loaded[u]);
+      store_global(vectors + base + u * kBlock, loaded[u]);
     }
   }
-  for (int index = base; index < num_vectors; index += kScaleBlock) {
+  for (int index = base; index < num_vectors; index += kBlock) {
     Vector<T> loaded = load_global(vectors + index);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) loaded.elements[e] = apply(loaded.elements[e]);
@@ -410,10 +439,140 @@ __global__ void __launch_bounds__(kScaleBlock)
   }
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
+// Split path: one block per chunk of dtype group T, chunk = chunk_offset + blockIdx.x.
+template <typename T, NormKind kKind>
+__global__ void __launch_bounds__(kBlock)
+    power_partial_kernel(MultiTensorTable table, int64_t chunk_offset, double norm_type,
+                         double* __restrict__ chunk_power, double* __restrict__ chunk_nonfinite) {
+  reduce_chunk<T, kKind, /*kReadOnly=*/true>(table, chunk_offset + blockIdx.x, norm_type,
+                                             chunk_power, chunk_nonfinite);
+}
+
+// Block 0: power_sum and found_inf. Blocks 1..: one warp per tensor, per_tensor_power[tensor].
+template <NormKind kKind>
+__global__ void __launch_bounds__(kBlock)
+    combine_partials_kernel(MultiTensorTable table, const double* __restrict__ chunk_power,
+                            const double* __restrict__ chunk_nonfinite,
+                            double* __restrict__ power_sum, float* __restrict__ found_inf,
+                            double* __restrict__ per_tensor_power) {
+  if (blockIdx.x == 0) {
+    bool nonfinite;
+    const double total =
+        combine_chunks<kKind>(table.num_chunks, chunk_power, chunk_nonfinite, &nonfinite);
+    if (threadIdx.x == 0) {
+      *power_sum = total;
+      *found_inf = nonfinite ? 1.0f : 0.0f;
+    }
+    return;
+  }
+  constexpr int kWarps = kBlock / kWarpSize;
+  const int64_t tensor = static_cast<int64_t>(blockIdx.x - 1) * kWarps + threadIdx.x / kWarpSize;
+  if (tensor >= table.num_tensors) return;  // warp-uniform
+  const double value = combine_tensor_chunks<kKind>(table, tensor, chunk_power);
+  if (threadIdx.x % kWarpSize == 0) per_tensor_power[tensor] = value;
+}
+
+// One thread.
+__global__ void finalize_kernel(const double* __restrict__ power_sum, FinalizeArgs args) {
+  store_finalized(finalize_values(*power_sum, args), args);
+}
+
+__device__ __forceinline__ double load_coefficient(const void* clip_coef, bool coef_is_double) {
+  return coef_is_double ? *static_cast<const double*>(clip_coef)
+                        : static_cast<double>(*static_cast<const float*>(clip_coef));
+}
+
+// Split path write: each block first reads clip_coef and, when it is exactly 1 and there is no
+// clamp, returns without touching memory.
+template <typename T, bool kClamp>
+__global__ void __launch_bounds__(kBlock)
+    scale_kernel(MultiTensorTable table, int64_t chunk_offset, const void* clip_coef,
+                 bool coef_is_double, double clip_value) {
+  using C = ComputeType<T>;
+  const double coef = load_coefficient(clip_coef, coef_is_double);
+  if (!kClamp && coef == 1.0) return;
+  scale_chunk<T, kClamp>(table, chunk_offset + blockIdx.x, static_cast<C>(coef),
+                         kClamp ? static_cast<C>(clip_value) : C(0));
+}
+
+// Calls fn(TypeTag<T>{}) with T the element type of the dtype group that owns `chunk`.
+template <typename Fn>
+__device__ __forceinline__ void dispatch_chunk_dtype(const int64_t* group_first_chunk,
+                                                     int64_t chunk, Fn&& fn) {
+  if (chunk < group_first_chunk[1]) {
+    fn(TypeTag<float>{});
+  } else if (chunk < group_first_chunk[2]) {
+    fn(TypeTag<__half>{});
+  } else if (chunk < group_first_chunk[3]) {
+    fn(TypeTag<__nv_bfloat16>{});
+  } else {
+    fn(TypeTag<double>{});
+  }
+}
+
+struct SingleLaunchArgs {
+  MultiTensorTable table;
+  int64_t group_first_chunk[kNumDtypeGroups + 1];
+  double* chunk_power;
+  double* chunk_nonfinite;
+  float* found_inf;
+  double* per_tensor_power;  // nullptr: not asked for
+  FinalizeArgs finalize;
+  double clip_value;
 };
+
+/* reduce, finalize and scale_ in one cooperative launch of co-resident blocks. Block b reduces
+ * chunks b, b + gridDim.x, ...; after the grid barrier every block combines all the partials
+ * itself, in combine_partials_kernel's order, so each gets the same bits and no second barrier is
+ * needed; block 0 stores the results, the grid's warps combine the per-tensor partials, and each
+ * block scales the chunks it reduced (for gradient sets that fit in L2 they are still there). */
+template <NormKind kKind, bool kClamp>
+__global__ void __launch_bounds__(kBlock) single_launch_clip_kernel(SingleLaunchArgs args) {
+  const MultiTensorTable& table = args.table;
+  for (int64_t chunk = blockIdx.x; chunk < table.num_chunks; chunk += gridDim.x) {
+    dispatch_chunk_dtype(args.group_first_chunk, chunk, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      reduce_chunk<T, kKind, /*kReadOnly=*/false>(table, chunk, args.finalize.norm_type,
+                                                  args.chunk_power, args.chunk_nonfinite);
+    });
+  }
+  cooperative_groups::this_grid().sync();
+
+  __shared__ double coefficient;
+  bool nonfinite;
+  const double power =
+      combine_chunks<kKind>(table.num_chunks, args.chunk_power, args.chunk_nonfinite, &nonfinite);
+  if (threadIdx.x == 0) {
+    const Finalized result = finalize_values(power, args.finalize);
+    if (blockIdx.x == 0) {
+      store_finalized(result, args.finalize);
+      *args.found_inf = nonfinite ? 1.0f : 0.0f;
+    }
+    coefficient = result.coef;
+  }
+  __syncthreads();
+  const double coef = coefficient;
+
+  if (args.per_tensor_power != nullptr) {
+    constexpr int kWarps = kBlock / kWarpSize;
+    const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kWarps;
+    for (int64_t tensor = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+         tensor < table.num_tensors; tensor += warps_in_grid) {  // warp-uniform
+      const double value = combine_tensor_chunks<kKind>(table, tensor, args.chunk_power);
+      if (threadIdx.x % kWarpSize == 0) args.per_tensor_power[tensor] = value;
+    }
+  }
+
+  if (!kClamp && coef == 1.0) return;
+  for (int64_t chunk = blockIdx.x; chunk < table.num_chunks; chunk += gridDim.x) {
+    dispatch_chunk_dtype(args.group_first_chunk, chunk, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      using C = ComputeType<T>;
+      scale_chunk<T, kClamp>(table, chunk, static_cast<C>(coef),
+                             kClamp ? static_cast<C>(args.clip_value) : C(0));
+    });
+  }
+}
 
 // Calls fn(TypeTag<T>{}) with T the device element type of dtype group `group`.
 template <typename Fn>
@@ -459,26 +618,25 @@ void dispatch_norm_kind(NormKind kind, Fn&& fn) {
 void launch_reduce(const MultiTensorLayout& layout, double norm_type, double* chunk_power,
                    double* chunk_nonfinite, double* power_sum, float* found_inf,
                    double* per_tensor_power, cudaStream_t stream) {
-  const NormKind kind = norm_kind(norm_type);
-  dispatch_norm_kind(kind, [&](auto kind_constant) {
+  dispatch_norm_kind(norm_kind(norm_type), [&](auto kind_constant) {
     constexpr NormKind kKind = decltype(kind_constant)::value;
     for (int group = 0; group < kNumDtypeGroups; ++group) {
       const int64_t chunks = layout.group_chunks(group);
       if (chunks == 0) continue;
       dispatch_group(group, [&](auto tag) {
         using T = typename decltype(tag)::type;
-        power_partial_kernel<T, kKind><<<static_cast<unsigned>(chunks), kReadBlock, 0, stream>>>(
+        power_partial_kernel<T, kKind><<<static_cast<unsigned>(chunks), kBlock, 0, stream>>>(
             layout.table, layout.group_first_chunk[group], norm_type, chunk_power, chunk_nonfinite);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
-    constexpr int kTensorsPerBlock = kCombineBlock / kWarpSize;
+    constexpr int kTensorsPerBlock = kBlock / kWarpSize;
     const int64_t per_tensor_blocks =
         per_tensor_power == nullptr
             ? 0
             : (layout.table.num_tensors + kTensorsPerBlock - 1) / kTensorsPerBlock;
     combine_partials_kernel<kKind>
-        <<<static_cast<unsigned>(1 + per_tensor_blocks), kCombineBlock, 0, stream>>>(
+        <<<static_cast<unsigned>(1 + per_tensor_blocks), kBlock, 0, stream>>>(
             layout.table, chunk_power, chunk_nonfinite, power_sum, found_inf, per_tensor_power);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -494,24 +652,80 @@ void launch_scale_(const MultiTensorLayout& layout, const void* clip_coef, bool 
       const dim3 grid(static_cast<unsigned>(chunks));
       const int64_t offset = layout.group_first_chunk[group];
       if (clip_value.has_value()) {
-        scale_kernel<T, true><<<grid, kScaleBlock, 0, stream>>>(layout.table, offset, clip_coef,
-                                                                coef_is_double, *clip_value);
+        scale_kernel<T, true><<<grid, kBlock, 0, stream>>>(layout.table, offset, clip_coef,
+                                                           coef_is_double, *clip_value);
       } else {
-        scale_kernel<T, false><<<grid, kScaleBlock, 0, stream>>>(layout.table, offset, clip_coef,
-                                                                 coef_is_double, 0.0);
+        scale_kernel<T, false>
+            <<<grid, kBlock, 0, stream>>>(layout.table, offset, clip_coef, coef_is_double, 0.0);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 }
 
-void launch_finalize(const double* power_sum, double norm_type, std::optional<double> max_norm,
-                     const void* inv_scale, bool inv_scale_is_double, bool out_is_double,
-                     void* total_norm, void* clip_coef, cudaStream_t stream) {
-  finalize_kernel<<<1, 1, 0, stream>>>(power_sum, norm_type, max_norm.has_value(),
-                                       max_norm.value_or(0.0), inv_scale, inv_scale_is_double,
-                                       out_is_double, total_norm, clip_coef);
+void launch_finalize(const double* power_sum, const FinalizeArgs& args, cudaStream_t stream) {
+  finalize_kernel<<<1, 1, 0, stream>>>(power_sum, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// What the single-launch path needs to know of a device.
+struct DeviceLimits {
+  int sm_count;
+  bool cooperative_launch;
+  int64_t l2_bytes;
+};
+
+const DeviceLimits& device_limits(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceLimits> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [entry, inserted] = cache.try_emplace(device);
+  if (inserted) {
+    int cooperative = 0;
+    int l2_bytes = 0;
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&entry->second.sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+    entry->second.cooperative_launch = cooperative != 0;
+    entry->second.l2_bytes = l2_bytes;
+  }
+  return entry->second;
+}
+
+// How many blocks of `kernel` fit on one SM at once (a cooperative grid may hold no more than
+// this times the SM count); queried once per kernel and device.
+int resident_blocks_per_sm(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [entry, inserted] = cache.try_emplace({kernel, device}, 0);
+  if (inserted) {
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&entry->second, kernel, kBlock, 0));
+  }
+  return entry->second;
+}
+
+// The whole clip in one cooperative launch; the grid is every chunk or every block that can be
+// resident at once, whichever is fewer.
+void launch_single_clip(const SingleLaunchArgs& args, bool clamp, double norm_type, int device,
+                        cudaStream_t stream) {
+  dispatch_norm_kind(norm_kind(norm_type), [&](auto kind_constant) {
+    constexpr NormKind kKind = decltype(kind_constant)::value;
+    const void* kernel =
+        clamp ? reinterpret_cast<const void*>(single_launch_clip_kernel<kKind, true>)
+              : reinterpret_cast<const void*>(single_launch_clip_kernel<kKind, false>);
+    const int64_t resident = static_cast<int64_t>(resident_blocks_per_sm(kernel, device)) *
+                             device_limits(device).sm_count;
+    TORCH_CHECK(resident > 0,
+                "the single-launch clip kernel does not fit on an SM of cuda:", text(device),
+                "; use launch='split'");
+    const int64_t grid = std::max<int64_t>(1, std::min(args.table.num_chunks, resident));
+    void* params[] = {const_cast<SingleLaunchArgs*>(&args)};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                               dim3(kBlock), params, 0, stream));
+  });
 }
 
 // Host wrappers.
@@ -519,6 +733,26 @@ void launch_finalize(const double* power_sum, double norm_type, std::optional<do
 void check_on_cuda(at::TensorList tensors, const char* name) {
   TORCH_CHECK(tensors[0].is_cuda(), name, "[0] is on ", tensors[0].device(),
               "; the CUDA kernels need CUDA tensors");
+}
+
+FinalizeArgs finalize_args(double norm_type, std::optional<double> max_norm,
+                           const std::optional<at::Tensor>& inv_scale, at::Tensor& total_norm,
+                           at::Tensor& clip_coef) {
+  FinalizeArgs args;
+  args.norm_type = norm_type;
+  args.has_max_norm = max_norm.has_value();
+  args.max_norm = max_norm.value_or(0.0);
+  args.inv_scale = inv_scale.has_value() ? inv_scale->const_data_ptr() : nullptr;
+  args.inv_scale_is_double = inv_scale.has_value() && inv_scale->scalar_type() == at::kDouble;
+  args.out_is_double = total_norm.scalar_type() == at::kDouble;
+  args.total_norm = total_norm.data_ptr();
+  args.clip_coef = clip_coef.data_ptr();
+  return args;
+}
+
+// [0, c): chunk_power, [c, 2c): chunk_nonfinite, for the c chunks of `layout`.
+at::Tensor empty_chunk_partials(const MultiTensorLayout& layout, const at::TensorOptions& options) {
+  return at::empty({2 * layout.table.num_chunks}, options.dtype(at::kDouble));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cuda(at::TensorList tensors, double norm_type,
@@ -531,14 +765,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cuda(at::TensorList tensor
   const auto layout = get_multi_tensor_layout(tensors, stream);
 
   const auto f64 = tensors[0].options().dtype(at::kDouble);
-  const int64_t num_chunks = layout->table.num_chunks;
-  // [0, c): chunk_power, [c, 2c): chunk_nonfinite
-  at::Tensor partials = at::empty({2 * num_chunks}, f64);
+  at::Tensor partials = empty_chunk_partials(*layout, f64);
   at::Tensor power_sum = at::empty({}, f64);
   at::Tensor found_inf = at::empty({}, f64.dtype(at::kFloat));
   at::Tensor per_tensor_power = at::empty({per_tensor ? layout->table.num_tensors : 0}, f64);
   double* chunk_power = partials.data_ptr<double>();
-  launch_reduce(*layout, norm_type, chunk_power, chunk_power + num_chunks,
+  launch_reduce(*layout, norm_type, chunk_power, chunk_power + layout->table.num_chunks,
                 power_sum.data_ptr<double>(), found_inf.data_ptr<float>(),
                 per_tensor ? per_tensor_power.data_ptr<double>() : nullptr, stream.stream());
   return {power_sum, found_inf, per_tensor_power};
@@ -564,10 +796,8 @@ std::tuple<at::Tensor, at::Tensor> finalize_cuda(const at::Tensor& power_sum, do
   at::Tensor total_norm = at::empty({}, options);
   at::Tensor clip_coef = at::empty({}, options);
   const at::Tensor power = power_sum.contiguous();
-  launch_finalize(power.const_data_ptr<double>(), norm_type, max_norm,
-                  inv_scale.has_value() ? inv_scale->const_data_ptr() : nullptr,
-                  inv_scale.has_value() && inv_scale->scalar_type() == at::kDouble,
-                  out_dtype == at::kDouble, total_norm.data_ptr(), clip_coef.data_ptr(),
+  launch_finalize(power.const_data_ptr<double>(),
+                  finalize_args(norm_type, max_norm, inv_scale, total_norm, clip_coef),
                   stream.stream());
   return {total_norm, clip_coef};
 }
@@ -585,12 +815,84 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& clip_coef,
                 clip_value, stream.stream());
 }
 
+// launch="auto" takes the single launch up to two thirds of L2, where the write pass still finds
+// the gradients in L2 beside whatever else lives there. The single launch saves the split path's
+// three kernel boundaries and, in eager mode, three host launches: on an H100 (50 MB L2) it ran
+// 1.1-1.5x faster eager and 0.96-1.3x in graph replay up to 32 MB, and 0.90-0.94x in replay at
+// 48 MB (python -m bench.launch; bench/results/launch-*.json).
+bool single_launch_chosen(Launch launch, at::TensorList tensors, int device) {
+  if (launch == Launch::kSplit) return false;
+  const DeviceLimits& limits = device_limits(device);
+  if (launch == Launch::kSingle) {
+    TORCH_CHECK(limits.cooperative_launch,
+                "launch='single' needs cooperative launch, which cuda:", text(device),
+                " does not support; use launch='auto'");
+    return true;
+  }
+  if (!limits.cooperative_launch) return false;
+  int64_t bytes = 0;
+  for (const auto& t : tensors) bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  return 3 * bytes <= 2 * limits.l2_bytes;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cuda(
+    at::TensorList tensors, double norm_type, std::optional<double> max_norm,
+    const std::optional<at::Tensor>& inv_scale, std::optional<double> clip_value,
+    at::ScalarType out_dtype, bool per_tensor, c10::string_view launch) {
+  const Launch launch_mode = parse_launch(launch);
+  check_gradient_list(tensors, "tensors");
+  check_on_cuda(tensors, "tensors");
+  check_norm_type(norm_type);
+  check_clip_value(clip_value);
+  check_out_dtype(out_dtype);
+  if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", tensors[0].device());
+  const auto device = tensors[0].device();
+  const c10::cuda::CUDAGuard device_guard(device);
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const auto layout = get_multi_tensor_layout(tensors, stream);
+
+  const auto f64 = tensors[0].options().dtype(at::kDouble);
+  at::Tensor partials = empty_chunk_partials(*layout, f64);
+  at::Tensor found_inf = at::empty({}, f64.dtype(at::kFloat));
+  at::Tensor per_tensor_power = at::empty({per_tensor ? layout->table.num_tensors : 0}, f64);
+  at::Tensor total_norm = at::empty({}, f64.dtype(out_dtype));
+  at::Tensor clip_coef = at::empty({}, f64.dtype(out_dtype));
+  double* chunk_power = partials.data_ptr<double>();
+  double* chunk_nonfinite = chunk_power + layout->table.num_chunks;
+  double* per_tensor_out = per_tensor ? per_tensor_power.data_ptr<double>() : nullptr;
+  const FinalizeArgs finalize =
+      finalize_args(norm_type, max_norm, inv_scale, total_norm, clip_coef);
+
+  if (single_launch_chosen(launch_mode, tensors, device.index())) {
+    SingleLaunchArgs args{};
+    args.table = layout->table;
+    std::copy(layout->group_first_chunk.begin(), layout->group_first_chunk.end(),
+              args.group_first_chunk);
+    args.chunk_power = chunk_power;
+    args.chunk_nonfinite = chunk_nonfinite;
+    args.found_inf = found_inf.data_ptr<float>();
+    args.per_tensor_power = per_tensor_out;
+    args.finalize = finalize;
+    args.clip_value = clip_value.value_or(0.0);
+    launch_single_clip(args, clip_value.has_value(), norm_type, device.index(), stream.stream());
+  } else {
+    at::Tensor power_sum = at::empty({}, f64);
+    launch_reduce(*layout, norm_type, chunk_power, chunk_nonfinite, power_sum.data_ptr<double>(),
+                  found_inf.data_ptr<float>(), per_tensor_out, stream.stream());
+    launch_finalize(power_sum.const_data_ptr<double>(), finalize, stream.stream());
+    launch_scale_(*layout, clip_coef.const_data_ptr(), out_dtype == at::kDouble, clip_value,
+                  stream.stream());
+  }
+  return {total_norm, found_inf, clip_coef, per_tensor_power};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("reduce", &reduce_cuda);
   m.impl("finalize", &finalize_cuda);
   m.impl("scale_", &scale_cuda);
+  m.impl("clip_", &clip_cuda);
 }
 
 }  // namespace fusedclip::cuda

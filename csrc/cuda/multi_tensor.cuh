@@ -12,9 +12,12 @@
 
 namespace fusedclip::cuda {
 
-// Elements per chunk. Fixed, never derived from the device, so chunk boundaries (and with them
-// every partial sum and the order partials are combined in) depend only on the input.
-constexpr int64_t kChunkElements = 65536;
+// Elements per chunk: one block's share of a pass. Fixed, never derived from the device, so chunk
+// boundaries (and with them every partial sum and the order partials are combined in) depend only
+// on the input. 16K elements give a 4 MB float32 tensor 64 blocks (64K gave it 16, and each
+// block's serial stream bounded such mid-size sets), while 1 GB still makes only 16K partials for
+// one block to combine.
+constexpr int64_t kChunkElements = 16384;
 
 // Chunks are numbered dtype group by dtype group in this order, tensors in input order inside a
 // group, so each group is one contiguous range of chunks (one launch) and each tensor's chunks are

@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <optional>
@@ -62,6 +63,18 @@ inline void check_clip_value(std::optional<double> clip_value) {
 inline void check_out_dtype(at::ScalarType out_dtype) {
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kDouble,
               "out_dtype must be float32 or float64, got ", out_dtype);
+}
+
+// clip_'s `launch`: how a backend runs the three passes. "single" (one cooperative launch) and
+// "split" (one launch per pass) only mean something to the CUDA kernels; "auto" lets them choose.
+enum class Launch { kAuto, kSingle, kSplit };
+
+inline Launch parse_launch(c10::string_view launch) {
+  if (launch == "auto") return Launch::kAuto;
+  if (launch == "single") return Launch::kSingle;
+  if (launch == "split") return Launch::kSplit;
+  TORCH_CHECK(false, "launch must be 'auto', 'single' or 'split', got '", std::string(launch),
+              "'; 'auto' picks the fastest");
 }
 
 }  // namespace fusedclip
