@@ -633,6 +633,11 @@ def main() -> int:
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--no-huge", action="store_true")
     parser.add_argument("--no-wide", action="store_true", help="skip the 3000-chunk clip_ set")
+    parser.add_argument(
+        "--sections",
+        default="reduce,finalize,scale,clip,graph",
+        help="comma-separated subset to run (a sanitizer can take just one)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("FAIL no CUDA device")
@@ -641,11 +646,15 @@ def main() -> int:
         print("FAIL fusedclip._C has no CUDA kernels (built without CUDA_HOME?)")
         return 1
     torch.manual_seed(0)
-    reduce_checks()
-    finalize_checks()
-    scale_checks()
-    clip_checks(wide=not args.no_wide)
-    graph_check()
+    sections = {
+        "reduce": reduce_checks,
+        "finalize": finalize_checks,
+        "scale": scale_checks,
+        "clip": lambda: clip_checks(wide=not args.no_wide),
+        "graph": graph_check,
+    }
+    for name in args.sections.split(","):
+        sections[name]()
     if not args.no_huge:
         huge_check()
     failed = [name for name, ok in results if not ok]
