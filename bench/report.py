@@ -33,13 +33,8 @@ def device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
-def environment(device: str) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+def _git_commit() -> str:
+    """HEAD's short hash, "+dirty" when tracked files differ from it; "unknown" without git."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -54,9 +49,21 @@ def environment(device: str) -> dict:
             text=True,
             cwd=os.path.dirname(RESULTS_DIR),
         ).stdout.strip()
-        commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("FUSEDCLIP_COMMIT", "unknown")
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def environment(device: str) -> dict:
+    """Device, versions and commit for a results file. FUSEDCLIP_COMMIT, when set, names the
+    commit: a copied checkout (such as a lent GPU machine's) may carry a stale .git."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = os.environ.get("FUSEDCLIP_COMMIT") or _git_commit()
     return {
         "device": device_name(device),
         "device_type": device,
