@@ -121,8 +121,10 @@ class ZClip:
                 self.var,
             )
         self.step_count += 1
-        # As clip_grad_norm_: scale by min(1, threshold / (norm + 1e-6)), times inv_scale.
-        clip_factor = (threshold / (norm + NORM_EPS)).clamp(max=1.0)
+        # Below the threshold the gradients are left alone (as the published rule, which clips only
+        # then; min(1, threshold / (norm + 1e-6)) would scale by norm / (norm + 1e-6) each step);
+        # above it, clip_grad_norm_'s factor. A NaN norm still poisons, as in clip_grad_norm_.
+        clip_factor = torch.where(threshold >= norm, 1.0, threshold / (norm + NORM_EPS))
         clip_coef = clip_factor * (measured.clip_coef.to(torch.float64))
         api.scale_(grads, clip_coef, backend=self.backend)
         return ZClipResult(
