@@ -25,7 +25,7 @@ import torch  # noqa: E402  (torch first: it loads libc10 that fusedclip._C link
 import fusedclip._C  # noqa: E402, F401  (registers torch.ops.fusedclip.*)
 
 from fusedclip import reference  # noqa: E402
-from tests.alignment import same_alignment_copy  # noqa: E402
+from tests.exact import bits, same_alignment_copy  # noqa: E402
 
 ops = torch.ops.fusedclip
 DEV = torch.device("cuda")
@@ -109,11 +109,6 @@ def compare_reduce(tensors, norm_type: float, per_tensor: bool = True) -> str | 
         if problem:
             return f"{label} {problem}"
     return None
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
-    return t.detach().contiguous().view(view).clone()
 
 
 # ---- reduce --------------------------------------------------------------------------------------

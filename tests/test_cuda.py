@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import assert_close, assert_grads_close
+from exact import bits
 
 import fusedclip
 from fusedclip import ops, reference
@@ -34,16 +35,6 @@ def _gradients(device="cuda"):
 
 
 CLIP_OUTPUTS = ("total_norm", "found_inf", "clip_coef", "per_tensor_power")
-
-
-def _needs_cuda_kernels():
-    reason = fusedclip.dispatch.unavailable_reason("cuda", "cuda")
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def _bits(tensor):
-    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
 
 
 def _available(backend):
@@ -177,7 +168,7 @@ def test_clip_step_captured_in_a_cuda_graph_matches_eager():
 def test_single_launch_is_bit_identical_to_split_beyond_one_wave(norm_type, clip_value):
     """More chunks than resident blocks (each block serves several), thousands of tensors (the
     grid's warps loop over them for per-tensor norms), every dtype, misaligned views."""
-    _needs_cuda_kernels()
+    _available("cuda")
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     sizes = [(1 << 26) + 5, 3, 65537 * 7 + 1] + [1 + (i * 37) % 3000 for i in range(3000)]
     grads = [
@@ -194,9 +185,9 @@ def test_single_launch_is_bit_identical_to_split_beyond_one_wave(norm_type, clip
         results[launch] = (outputs, copies)
     (single, single_grads), (split, split_grads) = results["single"], results["split"]
     for name, a, b in zip(CLIP_OUTPUTS, single, split, strict=True):
-        assert torch.equal(_bits(a), _bits(b)), name
+        assert torch.equal(bits(a), bits(b)), name
     for index, (a, b) in enumerate(zip(single_grads, split_grads, strict=True)):
-        assert torch.equal(_bits(a), _bits(b)), f"gradient {index}"
+        assert torch.equal(bits(a), bits(b)), f"gradient {index}"
     assert single[1].item() == (1.0 if clip_value is None else 0.0)
 
 
@@ -204,7 +195,7 @@ def test_single_launch_is_bit_identical_to_split_beyond_one_wave(norm_type, clip
 @pytest.mark.cuda
 @pytest.mark.parametrize("launch", ["single", "split"])
 def test_each_launch_captured_in_a_cuda_graph(launch):
-    _needs_cuda_kernels()
+    _available("cuda")
     grads = _gradients()
     inv_scale = torch.tensor(0.25, device="cuda")
     ops.clip_(grads, 2.0, 1.0, inv_scale, None, torch.float32, True, launch)  # warm-up
@@ -223,15 +214,15 @@ def test_each_launch_captured_in_a_cuda_graph(launch):
         graph.replay()
         torch.cuda.synchronize()
         for name, a, b in zip(CLIP_OUTPUTS, outputs, expected_outputs, strict=True):
-            assert torch.equal(_bits(a), _bits(b)), f"replay {replay}: {name}"
+            assert torch.equal(bits(a), bits(b)), f"replay {replay}: {name}"
         for grad, want in zip(grads, expected, strict=True):
-            assert torch.equal(_bits(grad), _bits(want)), f"replay {replay}"
+            assert torch.equal(bits(grad), bits(want)), f"replay {replay}"
 
 
 @needs_gpu
 @pytest.mark.cuda
 def test_single_launch_rejects_other_devices_tensors_untouched():
-    _needs_cuda_kernels()
+    _available("cuda")
     grads = _gradients()
     originals = [g.clone() for g in grads]
     with pytest.raises(RuntimeError, match="launch"):

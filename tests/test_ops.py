@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from alignment import same_alignment_copy
 from conftest import (
     NORM_RTOL,
     assert_close,
@@ -15,6 +14,7 @@ from conftest import (
     is_interpreted,
     poison_allocator,
 )
+from exact import bits, same_alignment_copy
 
 from fusedclip import dispatch, reference
 
@@ -38,11 +38,6 @@ def random_gradients(sizes, dtypes, device, scale=3.0):
         values = torch.randn(size, dtype=torch.float64) * scale
         tensors.append(values.to(dtype).to(device))
     return tensors
-
-
-def bits(tensor):
-    """The raw bits of a tensor, so NaN payloads and signed zeros compare too."""
-    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
 
 
 def reference_reduce(tensors, norm_type, per_tensor=True):

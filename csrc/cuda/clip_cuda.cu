@@ -495,19 +495,32 @@ __global__ void __launch_bounds__(kBlock)
                          kClamp ? static_cast<C>(clip_value) : C(0));
 }
 
-// Calls fn(TypeTag<T>{}) with T the element type of the dtype group that owns `chunk`.
+// Calls fn(TypeTag<T>{}) with T the element type of dtype group `group` (the order of
+// dtype_group in multi_tensor_table.cu). Host launchers and the single-launch kernel share it.
+#pragma nv_exec_check_disable
 template <typename Fn>
-__device__ __forceinline__ void dispatch_chunk_dtype(const int64_t* group_first_chunk,
-                                                     int64_t chunk, Fn&& fn) {
-  if (chunk < group_first_chunk[1]) {
-    fn(TypeTag<float>{});
-  } else if (chunk < group_first_chunk[2]) {
-    fn(TypeTag<__half>{});
-  } else if (chunk < group_first_chunk[3]) {
-    fn(TypeTag<__nv_bfloat16>{});
-  } else {
-    fn(TypeTag<double>{});
+__host__ __device__ __forceinline__ void dispatch_group(int group, Fn&& fn) {
+  switch (group) {
+    case 0:
+      fn(TypeTag<float>{});
+      break;
+    case 1:
+      fn(TypeTag<__half>{});
+      break;
+    case 2:
+      fn(TypeTag<__nv_bfloat16>{});
+      break;
+    default:
+      fn(TypeTag<double>{});
+      break;
   }
+}
+
+// The dtype group that owns `chunk`: groups hold consecutive ranges of chunks.
+__device__ __forceinline__ int chunk_group(const int64_t* group_first_chunk, int64_t chunk) {
+  int group = 0;
+  while (group + 1 < kNumDtypeGroups && chunk >= group_first_chunk[group + 1]) ++group;
+  return group;
 }
 
 struct SingleLaunchArgs {
@@ -530,7 +543,7 @@ template <NormKind kKind, bool kClamp>
 __global__ void __launch_bounds__(kBlock) single_launch_clip_kernel(SingleLaunchArgs args) {
   const MultiTensorTable& table = args.table;
   for (int64_t chunk = blockIdx.x; chunk < table.num_chunks; chunk += gridDim.x) {
-    dispatch_chunk_dtype(args.group_first_chunk, chunk, [&](auto tag) {
+    dispatch_group(chunk_group(args.group_first_chunk, chunk), [&](auto tag) {
       using T = typename decltype(tag)::type;
       reduce_chunk<T, kKind, /*kReadOnly=*/false>(table, chunk, args.finalize.norm_type,
                                                   args.chunk_power, args.chunk_nonfinite);
@@ -565,31 +578,12 @@ __global__ void __launch_bounds__(kBlock) single_launch_clip_kernel(SingleLaunch
 
   if (!kClamp && coef == 1.0) return;
   for (int64_t chunk = blockIdx.x; chunk < table.num_chunks; chunk += gridDim.x) {
-    dispatch_chunk_dtype(args.group_first_chunk, chunk, [&](auto tag) {
+    dispatch_group(chunk_group(args.group_first_chunk, chunk), [&](auto tag) {
       using T = typename decltype(tag)::type;
       using C = ComputeType<T>;
       scale_chunk<T, kClamp>(table, chunk, static_cast<C>(coef),
                              kClamp ? static_cast<C>(args.clip_value) : C(0));
     });
-  }
-}
-
-// Calls fn(TypeTag<T>{}) with T the device element type of dtype group `group`.
-template <typename Fn>
-void dispatch_group(int group, Fn&& fn) {
-  switch (group) {
-    case 0:
-      fn(TypeTag<float>{});
-      break;
-    case 1:
-      fn(TypeTag<__half>{});
-      break;
-    case 2:
-      fn(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      fn(TypeTag<double>{});
-      break;
   }
 }
 
