@@ -8,9 +8,14 @@
 fused optimizer (Adam, AdamW, SGD with `fused=True`) applies unscale and clip inside its own step
 through its `grad_scale`/`found_inf` inputs, so fusedclip makes no write pass at all (torch's
 fused kernels store the unscaled gradient back as part of the pass they make anyway).
+
+`step` is `scaler.step` that also skips on an on-device flag (a spike that ZClip or GradMonitor
+flagged), without a sync for fused optimizers and without backing off the scale.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
@@ -75,6 +80,7 @@ def unscale_clip_(
     norm_type: float | str = 2.0,
     *,
     clip_value: float | None = None,
+    per_tensor: bool = False,
     process_group=None,
     backend: str | None = None,
 ) -> ClipResult:
@@ -91,6 +97,7 @@ def unscale_clip_(
             max_norm=max_norm,
             norm_type=norm_type,
             clip_value=clip_value,
+            per_tensor=per_tensor,
             process_group=process_group,
             backend=backend,
         )
@@ -102,6 +109,7 @@ def unscale_clip_(
         norm_type=norm_type,
         clip_value=clip_value,
         inv_scale=_inv_scale(scaler),
+        per_tensor=per_tensor,
         process_group=process_group,
         backend=backend,
     )
@@ -115,12 +123,74 @@ def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
+def _step_unless(
+    optimizer: torch.optim.Optimizer,
+    skip: torch.Tensor,
+    grad_scale: torch.Tensor | None = None,
+) -> None:
+    """optimizer.step() unless `skip` (an on-device 0/1 tensor) is set.
+
+    Fused optimizers read the flag on the device through their `found_inf` input (and divide the
+    gradients by `grad_scale` in the same pass); any other optimizer needs one sync to decide, as
+    in GradScaler.step.
+    """
+    if _is_fused(optimizer):
+        optimizer.grad_scale = grad_scale
+        optimizer.found_inf = skip.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+            del optimizer.found_inf
+    else:
+        if grad_scale is not None:
+            raise AssertionError("grad_scale needs a fused optimizer")
+        if not bool(skip):
+            optimizer.step()
+
+
+def _step_measured(
+    optimizer: torch.optim.Optimizer,
+    measure: Callable[[list[torch.Tensor], torch.Tensor | None], tuple],
+    *,
+    scaler: GradScaler | None = None,
+    backend: str | None = None,
+):
+    """Unscale, clip and step with a rule that decides on the device.
+
+    `measure(grads, inv_scale) -> (result, skip)` reads the gradients without writing them and
+    returns a result whose `clip_coef` (inv_scale included) and `found_inf` apply to this step,
+    and an on-device flag to skip it. Fused optimizers apply the coefficient and the skip in their
+    own pass (one read of the gradients by fusedclip, no sync); others get the gradients scaled
+    in one write pass and decide on the skip with one sync. The scaler records `found_inf` alone,
+    so a skip that is not an overflow does not back off the scale. Returns `result`.
+    """
+    scaling = scaler is not None and scaler._enabled
+    grads = _optimizer_gradients(optimizer)
+    state = _scaler_state(scaler, optimizer, "step") if scaling else None
+    if scaling:
+        _check_not_float16(grads)
+    result, skip = measure(grads, _inv_scale(scaler) if scaling else None)
+    if _is_fused(optimizer):
+        # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined
+        # factor (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become
+        # 0, and the skip flag covers overflow anyway).
+        _step_unless(optimizer, skip, result.clip_coef.double().reciprocal().float())
+    else:
+        api.scale_(grads, result.clip_coef, backend=backend)
+        _step_unless(optimizer, skip)
+    if state is not None:
+        _record_found_inf(state, result.found_inf if grads else None, OptState.STEPPED)
+    return result
+
+
 def clip_step(
     optimizer: torch.optim.Optimizer,
     max_norm: float,
     *,
     scaler: GradScaler | None = None,
     norm_type: float | str = 2.0,
+    per_tensor: bool = False,
     process_group=None,
     backend: str | None = None,
 ) -> ClipResult:
@@ -136,7 +206,13 @@ def clip_step(
     if not _is_fused(optimizer):
         if scaling:
             result = unscale_clip_(
-                scaler, optimizer, max_norm, norm_type, process_group=process_group, backend=backend
+                scaler,
+                optimizer,
+                max_norm,
+                norm_type,
+                per_tensor=per_tensor,
+                process_group=process_group,
+                backend=backend,
             )
             scaler.step(optimizer)
         else:
@@ -144,42 +220,62 @@ def clip_step(
                 _optimizer_gradients(optimizer),
                 max_norm=max_norm,
                 norm_type=norm_type,
+                per_tensor=per_tensor,
                 process_group=process_group,
                 backend=backend,
             )
             optimizer.step()
         return result
 
-    grads = _optimizer_gradients(optimizer)
-    state = _scaler_state(scaler, optimizer, "step") if scaling else None
-    if not grads:
-        if state is not None:
-            _record_found_inf(state, None, OptState.STEPPED)
-        optimizer.step()
-        return api.fused_clip_([], max_norm=max_norm)
-    if scaling:
-        _check_not_float16(grads)
-    result = api.measure(
-        grads,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        inv_scale=_inv_scale(scaler) if scaling else None,
-        process_group=process_group,
-        backend=backend,
-    )
-    # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined factor
-    # (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become 0, and
-    # found_inf skips the step anyway on overflow).
-    optimizer.grad_scale = result.clip_coef.double().reciprocal().float()
-    optimizer.found_inf = result.found_inf
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale
-        del optimizer.found_inf
-    if state is not None:
-        _record_found_inf(state, result.found_inf, OptState.STEPPED)
-    return result
+    def measure(grads, inv_scale):
+        result = api.measure(
+            grads,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            inv_scale=inv_scale,
+            per_tensor=per_tensor,
+            process_group=process_group,
+            backend=backend,
+        )
+        return result, result.found_inf
+
+    return _step_measured(optimizer, measure, scaler=scaler, backend=backend)
 
 
-__all__ = ["clip_step", "unscale_clip_"]
+def step(
+    optimizer: torch.optim.Optimizer,
+    *,
+    skip: torch.Tensor | None = None,
+    scaler: GradScaler | None = None,
+) -> None:
+    """`scaler.step(optimizer)` (or `optimizer.step()`) that also skips the step when `skip`, an
+    on-device bool such as `GradMonitor.should_skip` or `ZClipResult.skip`, is set.
+
+    Fused optimizers skip on the device (no sync); others decide with one sync, as
+    GradScaler.step. The scaler keeps its own found_inf: a skip that is not an overflow does not
+    back off the scale. Gradients not yet unscaled are unscaled by `scaler.unscale_` first, as in
+    `scaler.step`.
+    """
+    scaling = scaler is not None and scaler._enabled
+    if not scaling:
+        if skip is None:
+            optimizer.step()
+        else:
+            _step_unless(optimizer, skip)
+        return
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError("step() has already been called since the last update().")
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    overflows = list(state["found_inf_per_device"].values())
+    if not overflows:
+        raise AssertionError("No inf checks were recorded for this optimizer.")
+    flag = sum(overflow.to(overflows[0].device, non_blocking=True) for overflow in overflows)
+    if skip is not None:
+        flag = flag + skip.to(flag.device, torch.float32, non_blocking=True)
+    _step_unless(optimizer, flag.clamp(max=1))
+    state["stage"] = OptState.STEPPED
+
+
+__all__ = ["clip_step", "step", "unscale_clip_"]

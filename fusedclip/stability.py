@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusedclip import api
+from fusedclip import amp, api
 from fusedclip.reference import NORM_EPS
 
 
@@ -37,6 +37,7 @@ class ZClipResult(NamedTuple):
     clip_coef: torch.Tensor  # what the gradients were multiplied by (inv_scale included)
     threshold: torch.Tensor  # the clip threshold this step
     spike: torch.Tensor  # bool: the z-score exceeded z_thresh (never during warm-up)
+    skip: torch.Tensor  # bool: skip this step (overflow; or a spike, with skip_on_spike)
 
 
 class ZClip:
@@ -49,6 +50,10 @@ class ZClip:
     mean <- alpha * mean + (1 - alpha) * g', var <- alpha * var + (1 - alpha) * (g' - mean)^2
     (with the updated mean, as the reference implementation). `max_norm`, when given, also caps
     the threshold after warm-up. Non-finite norms neither clip by z nor enter the EMAs.
+
+    `skip_on_spike=True` also marks a spike step to be skipped (`result.skip`; `clip_step` and
+    `fusedclip.amp.step` honour it on the device). The EMAs still take the clipped norm on a
+    skipped step: were they frozen, a lasting rise in the norm would be skipped forever.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class ZClip:
         max_norm: float | None = 1.0,
         mode: str = "adaptive",
         eps: float = 1e-6,
+        skip_on_spike: bool = False,
         backend: str | None = None,
     ):
         if not 0 < alpha < 1:
@@ -73,6 +79,7 @@ class ZClip:
             raise ValueError(f"max_norm must be a non-negative number or None, got {max_norm}")
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
+        self.skip_on_spike = skip_on_spike
         self.step_count = 0  # a host int: counting steps needs no sync
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
@@ -91,9 +98,10 @@ class ZClip:
             threshold = threshold.clamp(max=self.max_norm)
         return threshold, spike
 
-    @torch.no_grad()
-    def step(self, parameters, inv_scale: float | torch.Tensor | None = None) -> ZClipResult:
-        grads = _gradients(parameters)
+    def _measure(
+        self, grads: list[torch.Tensor], inv_scale: float | torch.Tensor | None
+    ) -> ZClipResult:
+        """One read of the gradients and the rule's update, on the device; touches no gradient."""
         measured = api.measure(grads, inv_scale=inv_scale, backend=self.backend)
         norm = measured.total_norm.to(torch.float64)
         finite = torch.isfinite(norm)
@@ -126,14 +134,42 @@ class ZClip:
         # above it, clip_grad_norm_'s factor. A NaN norm still poisons, as in clip_grad_norm_.
         clip_factor = torch.where(threshold >= norm, 1.0, threshold / (norm + NORM_EPS))
         clip_coef = clip_factor * (measured.clip_coef.to(torch.float64))
-        api.scale_(grads, clip_coef, backend=self.backend)
+        skip = measured.found_inf.to(torch.bool)
+        if self.skip_on_spike:
+            skip = skip | spike
         return ZClipResult(
             measured.total_norm,
             measured.found_inf,
             clip_coef.to(measured.total_norm.dtype),
             threshold,
             spike,
+            skip,
         )
+
+    @torch.no_grad()
+    def step(self, parameters, inv_scale: float | torch.Tensor | None = None) -> ZClipResult:
+        """Clips the gradients in place (unscaling them by `inv_scale` too); steps nothing. With a
+        GradScaler use `clip_step`, which also tells the scaler that the gradients are unscaled."""
+        grads = _gradients(parameters)
+        result = self._measure(grads, inv_scale)
+        api.scale_(grads, result.clip_coef, backend=self.backend)
+        return result
+
+    @torch.no_grad()
+    def clip_step(
+        self, optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None
+    ) -> ZClipResult:
+        """Unscale, clip and step, skipping the step on overflow (and on a spike, with
+        `skip_on_spike`) without a sync: with a fused optimizer (`fused=True` Adam, AdamW, SGD)
+        the gradients are read once and the optimizer's own pass applies the factor and the skip;
+        other optimizers get one write pass and one sync to skip, as `scaler.step`. Call
+        `scaler.update()` afterwards as usual: a spike does not back off the scale."""
+
+        def measure(grads, inv_scale):
+            result = self._measure(grads, inv_scale)
+            return result, result.skip
+
+        return amp._step_measured(optimizer, measure, scaler=scaler, backend=self.backend)
 
 
 def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
@@ -185,7 +221,8 @@ class GradMonitor:
 
     `record(result)` after each clip is sync-free; `summary()` reads back only when asked. The
     spike rule flags a step whose norm exceeds `spike_factor` times the EMA of earlier non-spike
-    norms: `should_skip` is an on-device bool to feed to the step (or to skip it).
+    norms (or is not finite): `should_skip` is an on-device bool for `fusedclip.amp.step(optimizer,
+    skip=...)`, which skips the step without a sync for fused optimizers.
     """
 
     def __init__(
@@ -204,9 +241,20 @@ class GradMonitor:
         self.should_skip: torch.Tensor | None = None
 
     @torch.no_grad()
-    def record(self, result, inv_scale: float | torch.Tensor | None = None) -> None:
-        """Appends a ClipResult (or ZClipResult). With AMP pass the step's `inv_scale`: the
-        result's clip_coef includes it, and the monitor records the clip factor alone."""
+    def record(
+        self,
+        result,
+        inv_scale: float | torch.Tensor | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> torch.Tensor:
+        """Appends a ClipResult (or ZClipResult) and returns `should_skip`. With AMP pass the
+        step's `inv_scale`, or its `scaler` before `scaler.update()`: the result's clip_coef
+        includes the unscale, and the monitor records the clip factor alone."""
+        if scaler is not None and scaler._enabled:
+            if inv_scale is not None:
+                raise ValueError("pass inv_scale or scaler, not both")
+            inv_scale = amp._inv_scale(scaler)
         norm = result.total_norm.to(torch.float64)
         if self.norms is None:
             device = norm.device
@@ -234,6 +282,7 @@ class GradMonitor:
             spike, self.norm_ema, self.ema * self.norm_ema + (1 - self.ema) * norm
         )
         self.steps += 1
+        return self.should_skip
 
     def summary(self, top_k: int = 5) -> dict:
         """Reads the history back (one sync): clip frequency, norm percentiles, overflow steps,

@@ -17,6 +17,7 @@ import fusedclip  # noqa: E402
 from fusedclip import dispatch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 # Relative tolerance of a returned norm against the float64 reference, per gradient dtype.
 # The kernels accumulate in float64, so what is left is the final rounding to float32.
@@ -41,7 +42,7 @@ ULP = {
 def backend_params(include_reference: bool = True):
     """(device, backend) pairs that can run on this machine, as pytest params."""
     pairs = []
-    for device in ["cpu"] + (["cuda"] if HAS_CUDA else []):
+    for device in DEVICES:
         for name in ("cpu", "cuda", "triton") + (("reference",) if include_reference else ()):
             if dispatch.unavailable_reason(name, device) is None:
                 marks = [pytest.mark.cuda] if device == "cuda" else []
@@ -104,6 +105,7 @@ def assert_grads_close(actual: torch.Tensor, expected64: torch.Tensor, what: str
 
 
 __all__ = [
+    "DEVICES",
     "HAS_CUDA",
     "NORM_RTOL",
     "assert_close",

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close
+from conftest import DEVICES, assert_close
 
 from fusedclip import amp
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 OVERFLOW_STEPS = {2, 5}
 MAX_NORM = 0.5
 
@@ -48,6 +47,9 @@ def _train(device, path, kind, fused, steps=8, dtype=torch.float32):
         elif path == "unscale_clip_":
             norms.append(amp.unscale_clip_(scaler, optimizer, MAX_NORM).total_norm)
             scaler.step(optimizer)
+        elif path == "amp.step":
+            norms.append(amp.unscale_clip_(scaler, optimizer, MAX_NORM).total_norm)
+            amp.step(optimizer, scaler=scaler)
         else:
             norms.append(amp.clip_step(optimizer, MAX_NORM, scaler=scaler).total_norm)
         scaler.update()
@@ -56,7 +58,7 @@ def _train(device, path, kind, fused, steps=8, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", ["unscale_clip_", "clip_step"])
+@pytest.mark.parametrize("path", ["unscale_clip_", "amp.step", "clip_step"])
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 def test_training_follows_torch_step_for_step(device, path, kind, fused):
@@ -180,3 +182,31 @@ def test_clip_step_without_scaler_matches_clip_then_step(kind):
         reference_optimizer.step()
     for param, ref in zip(model.parameters(), reference_model.parameters(), strict=True):
         assert_close(param, ref, rtol=1e-5, atol=1e-7, what="parameter")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_amp_step_unscales_first_and_refuses_a_second_step_like_scaler_step(fused):
+    """Without unscale_clip_ before it, amp.step is scaler.step: torch's unscale_, then the step."""
+    runs = []
+    for step in (amp.step, lambda optimizer, scaler: scaler.step(optimizer)):
+        model = _model("cpu")
+        optimizer = _optimizer("adamw", model.parameters(), fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+        scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
+        step(optimizer, scaler=scaler)
+        with pytest.raises(RuntimeError, match=r"step\(\) has already been called"):
+            step(optimizer, scaler=scaler)
+        scaler.update()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for param, expected in zip(*runs, strict=True):
+        assert torch.equal(param, expected)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_clip_step_returns_per_tensor_norms(fused):
+    model = _model("cpu")
+    model(torch.ones(3, 16)).square().sum().backward()
+    expected = [torch.linalg.vector_norm(p.grad) for p in model.parameters()]
+    optimizer = _optimizer("sgd", model.parameters(), fused)
+    result = amp.clip_step(optimizer, MAX_NORM, per_tensor=True)
+    assert_close(result.per_tensor_norms, torch.stack(expected), rtol=1e-6, what="per-tensor norms")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import DEVICES, assert_close
 
 import fusedclip
+from fusedclip import amp
 from fusedclip.stability import AGC, GradMonitor, ZClip, agc_
 
 
@@ -99,17 +101,146 @@ def test_zclip_with_inv_scale_measures_the_unscaled_norm():
         assert_close(scaled, unscaled, rtol=1e-6, what="unscaled and clipped gradient")
 
 
-def test_zclip_does_not_sync(monkeypatch):
-    zclip = ZClip(warmup_steps=3)
-    grads = [torch.randn(50)]
+@contextlib.contextmanager
+def refusing_host_syncs(enabled: bool = True):
+    """Any read of a tensor's value on the host (item, bool) inside fails the test."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a host sync in ZClip.step")
+        raise AssertionError("a host sync")
 
-    monkeypatch.setattr(torch.Tensor, "item", refuse)
-    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
-    for _ in range(6):
-        zclip.step(grads)
+    with pytest.MonkeyPatch.context() as patch:
+        if enabled:
+            patch.setattr(torch.Tensor, "item", refuse)
+            patch.setattr(torch.Tensor, "__bool__", refuse)
+        yield
+
+
+def test_zclip_does_not_sync():
+    zclip = ZClip(warmup_steps=3)
+    grads = [torch.randn(50)]
+    with refusing_host_syncs():
+        for _ in range(6):
+            zclip.step(grads)
+
+
+def test_zclip_skip_on_spike_marks_spikes_and_overflows_and_keeps_the_rule():
+    norms = scripted_norms()
+    norms[55] = math.inf
+    direction = torch.randn(100, dtype=torch.float64)
+    direction /= direction.norm()
+    skipping, plain = ZClip(max_norm=None, skip_on_spike=True), ZClip(max_norm=None)
+    skipped, plain_skipped = [], []
+    for step, norm in enumerate(norms):
+        result = skipping.step([direction * norm])
+        expected = plain.step([direction * norm])
+        assert torch.equal(result.threshold, expected.threshold), f"threshold at step {step}"
+        assert torch.equal(result.spike, expected.spike)
+        skipped.append(bool(result.skip))
+        plain_skipped.append(bool(expected.skip))
+    assert [i for i, s in enumerate(skipped) if s] == [30, 31, 45, 55]
+    assert [i for i, s in enumerate(plain_skipped) if s] == [55], "overflow alone skips"
+
+
+def _twin_parameters(device, size=64):
+    start = torch.randn(size, generator=torch.Generator().manual_seed(3)).to(device)
+    return torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+
+
+def _direction(seed, device, size=64):
+    direction = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    return (direction / direction.norm()).to(device)
+
+
+def _loss_scaled(grad, scaler):
+    """The gradient as backward of `scaler.scale(loss)` would produce it."""
+    return grad if scaler is None else grad * scaler.scale(torch.ones((), device=grad.device))
+
+
+def _adamw(parameter, fused):
+    return torch.optim.AdamW([parameter], lr=1e-2, fused=fused)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaler"])
+def test_zclip_clip_step_skips_spikes_like_a_torch_loop(device, fused, scaled):
+    """ZClip.clip_step against torch doing the same by hand: GradScaler.unscale_, the published
+    rule's factor (plain Python), and optimizer.step only when the step is neither a spike nor an
+    overflow. Spikes must not back off the scale; fused optimizers must not sync."""
+    norms = scripted_norms()
+    norms[52] = math.inf
+    direction = _direction(4, device)
+    parameter, twin = _twin_parameters(device)
+    optimizer, twin_optimizer = _adamw(parameter, fused), _adamw(twin, fused)
+    scaler, twin_scaler = (
+        (torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=4) for _ in range(2))
+        if scaled
+        else (None, None)
+    )
+    zclip = ZClip(max_norm=None, skip_on_spike=True)
+    oracle = PythonZClip(0.97, 2.5, 25, None, "adaptive")
+    for step, norm in enumerate(norms):
+        parameter.grad = _loss_scaled(direction * norm, scaler)
+        twin.grad = _loss_scaled(direction * norm, twin_scaler)
+        with refusing_host_syncs(enabled=fused):
+            result = zclip.clip_step(optimizer, scaler=scaler)
+
+        if scaled:
+            twin_scaler.unscale_(twin_optimizer)
+        spike = False
+        if math.isfinite(norm):
+            threshold = oracle.threshold(norm)
+            spike = step >= 25 and threshold < norm
+            twin.grad.mul_(1.0 if threshold >= norm else threshold / (norm + 1e-6))
+        else:
+            oracle.count += 1
+        if math.isfinite(norm) and not spike:
+            twin_optimizer.step()
+        assert bool(result.skip) == (spike or not math.isfinite(norm)), f"skip at step {step}"
+        assert_close(parameter, twin, rtol=1e-5, atol=1e-7, what=f"parameter after step {step}")
+        if scaled:
+            scaler.update()
+            twin_scaler.update()
+            assert scaler.get_scale() == twin_scaler.get_scale(), f"scale after step {step}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_grad_monitor_flag_skips_through_amp_step_like_a_torch_loop(device, fused):
+    """unscale_clip_ -> GradMonitor.record -> amp.step(skip=...) against torch's unscale_,
+    clip_grad_norm_, the spike rule in plain Python, and scaler.step only when it is not a spike."""
+    norms = [1.0, 1.2, 0.9, 30.0, 1.1, math.inf, 0.8, 1.3]
+    spike_factor, ema_weight, max_norm = 5.0, 0.98, 1.0
+    direction = _direction(6, device)
+    parameter, twin = _twin_parameters(device)
+    optimizer, twin_optimizer = _adamw(parameter, fused), _adamw(twin, fused)
+    scaler, twin_scaler = (
+        torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=2) for _ in range(2)
+    )
+    monitor = GradMonitor(capacity=16, spike_factor=spike_factor, ema=ema_weight)
+    ema = norms[0]
+    for step, norm in enumerate(norms):
+        parameter.grad = _loss_scaled(direction * norm, scaler)
+        twin.grad = _loss_scaled(direction * norm, twin_scaler)
+        with refusing_host_syncs(enabled=fused):
+            result = amp.unscale_clip_(scaler, optimizer, max_norm)
+            skip = monitor.record(result, scaler=scaler)
+            amp.step(optimizer, skip=skip, scaler=scaler)
+
+        twin_scaler.unscale_(twin_optimizer)
+        torch.nn.utils.clip_grad_norm_([twin], max_norm)
+        spike = not math.isfinite(norm) or norm > spike_factor * ema
+        if not spike:
+            ema = ema_weight * ema + (1 - ema_weight) * norm
+            twin_scaler.step(twin_optimizer)
+        assert bool(skip) == spike, f"skip at step {step}"
+        assert_close(parameter, twin, rtol=1e-5, atol=1e-7, what=f"parameter after step {step}")
+        if math.isfinite(norm):
+            factor = min(1.0, max_norm / (norm + 1e-6))
+            assert monitor.coefs[step].item() == pytest.approx(factor, rel=1e-6), "clip factor"
+        scaler.update()
+        twin_scaler.update()
+        assert scaler.get_scale() == twin_scaler.get_scale(), f"scale after step {step}"
 
 
 def test_agc_matches_its_formula_on_linear_and_conv_weights():
