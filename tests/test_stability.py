@@ -115,12 +115,14 @@ def refusing_host_syncs(enabled: bool = True):
         yield
 
 
-def test_zclip_does_not_sync():
-    zclip = ZClip(warmup_steps=3)
-    grads = [torch.randn(50)]
+def test_zclip_agc_and_grad_monitor_do_not_sync():
+    linear = torch.nn.Linear(8, 4)
+    linear(torch.randn(3, 8)).square().sum().backward()
+    zclip, agc, monitor = ZClip(warmup_steps=3), AGC(linear.parameters()), GradMonitor(capacity=4)
     with refusing_host_syncs():
         for _ in range(6):
-            zclip.step(grads)
+            monitor.record(zclip.step(linear.parameters()))
+            agc.step()
 
 
 def test_zclip_skip_on_spike_marks_spikes_and_overflows_and_keeps_the_rule():
