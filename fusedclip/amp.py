@@ -123,6 +123,24 @@ def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
+def _fills_momentum_on_this_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a fused SGD with momentum has no momentum buffers yet. Its first step allocates
+    them uninitialized and then returns early on found_inf, leaving garbage that the next step
+    reads (torch's own scaler.step has the same trap on a first-step overflow): that one step
+    decides on the host instead."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return False
+    return any(
+        group["momentum"] != 0
+        and all(
+            optimizer.state.get(param, {}).get("momentum_buffer") is None
+            for param in group["params"]
+            if param.grad is not None
+        )
+        for group in optimizer.param_groups
+    )
+
+
 def _step_unless(
     optimizer: torch.optim.Optimizer,
     skip: torch.Tensor,
@@ -135,6 +153,8 @@ def _step_unless(
     in GradScaler.step.
     """
     if _is_fused(optimizer):
+        if _fills_momentum_on_this_step(optimizer) and bool(skip):
+            return
         optimizer.grad_scale = grad_scale
         optimizer.found_inf = skip.to(torch.float32)
         try:
@@ -253,8 +273,9 @@ def step(
 
     Fused optimizers skip on the device (no sync); others decide with one sync, as
     GradScaler.step. The scaler keeps its own found_inf: a skip that is not an overflow does not
-    back off the scale. Gradients not yet unscaled are unscaled by `scaler.unscale_` first, as in
-    `scaler.step`.
+    back off the scale (and counts toward its growth interval, as any step without overflow).
+    Gradients not yet unscaled are handled as `scaler.step` does: fused optimizers unscale them
+    in their own pass, others through `scaler.unscale_` first.
     """
     scaling = scaler is not None and scaler._enabled
     if not scaling:
@@ -266,16 +287,30 @@ def step(
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("step() has already been called since the last update().")
+    fused = _is_fused(optimizer)
+    grad_scale = None
     if state["stage"] is OptState.READY:
-        scaler.unscale_(optimizer)
+        if fused:
+            scaler._check_inf_per_device(optimizer)
+            grad_scale = scaler._scale
+        else:
+            scaler.unscale_(optimizer)
     overflows = list(state["found_inf_per_device"].values())
     if not overflows:
         raise AssertionError("No inf checks were recorded for this optimizer.")
-    flag = sum(overflow.to(overflows[0].device, non_blocking=True) for overflow in overflows)
+    # Summed on the scale's device, as GradScaler.step does.
+    device = scaler._scale.device
+    flag = sum(_to_device(overflow, device) for overflow in overflows)
     if skip is not None:
-        flag = flag + skip.to(flag.device, torch.float32, non_blocking=True)
-    _step_unless(optimizer, flag.clamp(max=1))
+        flag = flag + _to_device(skip, device).to(torch.float32)
+    _step_unless(optimizer, flag.clamp(max=1), grad_scale)
     state["stage"] = OptState.STEPPED
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A copy to the host must complete before the host reads it; one to an accelerator is ordered
+    # on its stream.
+    return tensor.to(device, non_blocking=device.type != "cpu")
 
 
 __all__ = ["clip_step", "step", "unscale_clip_"]

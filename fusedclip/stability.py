@@ -34,7 +34,8 @@ def _gradients(parameters) -> list[torch.Tensor]:
 class ZClipResult(NamedTuple):
     total_norm: torch.Tensor  # the norm before clipping (of the unscaled gradients)
     found_inf: torch.Tensor
-    clip_coef: torch.Tensor  # what the gradients were multiplied by (inv_scale included)
+    clip_coef: torch.Tensor  # the factor for the gradients (inv_scale included); a skipped fused
+    # clip_step leaves them as they were
     threshold: torch.Tensor  # the clip threshold this step
     spike: torch.Tensor  # bool: the z-score exceeded z_thresh (never during warm-up)
     skip: torch.Tensor  # bool: skip this step (overflow; or a spike, with skip_on_spike)
@@ -43,17 +44,20 @@ class ZClipResult(NamedTuple):
 class ZClip:
     """Adaptive clipping on the z-score of the gradient norm (Kumar et al., 2025).
 
-    Warm-up: the first `warmup_steps` norms are clipped to `max_norm` and recorded; their mean and
-    variance start the EMAs. Then each step: z = (g - mean) / std; when z > z_thresh the norm is
-    clipped to mean + (z_thresh^2 / z) * std ("adaptive", the paper's default) or to
-    mean + z_thresh * std ("zscore"); the EMAs are updated with the clipped norm:
+    Warm-up: the first `warmup_steps` finite norms are clipped to `max_norm` and recorded; their
+    mean and variance start the EMAs (overflowed steps, common early in fp16 training, do not
+    count). Then each step: z = (g - mean) / std; when z > z_thresh the norm is clipped to
+    mean + (z_thresh^2 / z) * std ("adaptive", the paper's default) or to mean + z_thresh * std
+    ("zscore"); the EMAs are updated with the clipped norm:
     mean <- alpha * mean + (1 - alpha) * g', var <- alpha * var + (1 - alpha) * (g' - mean)^2
     (with the updated mean, as the reference implementation). `max_norm`, when given, also caps
     the threshold after warm-up. Non-finite norms neither clip by z nor enter the EMAs.
 
     `skip_on_spike=True` also marks a spike step to be skipped (`result.skip`; `clip_step` and
-    `fusedclip.amp.step` honour it on the device). The EMAs still take the clipped norm on a
-    skipped step: were they frozen, a lasting rise in the norm would be skipped forever.
+    `fusedclip.amp.step` honour it on the device), for at most `max_consecutive_skips` spikes in
+    a row: a lasting rise in the norm is a spike at every step (in "adaptive" mode the variance
+    even shrinks while it lasts), and skipping it all would stop training; past the limit such
+    steps are clipped, as without the option. The EMAs take the clipped norm either way.
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class ZClip:
         mode: str = "adaptive",
         eps: float = 1e-6,
         skip_on_spike: bool = False,
+        max_consecutive_skips: int = 3,
+        process_group=None,
         backend: str | None = None,
     ):
         if not 0 < alpha < 1:
@@ -77,13 +83,21 @@ class ZClip:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
         if max_norm is not None and not max_norm >= 0:
             raise ValueError(f"max_norm must be a non-negative number or None, got {max_norm}")
+        if max_consecutive_skips < 1:
+            raise ValueError(
+                f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}; "
+                "pass skip_on_spike=False to never skip"
+            )
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
-        self.skip_on_spike = skip_on_spike
-        self.step_count = 0  # a host int: counting steps needs no sync
+        self.skip_on_spike, self.max_consecutive_skips = skip_on_spike, max_consecutive_skips
+        self.process_group = process_group  # sharded gradients: every rank sees the global norm
+        # All state lives on the gradients' device, created at the first step.
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
         self._warmup_norms: torch.Tensor | None = None
+        self._warmup_count: torch.Tensor | None = None  # finite norms recorded so far
+        self._spike_run: torch.Tensor | None = None  # spikes in a row up to this step
 
     def _threshold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         std = self.var.sqrt().clamp(min=self.eps)
@@ -98,45 +112,63 @@ class ZClip:
             threshold = threshold.clamp(max=self.max_norm)
         return threshold, spike
 
+    def _start(self, device: torch.device) -> None:
+        def zero(*shape, dtype=torch.float64):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.mean, self.var = zero(), zero()
+        self._warmup_norms = zero(self.warmup_steps)
+        self._warmup_count = zero(dtype=torch.int64)
+        self._spike_run = zero(dtype=torch.int64)
+
     def _measure(
         self, grads: list[torch.Tensor], inv_scale: float | torch.Tensor | None
     ) -> ZClipResult:
-        """One read of the gradients and the rule's update, on the device; touches no gradient."""
-        measured = api.measure(grads, inv_scale=inv_scale, backend=self.backend)
+        """One read of the gradients and the rule's update, on the device; touches no gradient.
+
+        Warm-up and the rule after it are both computed and one is selected on the device, so
+        that overflowed steps need not be counted on the host.
+        """
+        measured = api.measure(
+            grads, inv_scale=inv_scale, process_group=self.process_group, backend=self.backend
+        )
         norm = measured.total_norm.to(torch.float64)
+        if self.mean is None:
+            self._start(norm.device)
         finite = torch.isfinite(norm)
-        if self.step_count < self.warmup_steps:
-            if self._warmup_norms is None:
-                self._warmup_norms = torch.zeros(
-                    self.warmup_steps, dtype=torch.float64, device=norm.device
-                )
-            limit = math.inf if self.max_norm is None else self.max_norm
-            threshold = norm.clamp(max=limit)
-            self._warmup_norms[self.step_count] = torch.where(
-                finite, threshold, self._warmup_norms[: max(self.step_count, 1)].mean()
-            )
-            spike = torch.zeros((), dtype=torch.bool, device=norm.device)
-            if self.step_count == self.warmup_steps - 1:
-                self.mean = self._warmup_norms.mean()
-                self.var = self._warmup_norms.var(unbiased=False)
-        else:
-            threshold, spike = self._threshold(norm)
-            update = torch.where(finite, threshold, self.mean)
-            self.mean = self.alpha * self.mean + (1 - self.alpha) * update
-            self.var = torch.where(
-                finite,
-                self.alpha * self.var + (1 - self.alpha) * (update - self.mean) ** 2,
-                self.var,
-            )
-        self.step_count += 1
+        in_warmup = self._warmup_count < self.warmup_steps
+
+        warmup_threshold = norm.clamp(max=math.inf if self.max_norm is None else self.max_norm)
+        recorded = in_warmup & finite
+        slot = torch.arange(self.warmup_steps, device=norm.device) == self._warmup_count
+        self._warmup_norms = torch.where(slot & recorded, warmup_threshold, self._warmup_norms)
+        self._warmup_count = self._warmup_count + recorded.to(torch.int64)
+        warmup_ends = recorded & (self._warmup_count == self.warmup_steps)
+
+        rule_threshold, spike = self._threshold(norm)
+        spike = spike & ~in_warmup
+        updates = finite & ~in_warmup
+        mean = self.alpha * self.mean + (1 - self.alpha) * rule_threshold
+        var = self.alpha * self.var + (1 - self.alpha) * (rule_threshold - mean) ** 2
+        self.mean = torch.where(
+            warmup_ends, self._warmup_norms.mean(), torch.where(updates, mean, self.mean)
+        )
+        self.var = torch.where(
+            warmup_ends,
+            self._warmup_norms.var(unbiased=False),
+            torch.where(updates, var, self.var),
+        )
+        threshold = torch.where(in_warmup, warmup_threshold, rule_threshold)
+
         # Below the threshold the gradients are left alone (as the published rule, which clips only
         # then; min(1, threshold / (norm + 1e-6)) would scale by norm / (norm + 1e-6) each step);
         # above it, clip_grad_norm_'s factor. A NaN norm still poisons, as in clip_grad_norm_.
         clip_factor = torch.where(threshold >= norm, 1.0, threshold / (norm + NORM_EPS))
         clip_coef = clip_factor * (measured.clip_coef.to(torch.float64))
+        self._spike_run = torch.where(spike, self._spike_run + 1, 0)
         skip = measured.found_inf.to(torch.bool)
         if self.skip_on_spike:
-            skip = skip | spike
+            skip = skip | (spike & (self._spike_run <= self.max_consecutive_skips))
         return ZClipResult(
             measured.total_norm,
             measured.found_inf,
@@ -220,9 +252,12 @@ class GradMonitor:
     """An on-device ring buffer of total norm, clip coefficient, found_inf (and per-tensor norms).
 
     `record(result)` after each clip is sync-free; `summary()` reads back only when asked. The
-    spike rule flags a step whose norm exceeds `spike_factor` times the EMA of earlier non-spike
-    norms (or is not finite): `should_skip` is an on-device bool for `fusedclip.amp.step(optimizer,
-    skip=...)`, which skips the step without a sync for fused optimizers.
+    spike rule flags a step whose norm exceeds `spike_factor` times the EMA of earlier unflagged
+    finite, nonzero norms (NaN, so nothing is flagged, until the first such norm), for at most
+    `max_consecutive_skips` steps in a row: past that the rise is lasting, the step is not flagged
+    and its norm enters the EMA, so the monitor adapts instead of skipping forever. Non-finite
+    norms are always flagged. `should_skip` is an on-device bool for
+    `fusedclip.amp.step(optimizer, skip=...)`, which skips without a sync for fused optimizers.
     """
 
     def __init__(
@@ -231,13 +266,18 @@ class GradMonitor:
         names: list[str] | None = None,
         spike_factor: float = 10.0,
         ema: float = 0.98,
+        max_consecutive_skips: int = 3,
     ):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         self.capacity, self.names, self.spike_factor, self.ema = capacity, names, spike_factor, ema
+        self.max_consecutive_skips = max_consecutive_skips
         self.steps = 0
         self.norms = self.coefs = self.found_inf = self.per_tensor = None
-        self.norm_ema: torch.Tensor | None = None
+        self.norm_ema: torch.Tensor | None = None  # NaN until the first finite, nonzero norm
+        self._spike_run: torch.Tensor | None = None
         self.should_skip: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -261,7 +301,8 @@ class GradMonitor:
             self.norms = torch.zeros(self.capacity, dtype=torch.float64, device=device)
             self.coefs = torch.zeros(self.capacity, dtype=torch.float64, device=device)
             self.found_inf = torch.zeros(self.capacity, dtype=torch.float32, device=device)
-            self.norm_ema = norm.clone()
+            self.norm_ema = torch.full((), math.nan, dtype=torch.float64, device=device)
+            self._spike_run = torch.zeros((), dtype=torch.int64, device=device)
         per_tensor = getattr(result, "per_tensor_norms", None)
         if per_tensor is not None and self.per_tensor is None:
             self.per_tensor = torch.zeros(
@@ -276,11 +317,16 @@ class GradMonitor:
         self.found_inf[slot] = result.found_inf.to(torch.float32)
         if per_tensor is not None:
             self.per_tensor[slot] = per_tensor.to(torch.float64)
-        spike = (norm > self.spike_factor * self.norm_ema) | ~torch.isfinite(norm)
-        self.should_skip = spike
-        self.norm_ema = torch.where(
-            spike, self.norm_ema, self.ema * self.norm_ema + (1 - self.ema) * norm
+        finite = torch.isfinite(norm)
+        above = finite & (norm > self.spike_factor * self.norm_ema)  # False while the EMA is NaN
+        self._spike_run = torch.where(above, self._spike_run + 1, 0)
+        spike = above & (self._spike_run <= self.max_consecutive_skips)
+        self.should_skip = spike | ~finite
+        ema = torch.where(
+            self.norm_ema.isnan(), norm, self.ema * self.norm_ema + (1 - self.ema) * norm
         )
+        enters = finite & ~spike & (norm > 0)
+        self.norm_ema = torch.where(enters, ema, self.norm_ema)
         self.steps += 1
         return self.should_skip
 

@@ -210,3 +210,34 @@ def test_clip_step_returns_per_tensor_norms(fused):
     optimizer = _optimizer("sgd", model.parameters(), fused)
     result = amp.clip_step(optimizer, MAX_NORM, per_tensor=True)
     assert_close(result.per_tensor_norms, torch.stack(expected), rtol=1e-6, what="per-tensor norms")
+
+
+def test_a_skipped_first_step_leaves_fused_sgd_momentum_as_foreach_does():
+    # torch's fused SGD allocates its momentum buffers uninitialized on the first step and returns
+    # early on found_inf: a first step skipped on the device would leave garbage behind.
+    runs = []
+    for fused in (False, True):
+        model = _model("cpu")
+        optimizer = _optimizer("sgd", model.parameters(), fused)
+        for step in range(3):
+            model.zero_grad()
+            model(torch.ones(2, 16)).square().sum().backward()
+            amp.step(optimizer, skip=torch.tensor(step == 0))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for param, expected in zip(*runs, strict=True):
+        assert_close(param, expected, rtol=1e-6, atol=1e-7, what="parameter after a skipped start")
+
+
+def test_amp_step_lets_fused_optimizers_unscale_float16_as_scaler_step_does():
+    runs = []
+    for step in (amp.step, lambda optimizer, scaler: scaler.step(optimizer)):
+        model = _model("cpu", torch.float16)
+        optimizer = _optimizer("adamw", model.parameters(), fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+        scaler.scale(
+            model(torch.ones(3, 16, dtype=torch.float16)).float().square().sum()
+        ).backward()
+        step(optimizer, scaler=scaler)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for param, expected in zip(*runs, strict=True):
+        assert torch.equal(param, expected)

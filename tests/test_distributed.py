@@ -206,6 +206,26 @@ def _check_amp_overflow_on_one_rank_skips_everywhere(rank, world):
     assert scaler.get_scale() == 8.0, f"rank {rank} did not back off: {scaler.get_scale()}"
 
 
+def _check_zclip_on_shards_decides_as_unsharded(rank, world):
+    from fusedclip.stability import ZClip
+
+    def rule(process_group=None):
+        return ZClip(warmup_steps=3, max_norm=None, skip_on_spike=True, process_group=process_group)
+
+    sharded_rule, unsharded_rule = rule(dist.group.WORLD), rule()
+    skips = []
+    for step, factor in enumerate([1.0, 1.1, 0.9, 1.05, 8.0, 1.0]):
+        grads = [t * factor for t in _full_gradients()]
+        shards = [_shard(g, rank, world) for g in grads]
+        mine, theirs = sharded_rule.step(shards), unsharded_rule.step(grads)
+        _close(mine.threshold, theirs.threshold, f"rank {rank} step {step} ZClip threshold")
+        assert bool(mine.skip) == bool(theirs.skip), f"rank {rank} step {step} skip"
+        for shard, grad in zip(shards, grads, strict=True):
+            assert torch.allclose(shard, _shard(grad, rank, world), rtol=1e-5), "clipped shard"
+        skips.append(bool(theirs.skip))
+    assert skips == [False] * 4 + [True, False], skips
+
+
 def _check_fsdp2_training_matches_unsharded(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -266,6 +286,7 @@ def test_sharded_gradients(world):
         "_check_group_narrower_than_mesh",
         "_check_plain_tensors_among_dtensors",
         "_check_amp_overflow_on_one_rank_skips_everywhere",
+        "_check_zclip_on_shards_decides_as_unsharded",
         "_check_fsdp2_training_matches_unsharded",
     ]
     with tempfile.TemporaryDirectory() as folder:

@@ -16,9 +16,20 @@ from fusedclip.stability import AGC, GradMonitor, ZClip, agc_
 
 
 class PythonZClip:
-    """The published rule in plain floats (the oracle)."""
+    """The published rule in plain floats (the oracle), with fusedclip's two additions stated as
+    plainly: non-finite norms neither count toward warm-up nor enter the EMAs, and with
+    skip_on_spike a spike is skipped unless more than max_consecutive_skips came in a row."""
 
-    def __init__(self, alpha, z_thresh, warmup_steps, max_norm, mode, eps=1e-6):
+    def __init__(
+        self,
+        alpha=0.97,
+        z_thresh=2.5,
+        warmup_steps=25,
+        max_norm=None,
+        mode="adaptive",
+        max_consecutive_skips=3,
+        eps=1e-6,
+    ):
         self.alpha, self.z, self.warmup, self.max_norm, self.mode, self.eps = (
             alpha,
             z_thresh,
@@ -27,20 +38,26 @@ class PythonZClip:
             mode,
             eps,
         )
-        self.history, self.mean, self.var, self.count = [], None, None, 0
+        self.max_skips = max_consecutive_skips
+        self.history, self.mean, self.var, self.run = [], None, None, 0
 
-    def threshold(self, norm):
+    def observe(self, norm):
+        """(threshold, spike, skip) for this step's norm; skip as with skip_on_spike=True."""
         limit = math.inf if self.max_norm is None else self.max_norm
-        if self.count < self.warmup:
-            threshold = min(norm, limit)
+        if not math.isfinite(norm):
+            self.run = 0
+            return min(norm, limit), False, True
+        if len(self.history) < self.warmup:
+            threshold, spike = min(norm, limit), False
             self.history.append(threshold)
-            if self.count == self.warmup - 1:
+            if len(self.history) == self.warmup:
                 self.mean = statistics.fmean(self.history)
                 self.var = statistics.pvariance(self.history)
         else:
             std = max(math.sqrt(self.var), self.eps)
             z = (norm - self.mean) / std
-            if z > self.z:
+            spike = z > self.z
+            if spike:
                 threshold = (
                     self.mean + (self.z**2 / z) * std
                     if self.mode == "adaptive"
@@ -51,8 +68,29 @@ class PythonZClip:
             threshold = min(threshold, limit)
             self.mean = self.alpha * self.mean + (1 - self.alpha) * threshold
             self.var = self.alpha * self.var + (1 - self.alpha) * (threshold - self.mean) ** 2
-        self.count += 1
-        return threshold
+        self.run = self.run + 1 if spike else 0
+        return threshold, spike, spike and self.run <= self.max_skips
+
+
+class PythonSpikeRule:
+    """GradMonitor's spike rule in plain floats (the oracle)."""
+
+    def __init__(self, spike_factor, ema_weight, max_consecutive_skips=3):
+        self.factor, self.weight, self.max_skips = spike_factor, ema_weight, max_consecutive_skips
+        self.ema, self.run = None, 0
+
+    def should_skip(self, norm):
+        if not math.isfinite(norm):
+            self.run = 0
+            return True
+        above = self.ema is not None and norm > self.factor * self.ema
+        self.run = self.run + 1 if above else 0
+        spike = above and self.run <= self.max_skips
+        if not spike and norm > 0:
+            self.ema = (
+                norm if self.ema is None else self.weight * self.ema + (1 - self.weight) * norm
+            )
+        return spike
 
 
 def scripted_norms():
@@ -69,14 +107,14 @@ def scripted_norms():
 @pytest.mark.parametrize("max_norm", [None, 1.5])
 def test_zclip_follows_the_published_rule(mode, max_norm):
     zclip = ZClip(alpha=0.97, z_thresh=2.5, warmup_steps=25, max_norm=max_norm, mode=mode)
-    oracle = PythonZClip(0.97, 2.5, 25, max_norm, mode)
+    oracle = PythonZClip(max_norm=max_norm, mode=mode)
     direction = torch.randn(1000, dtype=torch.float64)
     direction /= direction.norm()
     spikes = []
     for step, norm in enumerate(scripted_norms()):
         grad = direction * norm
         result = zclip.step([grad])
-        expected_threshold = oracle.threshold(norm)
+        expected_threshold, _, _ = oracle.observe(norm)
         assert_close(
             result.threshold,
             torch.tensor(expected_threshold, dtype=torch.float64),
@@ -125,22 +163,44 @@ def test_zclip_agc_and_grad_monitor_do_not_sync():
             agc.step()
 
 
-def test_zclip_skip_on_spike_marks_spikes_and_overflows_and_keeps_the_rule():
-    norms = scripted_norms()
-    norms[55] = math.inf
+def lasting_rise_norms():
+    """Overflows during warm-up, an isolated spike, then a norm that triples for good."""
+    norms = scripted_norms()[:45] + [3.0 * norm for norm in scripted_norms()[:40]]
+    norms[0] = norms[4] = math.inf
+    norms[2] = math.nan
+    norms[60] = math.inf
+    return norms
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "zscore"])
+def test_zclip_warms_up_on_finite_norms_and_skips_at_most_three_spikes_in_a_row(mode):
+    norms = lasting_rise_norms()
     direction = torch.randn(100, dtype=torch.float64)
     direction /= direction.norm()
-    skipping, plain = ZClip(max_norm=None, skip_on_spike=True), ZClip(max_norm=None)
-    skipped, plain_skipped = [], []
+    skipping = ZClip(max_norm=None, mode=mode, skip_on_spike=True)
+    plain = ZClip(max_norm=None, mode=mode)
+    oracle = PythonZClip(max_norm=None, mode=mode)
+    skipped = []
     for step, norm in enumerate(norms):
         result = skipping.step([direction * norm])
-        expected = plain.step([direction * norm])
-        assert torch.equal(result.threshold, expected.threshold), f"threshold at step {step}"
-        assert torch.equal(result.spike, expected.spike)
+        unskipped = plain.step([direction * norm])
+        threshold, spike, skip = oracle.observe(norm)
+        if math.isfinite(norm):
+            assert_close(
+                result.threshold,
+                torch.tensor(threshold, dtype=torch.float64),
+                rtol=1e-9,
+                what=f"threshold at step {step}",
+            )
+            assert torch.equal(result.threshold, unskipped.threshold), "skipping changes no EMA"
+        assert bool(result.spike) == spike, f"spike at step {step}"
+        assert bool(result.skip) == skip, f"skip at step {step}"
+        assert bool(unskipped.skip) == (not math.isfinite(norm)), "without the option: overflow"
         skipped.append(bool(result.skip))
-        plain_skipped.append(bool(expected.skip))
-    assert [i for i, s in enumerate(skipped) if s] == [30, 31, 45, 55]
-    assert [i for i, s in enumerate(plain_skipped) if s] == [55], "overflow alone skips"
+    rise = [skipped[i] for i in (30, 31, 44, 45, 46, 47, 48)]
+    assert rise == [True, True, False, True, True, True, False], (
+        "the isolated spikes and the first three steps of the lasting rise are skipped"
+    )
 
 
 def _twin_parameters(device, size=64):
@@ -169,8 +229,7 @@ def test_zclip_clip_step_skips_spikes_like_a_torch_loop(device, fused, scaled):
     """ZClip.clip_step against torch doing the same by hand: GradScaler.unscale_, the published
     rule's factor (plain Python), and optimizer.step only when the step is neither a spike nor an
     overflow. Spikes must not back off the scale; fused optimizers must not sync."""
-    norms = scripted_norms()
-    norms[52] = math.inf
+    norms = lasting_rise_norms()
     direction = _direction(4, device)
     parameter, twin = _twin_parameters(device)
     optimizer, twin_optimizer = _adamw(parameter, fused), _adamw(twin, fused)
@@ -180,7 +239,7 @@ def test_zclip_clip_step_skips_spikes_like_a_torch_loop(device, fused, scaled):
         else (None, None)
     )
     zclip = ZClip(max_norm=None, skip_on_spike=True)
-    oracle = PythonZClip(0.97, 2.5, 25, None, "adaptive")
+    oracle = PythonZClip(max_norm=None)
     for step, norm in enumerate(norms):
         parameter.grad = _loss_scaled(direction * norm, scaler)
         twin.grad = _loss_scaled(direction * norm, twin_scaler)
@@ -189,16 +248,11 @@ def test_zclip_clip_step_skips_spikes_like_a_torch_loop(device, fused, scaled):
 
         if scaled:
             twin_scaler.unscale_(twin_optimizer)
-        spike = False
-        if math.isfinite(norm):
-            threshold = oracle.threshold(norm)
-            spike = step >= 25 and threshold < norm
+        threshold, _, skip = oracle.observe(norm)
+        if not skip:
             twin.grad.mul_(1.0 if threshold >= norm else threshold / (norm + 1e-6))
-        else:
-            oracle.count += 1
-        if math.isfinite(norm) and not spike:
             twin_optimizer.step()
-        assert bool(result.skip) == (spike or not math.isfinite(norm)), f"skip at step {step}"
+        assert bool(result.skip) == skip, f"skip at step {step}"
         assert_close(parameter, twin, rtol=1e-5, atol=1e-7, what=f"parameter after step {step}")
         if scaled:
             scaler.update()
@@ -211,7 +265,9 @@ def test_zclip_clip_step_skips_spikes_like_a_torch_loop(device, fused, scaled):
 def test_grad_monitor_flag_skips_through_amp_step_like_a_torch_loop(device, fused):
     """unscale_clip_ -> GradMonitor.record -> amp.step(skip=...) against torch's unscale_,
     clip_grad_norm_, the spike rule in plain Python, and scaler.step only when it is not a spike."""
-    norms = [1.0, 1.2, 0.9, 30.0, 1.1, math.inf, 0.8, 1.3]
+    # A first-step overflow and a zero norm (neither may start the EMA), an isolated spike, an
+    # overflow, and a lasting rise (flagged three steps, then let through).
+    norms = [math.inf, 0.0, 1.0, 1.2, 0.9, 30.0, 1.1, math.inf, 0.8] + [12.0] * 5 + [1.3]
     spike_factor, ema_weight, max_norm = 5.0, 0.98, 1.0
     direction = _direction(6, device)
     parameter, twin = _twin_parameters(device)
@@ -220,7 +276,8 @@ def test_grad_monitor_flag_skips_through_amp_step_like_a_torch_loop(device, fuse
         torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=2) for _ in range(2)
     )
     monitor = GradMonitor(capacity=16, spike_factor=spike_factor, ema=ema_weight)
-    ema = norms[0]
+    rule = PythonSpikeRule(spike_factor, ema_weight)
+    flags = []
     for step, norm in enumerate(norms):
         parameter.grad = _loss_scaled(direction * norm, scaler)
         twin.grad = _loss_scaled(direction * norm, twin_scaler)
@@ -231,11 +288,11 @@ def test_grad_monitor_flag_skips_through_amp_step_like_a_torch_loop(device, fuse
 
         twin_scaler.unscale_(twin_optimizer)
         torch.nn.utils.clip_grad_norm_([twin], max_norm)
-        spike = not math.isfinite(norm) or norm > spike_factor * ema
-        if not spike:
-            ema = ema_weight * ema + (1 - ema_weight) * norm
+        expected_skip = rule.should_skip(norm)
+        if not expected_skip:
             twin_scaler.step(twin_optimizer)
-        assert bool(skip) == spike, f"skip at step {step}"
+        assert bool(skip) == expected_skip, f"skip at step {step}"
+        flags.append(expected_skip)
         assert_close(parameter, twin, rtol=1e-5, atol=1e-7, what=f"parameter after step {step}")
         if math.isfinite(norm):
             factor = min(1.0, max_norm / (norm + 1e-6))
@@ -243,6 +300,7 @@ def test_grad_monitor_flag_skips_through_amp_step_like_a_torch_loop(device, fuse
         scaler.update()
         twin_scaler.update()
         assert scaler.get_scale() == twin_scaler.get_scale(), f"scale after step {step}"
+    assert [i for i, flag in enumerate(flags) if flag] == [0, 5, 7, 9, 10, 11]
 
 
 def test_agc_matches_its_formula_on_linear_and_conv_weights():
