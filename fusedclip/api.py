@@ -9,6 +9,7 @@ Nothing here syncs with the host except `error_if_nonfinite=True`.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -19,7 +20,7 @@ from fusedclip.layout import is_dense
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
 class ClipResult(NamedTuple):
@@ -192,6 +193,59 @@ def _localized_plan(
     return _plan(tensors, backend), process_group
 
 
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+_device_of = operator.attrgetter("device")
+_dtype_of = operator.attrgetter("dtype")
+_layout_of = operator.attrgetter("layout")
+
+
+def _common_case_plan(tensors: list[torch.Tensor], backend: str | None) -> _Plan | None:
+    """The plan of the common case, found in a few C-level passes (a Python loop costs about a
+    microsecond per gradient, which eager steps on small models feel): plain tensors, each listed
+    once, all contiguous, on one device, of supported dtypes. None for anything else, which the
+    general path plans or rejects with its errors."""
+    if torch.compiler.is_compiling() or not tensors:
+        return None
+    if not set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES:
+        return None
+    devices = set(map(_device_of, tensors))
+    dtypes = set(map(_dtype_of, tensors))
+    if len(devices) != 1 or not dtypes <= SUPPORTED_DTYPES:
+        return None
+    if set(map(_layout_of, tensors)) != {torch.strided}:
+        return None
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        return None
+    if len(set(map(id, tensors))) != len(tensors):
+        return None
+    (device,) = devices
+    backend_ = dispatch.select(device, backend)
+    group = _DeviceGroup(device, backend_, tensors, [], [], list(range(len(tensors))))
+    out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    return _Plan([group], out_dtype, len(tensors))
+
+
+def _prepare(
+    tensors: list[torch.Tensor],
+    name: str,
+    backend: str | None,
+    process_group=None,
+    *,
+    measured: bool = True,
+):
+    """(plan, process group) for the gradients after every check and with repeats dropped; the
+    plan is None when there is nothing to do. `name` is how error messages call `tensors`."""
+    dispatch.requested_backend(backend)
+    plan = _common_case_plan(tensors, backend)
+    if plan is not None:
+        return plan, process_group
+    tensors = _unique(tensors)
+    _check_tensors(tensors, name)
+    if not tensors:
+        return None, process_group
+    return _localized_plan(tensors, backend, process_group, measured=measured)
+
+
 def _reduce_group(group: _DeviceGroup, norm_type: float, per_tensor: bool):
     """(power_sum, found_inf, per_tensor_power or None) of one device's gradients."""
     parts = []
@@ -326,12 +380,9 @@ def _clip(
     max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
     clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
-    dispatch.requested_backend(backend)
-    tensors = _unique(tensors)
-    _check_tensors(tensors, name)
-    if not tensors:
+    plan, process_group = _prepare(tensors, name, backend, process_group)
+    if plan is None:
         return _empty_result(per_tensor)
-    plan, process_group = _localized_plan(tensors, backend, process_group)
     first = plan.groups[0]
     inv_scale_tensor = _inv_scale_tensor(inv_scale, plan.device)
     writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
@@ -484,12 +535,9 @@ def clip_grads_with_norm_(
     """Drop-in for torch.nn.utils.clip_grads_with_norm_: scales the gradients by
     min(1, max_norm / (total_norm + 1e-6)), with a `total_norm` computed beforehand."""
     max_norm = _check_nonnegative(max_norm, "max_norm")
-    dispatch.requested_backend(backend)
-    grads = _unique(_gradients(parameters))
-    _check_tensors(grads, "parameters' gradients")
-    if not grads:
+    plan, _ = _prepare(_gradients(parameters), "parameters' gradients", backend, measured=False)
+    if plan is None:
         return
-    plan, _ = _localized_plan(grads, backend, None, measured=False)
     total_norm = torch.as_tensor(total_norm, device=plan.device)
     clip_coef = reference.clip_coefficient(total_norm, max_norm, None).to(plan.out_dtype)
     _apply(plan, clip_coef, None)
@@ -508,12 +556,9 @@ def clip_grad_value_(
     [-clip_value, clip_value], after unscaling by `inv_scale` when given (one write pass)."""
     clip_value = _check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
-    dispatch.requested_backend(backend)
-    grads = _unique(_gradients(parameters))
-    _check_tensors(grads, "parameters' gradients")
-    if not grads:
+    plan, _ = _prepare(_gradients(parameters), "parameters' gradients", backend, measured=False)
+    if plan is None:
         return
-    plan, _ = _localized_plan(grads, backend, None, measured=False)
     clip_coef = _inv_scale_tensor(inv_scale, plan.device)
     if clip_coef is None:
         clip_coef = torch.ones((), dtype=plan.out_dtype, device=plan.device)
@@ -526,10 +571,7 @@ def scale_(
 ) -> None:
     """g *= clip_coef for every tensor, through the fused write pass (skipped on the device when
     clip_coef == 1); for callers that compute their own coefficient on the device."""
-    dispatch.requested_backend(backend)
-    tensors = _unique(_as_tensor_list(tensors))
-    _check_tensors(tensors, "tensors")
-    if not tensors:
+    plan, _ = _prepare(_as_tensor_list(tensors), "tensors", backend, measured=False)
+    if plan is None:
         return
-    plan, _ = _localized_plan(tensors, backend, None, measured=False)
     _apply(plan, clip_coef.to(plan.out_dtype), None)
