@@ -130,23 +130,29 @@ def _fills_momentum_on_this_step(optimizer: torch.optim.Optimizer) -> bool:
     decides on the host instead."""
     if not isinstance(optimizer, torch.optim.SGD):
         return False
-    return any(
-        group["momentum"] != 0
-        and all(
-            optimizer.state.get(param, {}).get("momentum_buffer") is None
-            for param in group["params"]
-            if param.grad is not None
-        )
-        for group in optimizer.param_groups
-    )
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        # torch's test: every stepped parameter lacks a buffer. Stops at the first that has one.
+        stepped = False
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if optimizer.state.get(param, {}).get("momentum_buffer") is not None:
+                break
+            stepped = True
+        else:
+            if stepped:
+                return True
+    return False
 
 
 def _step_unless(
     optimizer: torch.optim.Optimizer,
     skip: torch.Tensor,
     grad_scale: torch.Tensor | None = None,
-) -> None:
-    """optimizer.step() unless `skip` (an on-device 0/1 tensor) is set.
+):
+    """optimizer.step() unless `skip` (an on-device 0/1 tensor) is set; returns what it returned.
 
     Fused optimizers read the flag on the device through their `found_inf` input (and divide the
     gradients by `grad_scale` in the same pass); any other optimizer needs one sync to decide, as
@@ -154,19 +160,17 @@ def _step_unless(
     """
     if _is_fused(optimizer):
         if _fills_momentum_on_this_step(optimizer) and bool(skip):
-            return
+            return None
         optimizer.grad_scale = grad_scale
         optimizer.found_inf = skip.to(torch.float32)
         try:
-            optimizer.step()
+            return optimizer.step()
         finally:
             del optimizer.grad_scale
             del optimizer.found_inf
-    else:
-        if grad_scale is not None:
-            raise AssertionError("grad_scale needs a fused optimizer")
-        if not bool(skip):
-            optimizer.step()
+    if grad_scale is not None:
+        raise AssertionError("grad_scale needs a fused optimizer")
+    return None if bool(skip) else optimizer.step()
 
 
 def _step_measured(
@@ -267,9 +271,10 @@ def step(
     *,
     skip: torch.Tensor | None = None,
     scaler: GradScaler | None = None,
-) -> None:
+):
     """`scaler.step(optimizer)` (or `optimizer.step()`) that also skips the step when `skip`, an
-    on-device bool such as `GradMonitor.should_skip` or `ZClipResult.skip`, is set.
+    on-device bool such as `GradMonitor.should_skip` or `ZClipResult.skip`, is set. Returns what
+    `optimizer.step()` returned (None when skipped on the host).
 
     Fused optimizers skip on the device (no sync); others decide with one sync, as
     GradScaler.step. The scaler keeps its own found_inf: a skip that is not an overflow does not
@@ -279,11 +284,7 @@ def step(
     """
     scaling = scaler is not None and scaler._enabled
     if not scaling:
-        if skip is None:
-            optimizer.step()
-        else:
-            _step_unless(optimizer, skip)
-        return
+        return optimizer.step() if skip is None else _step_unless(optimizer, skip)
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("step() has already been called since the last update().")
@@ -303,8 +304,9 @@ def step(
     flag = sum(_to_device(overflow, device) for overflow in overflows)
     if skip is not None:
         flag = flag + _to_device(skip, device).to(torch.float32)
-    _step_unless(optimizer, flag.clamp(max=1), grad_scale)
+    result = _step_unless(optimizer, flag.clamp(max=1), grad_scale)
     state["stage"] = OptState.STEPPED
+    return result
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

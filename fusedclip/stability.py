@@ -41,23 +41,53 @@ class ZClipResult(NamedTuple):
     skip: torch.Tensor  # bool: skip this step (overflow; or a spike, with skip_on_spike)
 
 
+class SkipBudget:
+    """At most `max_skips` skipped spikes in any `window` consecutive steps, decided on the device.
+
+    Skipping is for rare outliers. A lasting rise in the norm, or a batch that spikes every few
+    steps, would be skipped forever by a rule that only looks at the norm (the skipped steps never
+    move the weights that would bring it down); past the budget such spikes go through (clipped).
+    """
+
+    def __init__(self, max_skips: int = 3, window: int = 100):
+        if max_skips < 1:
+            raise ValueError(f"max_skips must be >= 1, got {max_skips}")
+        if window < max_skips:
+            raise ValueError(f"skip_window must be >= max_skips ({max_skips}), got {window}")
+        self.max_skips, self.window = max_skips, window
+        self._recent: torch.Tensor | None = None  # ring of the last `window` decisions
+        self._steps = 0  # a host int: the ring's position needs no sync
+
+    def take(self, spike: torch.Tensor) -> torch.Tensor:
+        """`spike` where the budget allows skipping it; records the decision."""
+        if self._recent is None:
+            self._recent = torch.zeros(self.window, dtype=torch.bool, device=spike.device)
+        slot = self._steps % self.window
+        earlier = self._recent.sum() - self._recent[slot].to(torch.int64)
+        skip = spike & (earlier < self.max_skips)
+        self._recent[slot] = skip
+        self._steps += 1
+        return skip
+
+
 class ZClip:
     """Adaptive clipping on the z-score of the gradient norm (Kumar et al., 2025).
 
-    Warm-up: the first `warmup_steps` finite norms are clipped to `max_norm` and recorded; their
-    mean and variance start the EMAs (overflowed steps, common early in fp16 training, do not
-    count). Then each step: z = (g - mean) / std; when z > z_thresh the norm is clipped to
-    mean + (z_thresh^2 / z) * std ("adaptive", the paper's default) or to mean + z_thresh * std
-    ("zscore"); the EMAs are updated with the clipped norm:
+    Warm-up: the gradients are clipped to `max_norm` while the first `warmup_steps` finite norms
+    are recorded; their mean and variance start the EMAs (overflowed steps, common early in fp16
+    training, do not count). Then each step: z = (g - mean) / std; when z > z_thresh the norm is
+    clipped to g' = mean + (z_thresh^2 / z) * std ("adaptive", the paper's default) or to
+    g' = mean + z_thresh * std ("zscore"), else g' = g; the EMAs are updated with g':
     mean <- alpha * mean + (1 - alpha) * g', var <- alpha * var + (1 - alpha) * (g' - mean)^2
-    (with the updated mean, as the reference implementation). `max_norm`, when given, also caps
-    the threshold after warm-up. Non-finite norms neither clip by z nor enter the EMAs.
+    (with the updated mean), as the reference implementation. `max_norm`, when given, caps the
+    clip applied (min(g', max_norm)) but not the statistics, again as the reference: capped
+    statistics would call every step above `max_norm` a spike. Non-finite norms neither clip by z
+    nor enter the EMAs.
 
     `skip_on_spike=True` also marks a spike step to be skipped (`result.skip`; `clip_step` and
-    `fusedclip.amp.step` honour it on the device), for at most `max_consecutive_skips` spikes in
-    a row: a lasting rise in the norm is a spike at every step (in "adaptive" mode the variance
-    even shrinks while it lasts), and skipping it all would stop training; past the limit such
-    steps are clipped, as without the option. The EMAs take the clipped norm either way.
+    `fusedclip.amp.step` honour it on the device), within a budget of `max_skips` skipped steps
+    in any `skip_window` (see SkipBudget); spikes past it are clipped, as without the option.
+    `result.skip` is also set when the norm is not finite.
     """
 
     def __init__(
@@ -69,7 +99,8 @@ class ZClip:
         mode: str = "adaptive",
         eps: float = 1e-6,
         skip_on_spike: bool = False,
-        max_consecutive_skips: int = 3,
+        max_skips: int = 3,
+        skip_window: int = 100,
         process_group=None,
         backend: str | None = None,
     ):
@@ -83,23 +114,19 @@ class ZClip:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
         if max_norm is not None and not max_norm >= 0:
             raise ValueError(f"max_norm must be a non-negative number or None, got {max_norm}")
-        if max_consecutive_skips < 1:
-            raise ValueError(
-                f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}; "
-                "pass skip_on_spike=False to never skip"
-            )
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
-        self.skip_on_spike, self.max_consecutive_skips = skip_on_spike, max_consecutive_skips
+        self.skip_on_spike = skip_on_spike
+        self._skip_budget = SkipBudget(max_skips, skip_window)
         self.process_group = process_group  # sharded gradients: every rank sees the global norm
         # All state lives on the gradients' device, created at the first step.
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
         self._warmup_norms: torch.Tensor | None = None
         self._warmup_count: torch.Tensor | None = None  # finite norms recorded so far
-        self._spike_run: torch.Tensor | None = None  # spikes in a row up to this step
 
-    def _threshold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _z_clipped(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g', spike): the norm clipped by the z-score rule (before max_norm), and whether it was."""
         std = self.var.sqrt().clamp(min=self.eps)
         z = (norm - self.mean) / std
         spike = (z > self.z_thresh) & torch.isfinite(norm)
@@ -107,10 +134,7 @@ class ZClip:
             clipped_to = self.mean + (self.z_thresh**2 / z.clamp(min=self.z_thresh)) * std
         else:
             clipped_to = self.mean + self.z_thresh * std
-        threshold = torch.where(spike, clipped_to, norm)
-        if self.max_norm is not None:
-            threshold = threshold.clamp(max=self.max_norm)
-        return threshold, spike
+        return torch.where(spike, clipped_to, norm), spike
 
     def _start(self, device: torch.device) -> None:
         def zero(*shape, dtype=torch.float64):
@@ -119,7 +143,6 @@ class ZClip:
         self.mean, self.var = zero(), zero()
         self._warmup_norms = zero(self.warmup_steps)
         self._warmup_count = zero(dtype=torch.int64)
-        self._spike_run = zero(dtype=torch.int64)
 
     def _measure(
         self, grads: list[torch.Tensor], inv_scale: float | torch.Tensor | None
@@ -138,18 +161,17 @@ class ZClip:
         finite = torch.isfinite(norm)
         in_warmup = self._warmup_count < self.warmup_steps
 
-        warmup_threshold = norm.clamp(max=math.inf if self.max_norm is None else self.max_norm)
         recorded = in_warmup & finite
         slot = torch.arange(self.warmup_steps, device=norm.device) == self._warmup_count
-        self._warmup_norms = torch.where(slot & recorded, warmup_threshold, self._warmup_norms)
+        self._warmup_norms = torch.where(slot & recorded, norm, self._warmup_norms)
         self._warmup_count = self._warmup_count + recorded.to(torch.int64)
         warmup_ends = recorded & (self._warmup_count == self.warmup_steps)
 
-        rule_threshold, spike = self._threshold(norm)
+        z_clipped, spike = self._z_clipped(norm)
         spike = spike & ~in_warmup
         updates = finite & ~in_warmup
-        mean = self.alpha * self.mean + (1 - self.alpha) * rule_threshold
-        var = self.alpha * self.var + (1 - self.alpha) * (rule_threshold - mean) ** 2
+        mean = self.alpha * self.mean + (1 - self.alpha) * z_clipped
+        var = self.alpha * self.var + (1 - self.alpha) * (z_clipped - mean) ** 2
         self.mean = torch.where(
             warmup_ends, self._warmup_norms.mean(), torch.where(updates, mean, self.mean)
         )
@@ -158,17 +180,18 @@ class ZClip:
             self._warmup_norms.var(unbiased=False),
             torch.where(updates, var, self.var),
         )
-        threshold = torch.where(in_warmup, warmup_threshold, rule_threshold)
+        threshold = torch.where(in_warmup, norm, z_clipped)
+        if self.max_norm is not None:
+            threshold = threshold.clamp(max=self.max_norm)
 
         # Below the threshold the gradients are left alone (as the published rule, which clips only
         # then; min(1, threshold / (norm + 1e-6)) would scale by norm / (norm + 1e-6) each step);
         # above it, clip_grad_norm_'s factor. A NaN norm still poisons, as in clip_grad_norm_.
         clip_factor = torch.where(threshold >= norm, 1.0, threshold / (norm + NORM_EPS))
         clip_coef = clip_factor * (measured.clip_coef.to(torch.float64))
-        self._spike_run = torch.where(spike, self._spike_run + 1, 0)
-        skip = measured.found_inf.to(torch.bool)
+        skip = measured.found_inf.to(torch.bool) | ~finite
         if self.skip_on_spike:
-            skip = skip | (spike & (self._spike_run <= self.max_consecutive_skips))
+            skip = skip | self._skip_budget.take(spike)
         return ZClipResult(
             measured.total_norm,
             measured.found_inf,
@@ -253,10 +276,10 @@ class GradMonitor:
 
     `record(result)` after each clip is sync-free; `summary()` reads back only when asked. The
     spike rule flags a step whose norm exceeds `spike_factor` times the EMA of earlier unflagged
-    finite, nonzero norms (NaN, so nothing is flagged, until the first such norm), for at most
-    `max_consecutive_skips` steps in a row: past that the rise is lasting, the step is not flagged
-    and its norm enters the EMA, so the monitor adapts instead of skipping forever. Non-finite
-    norms are always flagged. `should_skip` is an on-device bool for
+    finite, nonzero norms (NaN, so nothing is flagged, until the first such norm), within a budget
+    of `max_skips` flagged steps in any `skip_window` (see SkipBudget): spikes past it are not
+    flagged and enter the EMA, so the monitor adapts to a lasting rise instead of skipping it
+    forever. Non-finite norms are always flagged. `should_skip` is an on-device bool for
     `fusedclip.amp.step(optimizer, skip=...)`, which skips without a sync for fused optimizers.
     """
 
@@ -266,18 +289,16 @@ class GradMonitor:
         names: list[str] | None = None,
         spike_factor: float = 10.0,
         ema: float = 0.98,
-        max_consecutive_skips: int = 3,
+        max_skips: int = 3,
+        skip_window: int = 100,
     ):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        if max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         self.capacity, self.names, self.spike_factor, self.ema = capacity, names, spike_factor, ema
-        self.max_consecutive_skips = max_consecutive_skips
+        self._skip_budget = SkipBudget(max_skips, skip_window)
         self.steps = 0
         self.norms = self.coefs = self.found_inf = self.per_tensor = None
         self.norm_ema: torch.Tensor | None = None  # NaN until the first finite, nonzero norm
-        self._spike_run: torch.Tensor | None = None
         self.should_skip: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -302,7 +323,6 @@ class GradMonitor:
             self.coefs = torch.zeros(self.capacity, dtype=torch.float64, device=device)
             self.found_inf = torch.zeros(self.capacity, dtype=torch.float32, device=device)
             self.norm_ema = torch.full((), math.nan, dtype=torch.float64, device=device)
-            self._spike_run = torch.zeros((), dtype=torch.int64, device=device)
         per_tensor = getattr(result, "per_tensor_norms", None)
         if per_tensor is not None and self.per_tensor is None:
             self.per_tensor = torch.zeros(
@@ -319,8 +339,7 @@ class GradMonitor:
             self.per_tensor[slot] = per_tensor.to(torch.float64)
         finite = torch.isfinite(norm)
         above = finite & (norm > self.spike_factor * self.norm_ema)  # False while the EMA is NaN
-        self._spike_run = torch.where(above, self._spike_run + 1, 0)
-        spike = above & (self._spike_run <= self.max_consecutive_skips)
+        spike = self._skip_budget.take(above)
         self.should_skip = spike | ~finite
         ema = torch.where(
             self.norm_ema.isnan(), norm, self.ema * self.norm_ema + (1 - self.ema) * norm

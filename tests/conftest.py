@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -104,6 +105,20 @@ def assert_grads_close(actual: torch.Tensor, expected64: torch.Tensor, what: str
     assert_close(actual, expected, rtol=2 * ulp, atol=tiny, what=what)
 
 
+@contextlib.contextmanager
+def refusing_host_syncs(enabled: bool = True):
+    """Any read of a tensor's value on the host (item, bool) inside fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host sync")
+
+    with pytest.MonkeyPatch.context() as patch:
+        if enabled:
+            patch.setattr(torch.Tensor, "item", refuse)
+            patch.setattr(torch.Tensor, "__bool__", refuse)
+        yield
+
+
 __all__ = [
     "DEVICES",
     "HAS_CUDA",
@@ -114,4 +129,5 @@ __all__ = [
     "fusedclip",
     "is_interpreted",
     "poison_allocator",
+    "refusing_host_syncs",
 ]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, refusing_host_syncs
 
 from fusedclip import amp
 
@@ -241,3 +241,15 @@ def test_amp_step_lets_fused_optimizers_unscale_float16_as_scaler_step_does():
         runs.append([p.detach().clone() for p in model.parameters()])
     for param, expected in zip(*runs, strict=True):
         assert torch.equal(param, expected)
+
+
+def test_fused_sgd_with_a_frozen_group_decides_on_the_device_after_its_first_step():
+    model = _model("cpu")
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
+    model[2].requires_grad_(False)  # its group never has gradients, hence never a buffer
+    for step in range(3):
+        model.zero_grad()
+        model(torch.ones(2, 16)).square().sum().backward()
+        with refusing_host_syncs(enabled=step > 0):
+            amp.step(optimizer, skip=torch.tensor(False))
