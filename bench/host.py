@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "repeats": args.repeats,
         "elements_per_tensor": ELEMENTS,
-        "rows": rows,
+        "calls": rows,
     }
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
