@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 
 import torch
@@ -85,11 +83,7 @@ def main(argv=None) -> None:
         "calls": rows,
     }
     print_table(rows)
-    os.makedirs(args.out, exist_ok=True)
-    name = f"host-{report.slug(result['device'])}-{result['commit'].split('+')[0]}.json"
-    path = os.path.join(args.out, name)
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=1)
+    path = report.write_json(result, args.out, prefix="host-")
     print(f"wrote {path}")
 
 

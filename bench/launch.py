@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 
 import torch
@@ -127,11 +125,7 @@ def main(argv=None) -> None:
         "sweep": rows,
     }
     print_table(rows)
-    os.makedirs(args.out, exist_ok=True)
-    name = f"launch-{report.slug(result['device'])}-{result['commit'].split('+')[0]}.json"
-    path = os.path.join(args.out, name)
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=1)
+    path = report.write_json(result, args.out, prefix="launch-")
     print(f"wrote {path}")
 
 

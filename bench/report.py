@@ -93,9 +93,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
 
 
-def write_json(result: dict, out_dir: str = RESULTS_DIR) -> str:
+def write_json(result: dict, out_dir: str = RESULTS_DIR, prefix: str = "") -> str:
+    """Writes bench/results/<prefix><device>-<commit>.json; returns its path."""
     os.makedirs(out_dir, exist_ok=True)
-    name = f"{slug(result['device'])}-{result['commit'].split('+')[0]}.json"
+    name = f"{prefix}{slug(result['device'])}-{result['commit'].split('+')[0]}.json"
     path = os.path.join(out_dir, name)
     with open(path, "w") as handle:
         json.dump(result, handle, indent=1)
