@@ -235,10 +235,10 @@ def _prepare(
 ):
     """(plan, process group) for the gradients after every check and with repeats dropped; the
     plan is None when there is nothing to do. `name` is how error messages call `tensors`."""
-    dispatch.requested_backend(backend)
-    plan = _common_case_plan(tensors, backend)
+    plan = _common_case_plan(tensors, backend)  # dispatch.select validates `backend` there
     if plan is not None:
         return plan, process_group
+    dispatch.requested_backend(backend)  # an empty list must reject a bad backend too
     tensors = _unique(tensors)
     _check_tensors(tensors, name)
     if not tensors:
