@@ -36,10 +36,7 @@ def clone_parameters(parameters):
 
 
 def reference_total_norm(grads, norm_type):
-    powers = torch.stack([reference.tensor_power(g.cpu(), float(norm_type)) for g in grads])
-    return reference.power_to_norm(
-        reference.combine_powers(powers, float(norm_type)), float(norm_type)
-    )
+    return reference.reduce([g.cpu() for g in grads], float(norm_type), False)[0]
 
 
 def sizes_for(device, backend):
