@@ -224,7 +224,9 @@ class ZClip:
             result = self._measure(grads, inv_scale)
             return result, result.skip
 
-        return amp._step_measured(optimizer, measure, scaler=scaler, backend=self.backend)
+        return amp._step_measured(
+            optimizer, measure, scaler=scaler, backend=self.backend, funcname="ZClip.clip_step"
+        )
 
 
 def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
