@@ -94,8 +94,12 @@ def mixed_magnitude_tensors(device, sizes, dtypes, seed=0):
         dtype = dtypes[index % len(dtypes)]
         limit = {torch.float64: 250, torch.float32: 30}.get(dtype, 3)
         exponents = torch.randint(-limit, limit, (size,), generator=generator)
-        values = torch.randn(size, generator=generator, dtype=torch.float64) * 10.0**exponents
-        tensors.append(values.to(dtype).to(device))
+        magnitudes = torch.pow(10.0, exponents.to(torch.float64))
+        values = (torch.randn(size, generator=generator, dtype=torch.float64) * magnitudes).to(
+            dtype
+        )
+        assert torch.isfinite(values).all()
+        tensors.append(values.to(device))
     return tensors
 
 
