@@ -23,6 +23,7 @@ from torch.library import wrap_triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedclip import dispatch, reference
+from fusedclip.norms import NORM_EPS
 
 TRITON_DEVICES = [
     pytest.param(device, id=device, marks=[pytest.mark.cuda] if device == "cuda" else [])
@@ -251,7 +252,7 @@ def finalize_norm(raw_norm, max_norm, inv_scale):
     total_norm = raw_norm if inv_scale is None else raw_norm * abs(inv_scale)
     clip_coef = 1.0
     if max_norm is not None:
-        ratio = max_norm / (total_norm + 1e-6)
+        ratio = max_norm / (total_norm + NORM_EPS)
         clip_coef = 1.0 if ratio > 1.0 else ratio  # keeps NaN
     if inv_scale is not None:
         clip_coef *= inv_scale
