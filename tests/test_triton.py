@@ -456,6 +456,40 @@ def test_table_cache_is_safe_under_threads(device, monkeypatch):
         assert_reduce_matches_reference(tensors, 2.0)
 
 
+@needs_gpu
+@pytest.mark.cuda
+def test_ops_from_several_threads_on_a_gpu():
+    """Item 7 with the kernels launched (the interpreter is not thread-safe, so this runs on a
+    GPU only): 8 threads, each clipping its own lists, more lists than the cache holds."""
+    lists = [
+        [torch.randn(CHUNK + 5 * i, device="cuda"), torch.randn(3 + i, device="cuda").double()]
+        for i in range(2 * triton_ops.TABLE_CACHE_SIZE)
+    ]
+    expected = [reference_clip(tensors) for tensors in lists]
+    errors: list[BaseException] = []
+    norms: dict[int, torch.Tensor] = {}
+
+    def worker(first):
+        try:
+            for index in range(first, len(lists), 8):
+                norms[index] = run_clip(lists[index])[0]
+            torch.cuda.current_stream().synchronize()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(first,)) for first in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.cuda.synchronize()
+    assert not errors, repr(errors[:3])
+    for index, (expected_norm, expected_tensors) in enumerate(expected):
+        assert_close(norms[index], expected_norm, rtol=1e-6, what=f"list {index} total_norm")
+        for tensor, oracle in zip(lists[index], expected_tensors, strict=True):
+            assert_grads_close(tensor.cpu(), oracle.to(torch.float64), what=f"list {index}")
+
+
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph in the host-side bookkeeping test: keeps what it is
     asked to retain."""
