@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import subprocess
 import sys
 import threading
 import weakref
@@ -23,6 +25,7 @@ from torch.library import wrap_triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedclip import dispatch, reference
+from fusedclip.norms import NORM_EPS
 
 TRITON_DEVICES = [
     pytest.param(device, id=device, marks=[pytest.mark.cuda] if device == "cuda" else [])
@@ -251,7 +254,7 @@ def finalize_norm(raw_norm, max_norm, inv_scale):
     total_norm = raw_norm if inv_scale is None else raw_norm * abs(inv_scale)
     clip_coef = 1.0
     if max_norm is not None:
-        ratio = max_norm / (total_norm + 1e-6)
+        ratio = max_norm / (total_norm + NORM_EPS)
         clip_coef = 1.0 if ratio > 1.0 else ratio  # keeps NaN
     if inv_scale is not None:
         clip_coef *= inv_scale
@@ -453,6 +456,40 @@ def test_table_cache_is_safe_under_threads(device, monkeypatch):
         assert_reduce_matches_reference(tensors, 2.0)
 
 
+@needs_gpu
+@pytest.mark.cuda
+def test_ops_from_several_threads_on_a_gpu():
+    """Item 7 with the kernels launched (the interpreter is not thread-safe, so this runs on a
+    GPU only): 8 threads, each clipping its own lists, more lists than the cache holds."""
+    lists = [
+        [torch.randn(CHUNK + 5 * i, device="cuda"), torch.randn(3 + i, device="cuda").double()]
+        for i in range(2 * triton_ops.TABLE_CACHE_SIZE)
+    ]
+    expected = [reference_clip(tensors) for tensors in lists]
+    errors: list[BaseException] = []
+    norms: dict[int, torch.Tensor] = {}
+
+    def worker(first):
+        try:
+            for index in range(first, len(lists), 8):
+                norms[index] = run_clip(lists[index])[0]
+            torch.cuda.current_stream().synchronize()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(first,)) for first in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.cuda.synchronize()
+    assert not errors, repr(errors[:3])
+    for index, (expected_norm, expected_tensors) in enumerate(expected):
+        assert_close(norms[index], expected_norm, rtol=1e-6, what=f"list {index} total_norm")
+        for tensor, oracle in zip(lists[index], expected_tensors, strict=True):
+            assert_grads_close(tensor.cpu(), oracle.to(torch.float64), what=f"list {index}")
+
+
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph in the host-side bookkeeping test: keeps what it is
     asked to retain."""
@@ -646,3 +683,74 @@ def test_a_graph_releases_its_tables_when_destroyed(monkeypatch):
     del graph
     gc.collect()
     assert built[0]() is None, "the destroyed graph released its table"
+
+
+# Compiled for an H100/H200 (sm_90) with no GPU present: the interpreter runs the kernels' Python,
+# not Triton's compiler, so type and lowering errors would otherwise first show on a GPU. One
+# variant of each kernel, chosen where this backend's code branches.
+COMPILE_CHECK = r"""
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import fusedclip.triton.kernels as K
+
+assert not K.INTERPRETED
+F64, I64, I32 = "*fp64", "*i64", "*i32"
+READ = dict(CHUNK_SIZE=16384, BLOCK_SIZE=2048)
+SEGMENT = {"chunk_scale_ptr": F64, "chunk_power_ptr": F64, "chunk_nonfinite_ptr": I32}
+TENSOR_OUT = {"tensor_scale_ptr": F64, "tensor_power_ptr": F64, "tensor_nonfinite_ptr": I32,
+              "tensor_norm_ptr": F64, "norm_type_bits": "i64"}
+TABLE = {"chunk_table_ptr": I64, "addresses_ptr": I64, "numels_ptr": I64}
+variants = [
+    (K._partials_table_kernel, {**TABLE, **SEGMENT, "norm_type_bits": "i64"},
+     dict(DTYPE=tl.float32, ALIGNED=True, NORM_KIND=0, SCALED=True, **READ)),
+    (K._partials_tensor_kernel, {"data_ptr": "*bf16", "numel": "i64", "first_slot": "i32",
+                                 **SEGMENT, "norm_type_bits": "i64"},
+     dict(NORM_KIND=2, SCALED=True, **READ)),
+    (K._partials_table_kernel, {**TABLE, **SEGMENT, "norm_type_bits": "i64"},
+     dict(DTYPE=tl.float16, ALIGNED=False, NORM_KIND=2, SCALED=False, **READ)),
+    (K._tensor_partials_table_kernel, {**SEGMENT, "chunk_bases_ptr": I64, **TENSOR_OUT},
+     dict(NORM_KIND=0, SCALED=True, BLOCK_SIZE=1024)),
+    (K._total_norm_kernel, {"tensor_scale_ptr": F64, "tensor_power_ptr": F64,
+                            "tensor_nonfinite_ptr": I32, "num_tensors": "i32", "raw_norm_ptr": F64,
+                            "found_inf_ptr": "*fp32", "norm_type_bits": "i64"},
+     dict(NORM_KIND=2, SCALED=True, BLOCK_SIZE=1024)),
+    (K._finalize_kernel, {"raw_norm_ptr": F64, "inv_scale_ptr": "*fp32",
+                          "total_norm_ptr": "*fp32", "clip_coef_ptr": F64, "max_norm_bits": "i64"},
+     dict(HAS_MAX_NORM=True, HAS_INV_SCALE=True)),
+    (K._scale_table_kernel, {**TABLE, "clip_coef_ptr": F64, "clip_value_bits": "i64"},
+     dict(DTYPE=tl.float32, FLOAT64_TENSOR=False, ALIGNED=True, HAS_CLIP_VALUE=False, **READ)),
+    (K._scale_tensor_kernel, {"data_ptr": "*fp16", "numel": "i64", "clip_coef_ptr": "*fp32",
+                              "clip_value_bits": "i64"},
+     dict(FLOAT64_TENSOR=False, HAS_CLIP_VALUE=True, **READ)),
+]
+for kernel, signature, constexprs in variants:
+    source = ASTSource(kernel, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert "ptx" in compiled.asm, kernel
+print("compiled", len(variants))
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a GPU runs the compiled kernels themselves")
+def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    from triton.backends import backends as triton_backends  # triton may be absent: see the top
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment["PYTHONPATH"] = os.pathsep.join([root, environment.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_CHECK],
+        cwd=root,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled 8" in result.stdout

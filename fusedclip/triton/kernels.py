@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from fusedclip.norms import NORM_EPS
+
 NORM_GENERAL: tl.constexpr = tl.constexpr(0)
 NORM_ONE: tl.constexpr = tl.constexpr(1)
 NORM_TWO: tl.constexpr = tl.constexpr(2)
@@ -34,6 +36,7 @@ FLOAT32_TINY = torch.finfo(torch.float32).tiny
 FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY: tl.constexpr = tl.constexpr(FLOAT32_TINY)
 _FLOAT32_MAX: tl.constexpr = tl.constexpr(FLOAT32_MAX)
+_NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)
 
 
 @triton.jit
@@ -504,8 +507,8 @@ def _finalize_kernel(
         inv_scale = tl.load(inv_scale_ptr).to(tl.float64)
         total_norm = total_norm * tl.abs(inv_scale)
     if HAS_MAX_NORM:
-        # A float literal would be float32: 1e-6 must be the float64 one.
-        norm_eps = tl.full([], 1e-6, dtype=tl.float64)
+        # A float literal would be float32: the epsilon must be the float64 one.
+        norm_eps = tl.full([], _NORM_EPS, dtype=tl.float64)
         ratio = _decode_float64(max_norm_bits) / (total_norm + norm_eps)
         clip_coef = tl.where(ratio > 1.0, 1.0, ratio)
     else:

@@ -90,7 +90,7 @@ class _Tables:
     chunk_bases: torch.Tensor  # int64 [n + 1]: tensor t's partials are slots [bases[t], bases[t+1])
     groups: tuple[_DtypeGroup, ...]
     # The host buffer the device tables were copied from. A graph's copy node reads it at every
-    # replay, so tables built during a capture keep it for as long as they live.
+    # replay, so tables keep it while they live (for eager ones that only delays its reuse).
     host_buffer: torch.Tensor
 
 
