@@ -24,7 +24,7 @@ from exact import bits
 from torch.library import wrap_triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusedclip import dispatch, reference
+from fusedclip import dispatch, norms, reference
 from fusedclip.norms import NORM_EPS
 
 TRITON_DEVICES = [
@@ -321,7 +321,7 @@ def expected_scaled(gradient, coef, coef_dtype):
     """What scale_ writes: the product in float32 for a 16/32-bit gradient (float64 for float64
     gradients and needs_float64_product), rounded once."""
     applied = torch.tensor(coef, dtype=coef_dtype).item()
-    if gradient.dtype == torch.float64 or triton_ops.needs_float64_product(applied):
+    if gradient.dtype == torch.float64 or norms.needs_float64_product(applied):
         product = gradient.cpu().to(torch.float64) * applied
     else:
         product = gradient.cpu().to(torch.float32) * torch.tensor(applied, dtype=torch.float32)
@@ -399,11 +399,11 @@ def test_scale_writes_nothing_when_the_applied_coefficient_is_one(device):
 def test_needs_float64_product_is_norm_h_rule():
     tiny, largest = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
     assert not any(
-        triton_ops.needs_float64_product(c)
+        norms.needs_float64_product(c)
         for c in (0.0, -0.0, math.inf, -math.inf, math.nan, tiny, -tiny, largest, 1.0, -0.5)
     )
     assert all(
-        triton_ops.needs_float64_product(c)
+        norms.needs_float64_product(c)
         for c in (tiny / 2, -1e-300, math.nextafter(largest, math.inf), 1e300, -4e38)
     )
 

@@ -17,12 +17,11 @@ of the double, `*_bits`: Triton passes Python floats as float32. A bit pattern t
 arrives as int32, so kernels sign-extend it to int64 before the bitcast.
 """
 
-import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from fusedclip.norms import NORM_EPS
+from fusedclip.norms import FLOAT32_MAX, FLOAT32_TINY, NORM_EPS
 
 NORM_GENERAL: tl.constexpr = tl.constexpr(0)
 NORM_ONE: tl.constexpr = tl.constexpr(1)
@@ -30,10 +29,8 @@ NORM_TWO: tl.constexpr = tl.constexpr(2)
 NORM_INF: tl.constexpr = tl.constexpr(3)
 
 # float32's normal range: a clip coefficient outside it (and nonzero, finite) is applied in
-# float64 (norm.h's needs_float64_product; fusedclip.triton.ops.needs_float64_product is the
+# float64 (norm.h's needs_float64_product; fusedclip.norms.needs_float64_product is the
 # host twin). Both bounds are exact in float32 and float64.
-FLOAT32_TINY = torch.finfo(torch.float32).tiny
-FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY: tl.constexpr = tl.constexpr(FLOAT32_TINY)
 _FLOAT32_MAX: tl.constexpr = tl.constexpr(FLOAT32_MAX)
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)

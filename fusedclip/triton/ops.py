@@ -63,18 +63,6 @@ _TRITON_DTYPES = {
 }
 
 
-def needs_float64_product(clip_coef: float) -> bool:
-    """Whether scale_ forms g * clip_coef in float64 for a 16- or 32-bit gradient: the coefficient
-    is nonzero, finite and outside float32's normal range (norm.h's needs_float64_product; the
-    kernels' _needs_float64_product uses the same bounds)."""
-    magnitude = abs(clip_coef)
-    return (
-        magnitude != 0.0
-        and math.isfinite(magnitude)
-        and (magnitude < kernels.FLOAT32_TINY or magnitude > kernels.FLOAT32_MAX)
-    )
-
-
 @dataclass(frozen=True)
 class _DtypeGroup:
     dtype: torch.dtype
