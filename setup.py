@@ -167,5 +167,7 @@ def _extensions():
     return [extension], {"build_ext": BuildExtensionWithRecord}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# setuptools (setup.py, pip, build) runs this file as __main__; tests import its helpers.
+if __name__ == "__main__":
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
