@@ -24,11 +24,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 
 import fusedclip
 
-# Where gradients are plain tensors that GradScaler.unscale_ would unscale.
-_PLAIN_GRADIENT_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+# Set-ups that clip through an engine of their own (accelerate's clip_grad_norm_ defers to it);
+# every other one (one device, DDP on any device type) holds plain gradients.
+_ENGINE_TYPES = (
+    DistributedType.FSDP,
+    DistributedType.DEEPSPEED,
+    DistributedType.XLA,
+    DistributedType.MEGATRON_LM,
+)
 
 
 def _unwrapped(optimizer) -> torch.optim.Optimizer:
@@ -50,8 +57,8 @@ def _optimizer_holding_exactly(accelerator: Accelerator, parameters: list[torch.
 
 
 def _fused_path(accelerator: Accelerator, parameters: list[torch.Tensor]) -> bool:
-    return accelerator.distributed_type in _PLAIN_GRADIENT_TYPES and not any(
-        isinstance(p.grad, torch.distributed.tensor.DTensor)
+    return accelerator.distributed_type not in _ENGINE_TYPES and not any(
+        isinstance(p.grad, DTensor)
         for p in parameters
         if p.grad is not None
     )
