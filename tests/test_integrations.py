@@ -5,13 +5,10 @@ configs, data from a seeded generator."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-
-import fusedclip
 
 # Both runs clip the same gradients; only the norm's accumulation differs (fusedclip: float64,
 # torch: float32), so the clip factor, and through it the weights, differ in the last bits.
@@ -326,3 +323,103 @@ def test_a_subset_of_the_optimizers_parameters_keeps_accelerates_unscale(fresh_a
     torch.testing.assert_close(fused_norm, stock_norm, rtol=NORM_RTOL, atol=0)
     for got, want in zip(fused_grads, stock_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=WEIGHT_RTOL, atol=0)
+
+
+# Hugging Face Trainer ----------------------------------------------------------------------------
+
+
+def _trainer_run(*, fused: bool, precision: str, tmp_path) -> tuple[list[dict], list[float]]:
+    transformers = pytest.importorskip("transformers")
+    from fusedclip.integrations import transformers as fused_transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 64, (24, 12), generator=generator)
+    dataset = [{"input_ids": row, "labels": row} for row in tokens]
+
+    class OverflowingTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            if self.state.global_step == OVERFLOW_BATCH and precision == "fp16":
+                loss = loss * float("inf")
+            return loss
+
+    history: list[dict] = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            entry = {f"weight {n}": p.detach().clone() for n, p in model.named_parameters()}
+            if trainer.accelerator.scaler is not None:
+                entry["loss scale"] = trainer.accelerator.scaler.get_scale()
+            history.append(entry)
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / ("fused" if fused else "stock")),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        max_grad_norm=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = OverflowingTrainer(
+        model=model, args=args, train_dataset=dataset, callbacks=[Record()]
+    )
+    if precision == "fp16":  # accelerate makes a GradScaler only on GPUs
+        trainer.accelerator.native_amp = True
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    if fused:
+        fused_transformers.enable(trainer)
+    trainer.train()
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    return history, logged
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_trainer_matches_its_own_clipping_and_logs_the_same_grad_norm(
+    precision, fresh_accelerate_state, tmp_path, monkeypatch
+):
+    stock_history, stock_norms = _trainer_run(fused=False, precision=precision, tmp_path=tmp_path)
+    unscale_calls = []
+    torch_unscale = torch.amp.GradScaler.unscale_
+
+    def counting_unscale(self, optimizer):
+        unscale_calls.append(optimizer)
+        return torch_unscale(self, optimizer)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", counting_unscale)
+    fused_history, fused_norms = _trainer_run(fused=True, precision=precision, tmp_path=tmp_path)
+    assert not unscale_calls, "fusedclip did the unscale"
+    _assert_same_run(stock_history, fused_history)
+    assert len(stock_norms) == len(fused_norms) == len(stock_history)
+    for step, (got, want) in enumerate(zip(fused_norms, stock_norms, strict=True)):
+        if math.isfinite(want):
+            assert got == pytest.approx(want, rel=NORM_RTOL), f"step {step}"
+        else:
+            assert not math.isfinite(got), f"step {step}: {got}"
+    if precision == "fp16":
+        assert not math.isfinite(stock_norms[OVERFLOW_BATCH])
+        assert stock_history[OVERFLOW_BATCH]["loss scale"] < stock_history[0]["loss scale"]
+
+
+def test_enable_refuses_what_is_not_a_trainer():
+    pytest.importorskip("transformers")
+    from fusedclip.integrations import transformers as fused_transformers
+
+    with pytest.raises(TypeError, match="trainer is a"):
+        fused_transformers.enable(object())

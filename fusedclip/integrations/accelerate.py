@@ -58,9 +58,7 @@ def _optimizer_holding_exactly(accelerator: Accelerator, parameters: list[torch.
 
 def _fused_path(accelerator: Accelerator, parameters: list[torch.Tensor]) -> bool:
     return accelerator.distributed_type not in _ENGINE_TYPES and not any(
-        isinstance(p.grad, DTensor)
-        for p in parameters
-        if p.grad is not None
+        isinstance(p.grad, DTensor) for p in parameters if p.grad is not None
     )
 
 
