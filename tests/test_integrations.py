@@ -333,7 +333,8 @@ def _trainer_run(*, fused: bool, precision: str, tmp_path) -> tuple[list[dict], 
     from fusedclip.integrations import transformers as fused_transformers
 
     config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+        vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
