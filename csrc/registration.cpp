@@ -1,12 +1,15 @@
 // The one place where the fusedclip op schemas live. Backend files add kernels with
 // TORCH_LIBRARY_IMPL(fusedclip, <DispatchKey>, m); csrc/README.md states each op's contract.
 #include <Python.h>
+#include <fusedclip/python_plan.h>
 #include <torch/library.h>
 
 extern "C" {
-// Importing fusedclip._C runs the static registrations below; the module itself is empty.
+// Importing fusedclip._C runs the static registrations below; the module itself holds only the
+// planner's fast path (csrc/python_plan.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fusedclip::python_plan_methods()};
   return PyModule_Create(&module_def);
 }
 }
@@ -14,13 +17,13 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fusedclip, m) {
   m.def(
       "reduce(Tensor[] tensors, float norm_type, bool per_tensor) -> "
-      "(Tensor power_sum, Tensor found_inf, Tensor per_tensor_power)");
+      "(Tensor raw_norm, Tensor found_inf, Tensor per_tensor_norms)");
   m.def(
-      "finalize(Tensor power_sum, float norm_type, float? max_norm, Tensor? inv_scale, "
-      "ScalarType out_dtype) -> (Tensor total_norm, Tensor clip_coef)");
+      "finalize(Tensor raw_norm, float? max_norm, Tensor? inv_scale, ScalarType out_dtype) -> "
+      "(Tensor total_norm, Tensor clip_coef)");
   m.def("scale_(Tensor(a!)[] tensors, Tensor clip_coef, float? clip_value) -> ()");
   m.def(
       "clip_(Tensor(a!)[] tensors, float norm_type, float? max_norm, Tensor? inv_scale, "
       "float? clip_value, ScalarType out_dtype, bool per_tensor, str launch=\"auto\") -> "
-      "(Tensor total_norm, Tensor found_inf, Tensor clip_coef, Tensor per_tensor_power)");
+      "(Tensor total_norm, Tensor found_inf, Tensor clip_coef, Tensor per_tensor_norms)");
 }

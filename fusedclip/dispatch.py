@@ -13,13 +13,14 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
 from fusedclip import ops, reference
 
-BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+BackendName = Literal["auto", "cuda", "triton", "cpu", "reference"]
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
 
 
 class Backend(NamedTuple):

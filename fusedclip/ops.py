@@ -55,15 +55,12 @@ def reduce(
 
 
 def finalize(
-    power_sum: torch.Tensor,
-    norm_type: float,
+    raw_norm: torch.Tensor,
     max_norm: float | None,
     inv_scale: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.fusedclip.finalize.default(
-        power_sum, norm_type, max_norm, inv_scale, out_dtype
-    )
+    return torch.ops.fusedclip.finalize.default(raw_norm, max_norm, inv_scale, out_dtype)
 
 
 def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor, clip_value: float | None) -> None:
@@ -81,7 +78,7 @@ def clip_(
     launch: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduce, finalize and scale_ in one call: (total_norm, found_inf, clip_coef,
-    per_tensor_power). `launch` ("auto", "single", "split") picks how CUDA runs the passes."""
+    per_tensor_norms). `launch` ("auto", "single", "split") picks how CUDA runs the passes."""
     return torch.ops.fusedclip.clip_.default(
         tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch
     )
@@ -92,16 +89,16 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("fusedclip::reduce")
     def _reduce_fake(tensors, norm_type, per_tensor):
         device = tensors[0].device
-        scalar = tensors[0].new_empty((), dtype=torch.float64)
+        raw_norm = tensors[0].new_empty((), dtype=torch.float64)
         found_inf = tensors[0].new_empty((), dtype=torch.float32)
-        per_tensor_power = torch.empty(
+        per_tensor_norms = torch.empty(
             len(tensors) if per_tensor else 0, dtype=torch.float64, device=device
         )
-        return scalar, found_inf, per_tensor_power
+        return raw_norm, found_inf, per_tensor_norms
 
     @torch.library.register_fake("fusedclip::finalize")
-    def _finalize_fake(power_sum, norm_type, max_norm, inv_scale, out_dtype):
-        return power_sum.new_empty((), dtype=out_dtype), power_sum.new_empty((), dtype=out_dtype)
+    def _finalize_fake(raw_norm, max_norm, inv_scale, out_dtype):
+        return raw_norm.new_empty((), dtype=out_dtype), raw_norm.new_empty((), dtype=torch.float64)
 
     @torch.library.register_fake("fusedclip::scale_")
     def _scale_fake(tensors, clip_coef, clip_value):
@@ -111,6 +108,7 @@ if EXTENSION_ERROR is None:
     def _clip_fake(
         tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch="auto"
     ):
-        _, found_inf, per_tensor_power = _reduce_fake(tensors, norm_type, per_tensor)
+        _, found_inf, per_tensor_norms = _reduce_fake(tensors, norm_type, per_tensor)
         total_norm = tensors[0].new_empty((), dtype=out_dtype)
-        return total_norm, found_inf, total_norm.new_empty(()), per_tensor_power
+        clip_coef = tensors[0].new_empty((), dtype=torch.float64)
+        return total_norm, found_inf, clip_coef, per_tensor_norms

@@ -74,7 +74,7 @@ RUNNERS: dict[str, Callable[[str], None]] = {}
 
 
 def runs(name: str, *marks):
-    """Registers the runner of README snippet `name` (marks: e.g. a strict xfail)."""
+    """Registers the runner of README snippet `name` (marks: pytest marks for its test)."""
 
     def register(runner):
         RUNNERS[name] = runner
@@ -170,17 +170,17 @@ def _assert_same_gradients(model: torch.nn.Module, twin: torch.nn.Module) -> Non
 # Runners ------------------------------------------------------------------------------------------
 
 
-@runs(
-    "overview",
-    pytest.mark.xfail(
-        strict=True,
-        reason="issue #15 part 2: the opening example unscales twice once the usual "
-        "scaler.step follows it; the lead is rewriting it (then replace this runner)",
-    ),
-)
+@runs("overview")
 def _overview(code: str) -> None:
-    # What a reader does with it: the AMP loop's clipping replaced by the block.
-    step = "scaler.scale(loss).backward()\n" + code + "scaler.step(optimizer)\nscaler.update()\n"
+    # Two uses in one block: the drop-in (no AMP), then the AMP clipping of a training step.
+    drop_in, amp_step = code.split("\n# AMP", 1)
+    model, twin = _model_with_gradients()
+    namespace = {"model": model}
+    exec(drop_in, namespace)
+    expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), MAX_NORM)
+    torch.testing.assert_close(namespace["total_norm"], expected)
+    _assert_same_gradients(model, twin)
+    step = "import fusedclip\nscaler.scale(loss).backward()\n# AMP" + amp_step
     _assert_same_training(_amp_run(step), _amp_run(TORCH_AMP_STEP), WEIGHT_RTOL)
 
 

@@ -1,0 +1,71 @@
+"""The norm maths every layer shares, in torch (csrc/include/fusedclip/norm.h is its C++ twin).
+
+Norms travel between layers as float64 norms, never as sums of |g|^p: a norm of finite gradients
+is finite whenever it fits float64, a power sum need not be (|3.0|^1000 is not). Combining norms
+(devices, ranks, dense and sparse parts) rescales by their max, as LAPACK's nrm2 does.
+No function here syncs with the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; so do we, everywhere.
+NORM_EPS = 1e-6
+
+# Up to this p, |g|^p of any float32/float16/bfloat16 value summed over 2^60 elements stays a normal
+# float64, so kernels may sum it plainly; past it, or for float64 gradients with p > 1, they scale.
+MAX_UNSCALED_NORM_TYPE = 6.0
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def is_inf_norm(norm_type: float) -> bool:
+    return math.isinf(norm_type)
+
+
+def needs_scaled_sum(norm_type: float, any_float64: bool) -> bool:
+    """Whether sum |g|^p can leave float64's normal range for some finite gradients."""
+    if math.isinf(norm_type) or norm_type <= 1.0:
+        return False
+    return any_float64 or norm_type > MAX_UNSCALED_NORM_TYPE
+
+
+def nan_max(values: torch.Tensor) -> torch.Tensor:
+    """max of a 1-D tensor, NaN if any is NaN, 0 for an empty one (a norm of nothing is 0)."""
+    return values.max() if values.numel() else values.new_zeros(())
+
+
+def combine_norms(
+    norms: torch.Tensor, norm_type: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The norm of the union of disjoint sets whose norms are `norms` (1-D, float64).
+
+    With `weights`, set i counts weights[i] times (a replicated shard held by k ranks counts
+    1/k on each). p = inf: the max (weights do not matter). NaN propagates, then inf.
+    """
+    norms = norms.to(torch.float64)
+    largest = nan_max(norms)
+    if is_inf_norm(norm_type):
+        return largest
+    safe = torch.where(torch.isfinite(largest) & (largest > 0), largest, torch.ones_like(largest))
+    powers = (norms / safe).pow(norm_type)
+    if weights is not None:
+        powers = powers * weights.to(powers)
+    combined = safe * powers.sum().pow(1.0 / norm_type)
+    return torch.where(torch.isfinite(largest) & (largest > 0), combined, largest)
+
+
+def clip_coefficient(
+    total_norm: torch.Tensor, max_norm: float | None, inv_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """inv_scale * min(1, max_norm / (total_norm + 1e-6)), float64. NaN propagates."""
+    coef = torch.ones((), dtype=torch.float64, device=total_norm.device)
+    if max_norm is not None:
+        # clamp(max=1) keeps NaN, as torch's clip_grad_norm_ does.
+        coef = (max_norm / (total_norm.to(torch.float64) + NORM_EPS)).clamp(max=1.0)
+    if inv_scale is not None:
+        coef = coef * inv_scale.to(device=coef.device, dtype=torch.float64).reshape(())
+    return coef
