@@ -27,7 +27,7 @@ def _extensions():
         return [], {}
     from torch.utils import cpp_extension
 
-    cpu_sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cpu_sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc/include")]
     # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it compiles

@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
 from fusedclip import ops, reference
 
-BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+BackendName = Literal["auto", "cuda", "triton", "cpu", "reference"]
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
 
 
 class Backend(NamedTuple):

@@ -1,13 +1,16 @@
-"""The three fused ops of every backend against fusedclip.reference, their specification."""
+"""The fused ops of every backend against fusedclip.reference, their specification, and against
+exact oracles written here (large p, extreme coefficients)."""
 
 from __future__ import annotations
 
+import decimal
 import math
+from collections import Counter
+from fractions import Fraction
 
 import pytest
 import torch
 from conftest import (
-    NORM_RTOL,
     assert_close,
     assert_grads_close,
     backend_params,
@@ -15,19 +18,30 @@ from conftest import (
     poison_allocator,
 )
 from exact import bits, same_alignment_copy
+from tolerances import (
+    FINALIZE_RTOL,
+    INTERPRETED_MULTI_CHUNK_SIZE,
+    INTERPRETED_SIZES,
+    MULTI_CHUNK_SIZE,
+    RAW_NORM_RTOL,
+    SIZES,
+)
 
 from fusedclip import dispatch, reference
 
+# Triton and the reference allocate their outputs from Python: fresh memory is NaN there.
+pytestmark = pytest.mark.usefixtures("poisoned_fresh_memory")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
-# 65537 is one past a power of two, 4095 one short: both leave a tail that no vector width
-# divides; the large size spans several chunks of every backend.
-SIZES = [0, 1, 3, 4095, 65537, (1 << 20) + 5]
-INTERPRETED_SIZES = [0, 1, 3, 4095, 70001]
+NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf, 10.0]
 
 
 def sizes_for(device, backend):
     return INTERPRETED_SIZES if is_interpreted(device, backend) else SIZES
+
+
+def multi_chunk_size(device, backend):
+    return INTERPRETED_MULTI_CHUNK_SIZE if is_interpreted(device, backend) else MULTI_CHUNK_SIZE
 
 
 def random_gradients(sizes, dtypes, device, scale=3.0):
@@ -44,8 +58,26 @@ def reference_reduce(tensors, norm_type, per_tensor=True):
     return reference.reduce([t.cpu() for t in tensors], norm_type, per_tensor)
 
 
-def norm_rtol(tensors):
-    return max(NORM_RTOL[t.dtype] for t in tensors) * 4
+def exact_norm(tensors, norm_type):
+    """(sum |g|^p)^(1/p) over every element, for an integer p (max |g| for inf), from the README's
+    definition and nothing of fusedclip: each element is an exact rational, the sum of powers is
+    exact, and the root is taken with 60 significant digits, then rounded to float64 once."""
+    counts = Counter()
+    for tensor in tensors:
+        counts.update(abs(value) for value in tensor.detach().cpu().to(torch.float64).tolist())
+    if math.isinf(norm_type):
+        return max(counts, default=0.0)
+    assert norm_type == int(norm_type), "the exact oracle takes integer p"
+    power = sum(
+        (Fraction(value) ** int(norm_type) * count for value, count in counts.items()), Fraction(0)
+    )
+    if power == 0:
+        return 0.0
+    with decimal.localcontext() as context:
+        context.prec = 60
+        context.Emax, context.Emin = decimal.MAX_EMAX, decimal.MIN_EMIN
+        power_decimal = decimal.Decimal(power.numerator) / decimal.Decimal(power.denominator)
+        return float((power_decimal.ln() / decimal.Decimal(int(norm_type))).exp())
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
@@ -55,40 +87,123 @@ def test_reduce_matches_reference(device, backend, norm_type, dtype):
     ops = dispatch.select(torch.device(device), backend)
     tensors = random_gradients(sizes_for(device, backend), [dtype], device)
     poison_allocator(device)
-    power_sum, found_inf, per_tensor_power = ops.reduce(tensors, norm_type, True)
-    expected_sum, expected_inf, expected_per_tensor = reference_reduce(tensors, norm_type)
-    assert power_sum.dtype == torch.float64 and power_sum.shape == ()
+    raw_norm, found_inf, per_tensor_norms = ops.reduce(tensors, norm_type, True)
+    expected_norm, expected_inf, expected_per_tensor = reference_reduce(tensors, norm_type)
+    assert raw_norm.dtype == torch.float64 and raw_norm.shape == ()
     assert found_inf.dtype == torch.float32 and found_inf.shape == ()
-    assert per_tensor_power.shape == (len(tensors),)
-    assert_close(power_sum, expected_sum, rtol=1e-12, what="power_sum")
-    assert_close(per_tensor_power, expected_per_tensor, rtol=1e-12, what="per_tensor_power")
+    assert per_tensor_norms.dtype == torch.float64 and per_tensor_norms.shape == (len(tensors),)
+    assert_close(raw_norm, expected_norm, rtol=RAW_NORM_RTOL, what="raw_norm")
+    assert_close(per_tensor_norms, expected_per_tensor, rtol=RAW_NORM_RTOL, what="per_tensor_norms")
     assert found_inf.item() == expected_inf.item() == 0.0
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
-@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 3.0, 10.0], ids=lambda p: f"p{p}")
 def test_reduce_mixed_dtypes_in_one_call(device, backend, norm_type):
+    """With a float64 tensor in the call every p > 1 takes the scaled path, float32 ones too."""
     ops = dispatch.select(torch.device(device), backend)
     sizes = [17, 0, 65537, 3, 1000, 5, 4095, 1]
     tensors = random_gradients(sizes, DTYPES, device)
-    power_sum, found_inf, per_tensor_power = ops.reduce(tensors, norm_type, True)
-    expected_sum, _, expected_per_tensor = reference_reduce(tensors, norm_type)
-    assert_close(power_sum, expected_sum, rtol=1e-12, what="power_sum")
-    assert_close(per_tensor_power, expected_per_tensor, rtol=1e-12, what="per_tensor_power")
+    raw_norm, _, per_tensor_norms = ops.reduce(tensors, norm_type, True)
+    expected_norm, _, expected_per_tensor = reference_reduce(tensors, norm_type)
+    assert_close(raw_norm, expected_norm, rtol=RAW_NORM_RTOL, what="raw_norm")
+    assert_close(per_tensor_norms, expected_per_tensor, rtol=RAW_NORM_RTOL, what="per_tensor_norms")
     empty = ops.reduce(tensors, norm_type, False)[2]
     assert empty.shape == (0,) and empty.dtype == torch.float64
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
-def test_reduce_float64_sum_of_finite_squares_does_not_overflow(device, backend):
+def test_reduce_float32_sum_of_finite_squares_does_not_overflow(device, backend):
     ops = dispatch.select(torch.device(device), backend)
     # |g| = 1e19 squares to 1e38 (finite in float64, overflow for a float32 accumulator).
     tensors = [torch.full((1000,), 1e19, dtype=torch.float32, device=device)]
-    power_sum, found_inf, _ = ops.reduce(tensors, 2.0, False)
+    raw_norm, found_inf, _ = ops.reduce(tensors, 2.0, False)
+    expected = exact_norm(tensors, 2.0)
     assert_close(
-        power_sum, torch.tensor(1000 * 1e38, dtype=torch.float64), rtol=1e-6, what="power_sum"
+        raw_norm, torch.tensor(expected, dtype=torch.float64), rtol=RAW_NORM_RTOL, what="raw_norm"
     )
     assert found_inf.item() == 0.0
+
+
+def f32(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def f64(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def palette_tensor(size, magnitudes, dtype, seed):
+    """`size` elements drawn from ±`magnitudes` (few distinct values, so the exact oracle is fast)."""
+    generator = torch.Generator().manual_seed(seed)
+    palette = torch.tensor(magnitudes, dtype=torch.float64)
+    index = torch.randint(len(magnitudes), (size,), generator=generator)
+    sign = torch.randint(2, (size,), generator=generator) * 2.0 - 1.0
+    return (palette[index] * sign).to(dtype)
+
+
+# (tensors, p): norms whose powers leave float64's range (issue #14 item 4), denormals, huge and
+# tiny together. Each norm is finite in float64 (and in float32 where the gradients are float32).
+LARGE_P_CASES = {
+    "p10-3e38": (lambda n: [f32(3e38)], 10.0),
+    "p100-1e4-twice": (lambda n: [f32(1e4, 1e4)], 100.0),
+    "p1000-3": (lambda n: [f32(3.0)], 1000.0),
+    "p100-1e-6": (lambda n: [f32(1e-6)], 100.0),
+    "p70-float16-max": (lambda n: [torch.full((5,), 65504.0, dtype=torch.float16)], 70.0),
+    "p2-float64-1e200": (lambda n: [torch.full((5,), 1e200, dtype=torch.float64)], 2.0),
+    "p3-float64-1e200": (lambda n: [torch.full((5,), 1e200, dtype=torch.float64)], 3.0),
+    "p2-float64-1e-200": (lambda n: [torch.full((7,), -1e-200, dtype=torch.float64)], 2.0),
+    "p2-float64-denormals": (lambda n: [f64(5e-324, -1e-310, 2e-320)], 2.0),
+    "p3-float64-denormals": (lambda n: [f64(5e-324, 1e-310, 0.0)], 3.0),
+    "p10-float32-denormals": (lambda n: [f32(1e-45, -1e-40, 3e-39)], 10.0),
+    "p2-huge-and-tiny": (lambda n: [f64(1e300, -1e-300, 5e-324), f32(3e38, 1e-40)], 2.0),
+    "p10-huge-and-tiny": (lambda n: [f32(3e38, -1e-40, 1e-45), f32(-1e-30)], 10.0),
+    "p9-several-chunks": (
+        lambda n: [palette_tensor(n, [3e38, 1e30, 1e-20, 1e-45, 0.0], torch.float32, 1)],
+        9.0,
+    ),
+    "p2-float64-several-chunks": (
+        lambda n: [
+            palette_tensor(n, [1e200, 3e199, 1e-300, 5e-324], torch.float64, 2),
+            palette_tensor(n // 3, [1e-310, 2.0], torch.float64, 3),
+        ],
+        2.0,
+    ),
+    "p8-bfloat16-several-chunks": (
+        lambda n: [
+            palette_tensor(n, [1e30, 3e38, 1e-38], torch.bfloat16, 4),
+            torch.zeros(0, dtype=torch.bfloat16),
+            palette_tensor(1000, [1e-30, 7.0], torch.float16, 5),
+        ],
+        8.0,
+    ),
+    "p4-float64-and-float32-several-chunks": (
+        lambda n: [
+            palette_tensor(n, [1e-100, 1e-150], torch.float64, 6),
+            palette_tensor(n, [1e-30, 3.0], torch.float32, 7),
+        ],
+        4.0,
+    ),
+}
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("case", list(LARGE_P_CASES))
+def test_reduce_large_p_and_extreme_values_against_exact_oracle(device, backend, case):
+    """Issue #14 item 4: |g|^p overflowed or underflowed float64 (p=10 of 3e38 was inf, p=100 of
+    1e-6 was 0, with found_inf=0); the norm must be finite and accurate, per tensor too."""
+    ops = dispatch.select(torch.device(device), backend)
+    make, norm_type = LARGE_P_CASES[case]
+    tensors = [t.to(device) for t in make(multi_chunk_size(device, backend))]
+    raw_norm, found_inf, per_tensor_norms = ops.reduce(tensors, norm_type, True)
+    expected = torch.tensor(exact_norm(tensors, norm_type), dtype=torch.float64)
+    assert math.isfinite(expected.item()) and expected.item() > 0.0, "the case is not extreme"
+    assert_close(raw_norm, expected, rtol=RAW_NORM_RTOL, what=f"raw_norm (p={norm_type})")
+    expected_per_tensor = torch.tensor(
+        [exact_norm([t], norm_type) for t in tensors], dtype=torch.float64
+    )
+    assert_close(per_tensor_norms, expected_per_tensor, rtol=RAW_NORM_RTOL, what="per_tensor_norms")
+    assert found_inf.item() == 0.0, "found_inf is for inf/NaN elements, not for a large power"
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
@@ -103,61 +218,82 @@ def test_reduce_flags_nonfinite_anywhere(device, backend, bad_value, where, dtyp
         where
     ]
     tensors[1][position] = bad_value
-    for norm_type in (2.0, math.inf):
-        power_sum, found_inf, per_tensor_power = ops.reduce(tensors, norm_type, True)
+    # 2 and inf take the plain sum for 16/32-bit gradients, 10 (and float64's 2) the scaled one.
+    for norm_type in (2.0, math.inf, 10.0):
+        raw_norm, found_inf, per_tensor_norms = ops.reduce(tensors, norm_type, True)
         assert found_inf.item() == 1.0
         if math.isnan(bad_value):
-            assert math.isnan(power_sum.item()), f"p={norm_type}: NaN must propagate"
+            assert math.isnan(raw_norm.item()), f"p={norm_type}: NaN must propagate"
+            assert math.isnan(per_tensor_norms[1].item())
         else:
-            assert power_sum.item() == math.inf
-        assert math.isfinite(per_tensor_power[2].item())
+            assert raw_norm.item() == math.inf, f"p={norm_type}"
+            assert per_tensor_norms[1].item() == math.inf
+        assert math.isfinite(per_tensor_norms[2].item())
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
-def test_reduce_is_deterministic(device, backend):
+@pytest.mark.parametrize(
+    ("dtypes", "norm_type"),
+    [
+        ([torch.float32, torch.bfloat16], 2.0),  # the plain float64 sum
+        ([torch.float64, torch.float32], 2.0),  # the scaled sum, because of the float64 tensor
+        ([torch.float32, torch.bfloat16], 10.0),  # the scaled sum, because p > 6
+    ],
+    ids=["plain-p2", "scaled-float64-p2", "scaled-p10"],
+)
+def test_reduce_is_deterministic(device, backend, dtypes, norm_type):
+    """Same bits twice, and with 1 and 2 threads (the CPU splits the chunks between them)."""
     ops = dispatch.select(torch.device(device), backend)
     sizes = [70001, 5, 4095] if is_interpreted(device, backend) else [(1 << 21) + 3, 5, 4095, 65537]
-    tensors = random_gradients(sizes, [torch.float32, torch.bfloat16], device)
+    tensors = random_gradients(sizes, dtypes, device, scale=1e30)  # |g|^p leaves float64
     threads = torch.get_num_threads()
     try:
-        first = ops.reduce(tensors, 2.0, True)
+        torch.set_num_threads(2)
+        first = ops.reduce(tensors, norm_type, True)
+        again = ops.reduce(tensors, norm_type, True)
         torch.set_num_threads(1)
-        second = ops.reduce(tensors, 2.0, True)
+        single = ops.reduce(tensors, norm_type, True)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(first, second, strict=True):
-        assert torch.equal(a, b), "same input, different bits"
+    for name, a, b, c in zip(
+        ("raw_norm", "found_inf", "per_tensor_norms"), first, again, single, strict=True
+    ):
+        assert torch.equal(bits(a), bits(b)), f"{name}: same input, different bits"
+        assert torch.equal(bits(a), bits(c)), f"{name}: different bits with 1 and 2 threads"
+    assert math.isfinite(first[0].item())
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params())
-@pytest.mark.parametrize("norm_type", [2.0, 3.0, math.inf], ids=lambda p: f"p{p}")
-@pytest.mark.parametrize("max_norm", [None, 0.0, 1.0, 1e30], ids=lambda m: f"max{m}")
-@pytest.mark.parametrize("inv_scale", [None, 2.0**-10], ids=lambda s: f"inv{s}")
+@pytest.mark.parametrize("raw_norm", [12345.678, 1e30, 0.0], ids=lambda n: f"norm{n}")
+@pytest.mark.parametrize("max_norm", [None, 0.0, 1.0, 1e-20, 1e30], ids=lambda m: f"max{m}")
+@pytest.mark.parametrize("inv_scale", [None, 2.0**-10, 1e300, -0.5], ids=lambda s: f"inv{s}")
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
-def test_finalize_matches_reference(device, backend, norm_type, max_norm, inv_scale, out_dtype):
+def test_finalize_matches_reference(device, backend, raw_norm, max_norm, inv_scale, out_dtype):
     ops = dispatch.select(torch.device(device), backend)
-    power_sum = torch.tensor(12345.678, dtype=torch.float64, device=device)
-    inv = None if inv_scale is None else torch.tensor(inv_scale, device=device)
-    total_norm, clip_coef = ops.finalize(power_sum, norm_type, max_norm, inv, out_dtype)
+    raw = torch.tensor(raw_norm, dtype=torch.float64, device=device)
+    # A float64 inv_scale where float32 cannot hold it.
+    inv_dtype = torch.float64 if inv_scale == 1e300 else torch.float32
+    inv = None if inv_scale is None else torch.tensor(inv_scale, dtype=inv_dtype, device=device)
+    total_norm, clip_coef = ops.finalize(raw, max_norm, inv, out_dtype)
     expected_norm, expected_coef = reference.finalize(
-        power_sum.cpu(), norm_type, max_norm, None if inv is None else inv.cpu(), out_dtype
+        raw.cpu(), max_norm, None if inv is None else inv.cpu(), out_dtype
     )
-    assert total_norm.dtype == clip_coef.dtype == out_dtype
+    assert total_norm.dtype == out_dtype and clip_coef.dtype == torch.float64
     assert total_norm.shape == clip_coef.shape == ()
-    assert total_norm.device.type == device
-    assert_close(total_norm, expected_norm, rtol=1e-15, what="total_norm")
-    assert_close(clip_coef, expected_coef, rtol=1e-15, what="clip_coef")
+    assert total_norm.device.type == clip_coef.device.type == device
+    assert_close(total_norm, expected_norm, rtol=FINALIZE_RTOL, what="total_norm")
+    assert_close(clip_coef, expected_coef, rtol=FINALIZE_RTOL, what="clip_coef")
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params())
-@pytest.mark.parametrize("power", [math.inf, math.nan], ids=["inf", "nan"])
-def test_finalize_propagates_nonfinite_like_torch(device, backend, power):
+@pytest.mark.parametrize("raw_norm", [math.inf, math.nan], ids=["inf", "nan"])
+def test_finalize_propagates_nonfinite_like_torch(device, backend, raw_norm):
     ops = dispatch.select(torch.device(device), backend)
     total_norm, clip_coef = ops.finalize(
-        torch.tensor(power, dtype=torch.float64, device=device), 2.0, 1.0, None, torch.float32
+        torch.tensor(raw_norm, dtype=torch.float64, device=device), 1.0, None, torch.float32
     )
     # torch: clamp(1 / (inf + 1e-6), max=1) = 0; NaN stays NaN.
-    if math.isnan(power):
+    if math.isnan(raw_norm):
         assert math.isnan(total_norm.item()) and math.isnan(clip_coef.item())
     else:
         assert total_norm.item() == math.inf and clip_coef.item() == 0.0
@@ -180,6 +316,73 @@ def test_scale_matches_reference(device, backend, dtype, coef, clip_value):
         assert_grads_close(tensor, expected, what=f"tensor {index} ({tensor.numel()} elements)")
 
 
+# Coefficients outside float32's normal range (issue #14 item 5): below FLT_MIN, float32
+# subnormal, above FLT_MAX; negative (a negative inv_scale). Each is finite in float64.
+EXTREME_COEFFICIENTS = [7.07e-51, -1e-45, 1e-40, 2.0**-149, 1e-300, 1e39, -3e300, 1e300]
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
+@pytest.mark.parametrize("coef", EXTREME_COEFFICIENTS, ids=lambda c: f"coef{c}")
+@pytest.mark.parametrize("coef_dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("clip_value", [None, 1e-30], ids=lambda v: f"value{v}")
+def test_scale_by_coefficients_outside_float32_matches_reference(
+    device, backend, coef, coef_dtype, clip_value
+):
+    """The product is formed in float64 where the coefficient is outside float32's normal range:
+    1e30 * 7e-51 is 7e-21, not 0, and 0 * 1e300 is 0, not NaN (0 * inf)."""
+    ops = dispatch.select(torch.device(device), backend)
+    coef_tensor = torch.tensor(coef, dtype=coef_dtype, device=device)
+    if coef_dtype == torch.float32 and not (0 < abs(coef_tensor.item()) < math.inf):
+        pytest.skip("not a finite nonzero float32")
+    tensors = random_gradients([1000, 3, 4095, 65537], DTYPES, device, scale=1e30)
+    for tensor in tensors:
+        tensor[:3] = torch.tensor([0.0, -0.0, 1e-30], dtype=tensor.dtype)
+    originals = [t.clone() for t in tensors]
+    ops.scale_(tensors, coef_tensor, clip_value)
+    for index, (tensor, original) in enumerate(zip(tensors, originals, strict=True)):
+        expected = [original.cpu()]
+        reference.scale_(expected, coef_tensor.cpu(), clip_value)
+        assert not torch.isnan(tensor).any(), f"tensor {index} ({tensor.dtype}): a NaN appeared"
+        assert_grads_close(tensor, expected[0].to(torch.float64), what=f"tensor {index}")
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_tiny_clip_coefficient_reaches_float32_gradients(device, backend):
+    """Issue #14 item 5: with a float64 gradient in the call and max_norm=1e-20, a 1e30 float32
+    gradient became 0 (the coefficient 7e-51 rounded to float32 is 0); it is 7.07e-21."""
+    ops = dispatch.select(torch.device(device), backend)
+    tensors = [f64(1e30).to(device), f32(1e30, 0.0, -1e30).to(device)]
+    originals = [t.clone() for t in tensors]
+    fused = [t.clone() for t in tensors]
+    raw_norm, found_inf, _ = ops.reduce(tensors, 2.0, False)
+    _, clip_coef = ops.finalize(raw_norm, 1e-20, None, torch.float64)
+    ops.scale_(tensors, clip_coef, None)
+    coef = 1e-20 / (exact_norm(originals, 2.0) + 1e-6)  # about 5.8e-51, below float32's range
+    assert_close(clip_coef, torch.tensor(coef, dtype=torch.float64), rtol=1e-15, what="clip_coef")
+    for index, (tensor, original) in enumerate(zip(tensors, originals, strict=True)):
+        expected = original.cpu().to(torch.float64) * coef
+        assert_grads_close(tensor, expected, what=f"gradient {index} ({tensor.dtype})")
+    assert tensors[1][0].item() > 5e-21 and found_inf.item() == 0.0
+    if ops.clip_ is not None:
+        ops.clip_(fused, 2.0, 1e-20, None, None, torch.float64, False)
+        for got, want in zip(fused, tensors, strict=True):
+            assert torch.equal(bits(got), bits(want)), "clip_ differs from its three ops"
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_huge_inv_scale_leaves_zero_gradients_zero(device, backend):
+    """Issue #14 item 5: inv_scale=1e300 turned a 0 float32 gradient into NaN (0 * inf)."""
+    ops = dispatch.select(torch.device(device), backend)
+    tensors = [f32(0.0, -0.0, 1e-30, 0.0).to(device)]
+    inv_scale = torch.tensor(1e300, dtype=torch.float64, device=device)
+    raw_norm, found_inf, _ = ops.reduce(tensors, 2.0, False)
+    _, clip_coef = ops.finalize(raw_norm, None, inv_scale, torch.float32)
+    ops.scale_(tensors, clip_coef, None)
+    expected = f32(0.0, -0.0, math.inf, 0.0)  # 1e270 overflows float32, as in the reference
+    assert torch.equal(bits(tensors[0]), bits(expected.to(device))), tensors[0]
+    assert found_inf.item() == 0.0
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
 def test_scale_mixed_dtypes_and_float64_coef(device, backend):
     ops = dispatch.select(torch.device(device), backend)
@@ -192,13 +395,14 @@ def test_scale_mixed_dtypes_and_float64_coef(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
-def test_scale_by_one_leaves_every_bit(device, backend):
+@pytest.mark.parametrize("coef_dtype", [torch.float32, torch.float64], ids=str)
+def test_scale_by_one_leaves_every_bit(device, backend, coef_dtype):
     ops = dispatch.select(torch.device(device), backend)
     tensors = random_gradients([4095, 65537, 3], DTYPES, device)
     tensors[0][7] = math.nan
     tensors[1][0] = -math.inf
     originals = [t.clone() for t in tensors]
-    ops.scale_(tensors, torch.ones((), device=device), None)
+    ops.scale_(tensors, torch.ones((), dtype=coef_dtype, device=device), None)
     for tensor, original in zip(tensors, originals, strict=True):
         assert torch.equal(bits(tensor), bits(original))
 
@@ -231,14 +435,17 @@ def test_opcheck(device, backend):
     namespace = torch.ops.fusedclip
     tensors = random_gradients([5, 0, 129], [torch.float32, torch.bfloat16], device)
     coef = torch.tensor(0.5, device=device)
-    power_sum = torch.tensor(4.0, dtype=torch.float64, device=device)
+    tiny_coef = torch.tensor(1e-50, dtype=torch.float64, device=device)
+    raw_norm = torch.tensor(4.0, dtype=torch.float64, device=device)
     inv_scale = torch.tensor(0.25, device=device)
     cases = [
         (getattr(namespace, prefix + "reduce"), (tensors, 2.0, True)),
         (getattr(namespace, prefix + "reduce"), (tensors, math.inf, False)),
-        (getattr(namespace, prefix + "finalize"), (power_sum, 2.0, 1.0, inv_scale, torch.float32)),
-        (getattr(namespace, prefix + "finalize"), (power_sum, 2.0, None, None, torch.float64)),
+        (getattr(namespace, prefix + "reduce"), (tensors, 10.0, True)),
+        (getattr(namespace, prefix + "finalize"), (raw_norm, 1.0, inv_scale, torch.float32)),
+        (getattr(namespace, prefix + "finalize"), (raw_norm, None, None, torch.float64)),
         (getattr(namespace, prefix + "scale_"), (tensors, coef, 0.1)),
+        (getattr(namespace, prefix + "scale_"), (tensors, tiny_coef, None)),
     ]
     if not prefix:
         cases += [
@@ -271,12 +478,13 @@ CLIP_CASES = {  # (max_norm, clip_value, inv_scale)
     "value-only": (None, 0.05, None),
     "unscale-only": (None, None, 0.5),
     "no-clip-needed": (1e9, None, None),
+    "coef-below-float32": (1e-40, None, None),  # the product is formed in float64
 }
 
 
 @pytest.mark.parametrize(("device", "backend", "launch"), clip_op_params())
 @pytest.mark.parametrize("case", list(CLIP_CASES))
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0, 10.0], ids=lambda p: f"p{p}")
 def test_clip_op_equals_reduce_finalize_scale(device, backend, launch, case, norm_type):
     """clip_ is reduce -> finalize -> scale_: every output and every gradient bit agrees."""
     ops = dispatch.select(torch.device(device), backend)
@@ -289,28 +497,26 @@ def test_clip_op_equals_reduce_finalize_scale(device, backend, launch, case, nor
     inv_scale_tensor = None if inv_scale is None else torch.tensor(inv_scale, device=device)
     out_dtype = torch.float64
     poison_allocator(device)
-    total_norm, found_inf, clip_coef, per_tensor_power = ops.clip_(
+    total_norm, found_inf, clip_coef, per_tensor_norms = ops.clip_(
         tensors, norm_type, max_norm, inv_scale_tensor, clip_value, out_dtype, True, launch
     )
-    power_sum, expected_inf, expected_per_tensor = ops.reduce(expected, norm_type, True)
-    expected_norm, expected_coef = ops.finalize(
-        power_sum, norm_type, max_norm, inv_scale_tensor, out_dtype
-    )
+    raw_norm, expected_inf, expected_per_tensor = ops.reduce(expected, norm_type, True)
+    expected_norm, expected_coef = ops.finalize(raw_norm, max_norm, inv_scale_tensor, out_dtype)
     ops.scale_(expected, expected_coef, clip_value)
     for name, got, want in [
         ("total_norm", total_norm, expected_norm),
         ("found_inf", found_inf, expected_inf),
         ("clip_coef", clip_coef, expected_coef),
-        ("per_tensor_power", per_tensor_power, expected_per_tensor),
+        ("per_tensor_norms", per_tensor_norms, expected_per_tensor),
     ]:
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert torch.equal(bits(got), bits(want)), f"{name}: {got} != {want}"
     for index, (tensor, want) in enumerate(zip(tensors, expected, strict=True)):
         assert torch.equal(bits(tensor), bits(want)), f"tensor {index} ({tensor.dtype})"
-    reference_norm = reference.power_to_norm(reference_reduce(originals, norm_type)[0], norm_type)
+    reference_norm = reference_reduce(originals, norm_type)[0]
     if inv_scale is not None:
         reference_norm = reference_norm * inv_scale
-    assert_close(total_norm, reference_norm, rtol=1e-12, what="total_norm against float64")
+    assert_close(total_norm, reference_norm, rtol=RAW_NORM_RTOL, what="total_norm against float64")
 
 
 @pytest.mark.parametrize(("device", "backend", "launch"), clip_op_params())
@@ -318,11 +524,11 @@ def test_clip_op_flags_nonfinite_and_propagates_it(device, backend, launch):
     ops = dispatch.select(torch.device(device), backend)
     tensors = random_gradients([65537 * 3, 100], [torch.bfloat16, torch.float32], device)
     tensors[0][65537 * 2 + 11] = math.inf
-    total_norm, found_inf, clip_coef, per_tensor_power = ops.clip_(
+    total_norm, found_inf, clip_coef, per_tensor_norms = ops.clip_(
         tensors, 2.0, 1.0, None, None, torch.float32, False, launch
     )
     assert found_inf.item() == 1.0 and total_norm.item() == math.inf and clip_coef.item() == 0.0
-    assert per_tensor_power.shape == (0,)
+    assert per_tensor_norms.shape == (0,)
     assert torch.isnan(tensors[0][65537 * 2 + 11]).item()  # inf * 0, as torch does
 
 

@@ -1,20 +1,25 @@
-// CPU kernels of reduce / finalize / scale_ (contracts in csrc/README.md, oracle in
-// fusedclip/reference.py).
+// CPU kernels of reduce / finalize / scale_ / clip_ (contracts in csrc/README.md, oracle in
+// fusedclip/reference.py; the norm maths they share with the CUDA kernels is in fusedclip/norm.h).
 //
 // Both passes cut every tensor into chunks of kChunkSize elements (a chunk never spans two
-// tensors) and run the chunks with at::parallel_for. reduce writes one float64 partial per chunk
-// and combines the partials in chunk order afterwards, so its bits never depend on the thread
-// count. The hot loops are plain lane loops that GCC vectorizes; target_clones builds each of them
-// twice (AVX2 and the x86-64 baseline, chosen at load time) because the extension is compiled
-// without -mavx2. The AVX2 clone enables no FMA and nothing here allows reassociation, so both
-// clones give the same bits.
+// tensors) and run the chunks with at::parallel_for. reduce writes one partial per chunk and
+// combines the partials per tensor, then over tensors, in order afterwards, so its bits never
+// depend on the thread count. A partial is a float64 sum of |g|^p (or max |g|) where that cannot
+// leave float64's range, else a ScaledSum built block by block: each kWidenBlock block, while it
+// is in L1, gives its max |g| and then sum (|g| / max)^p, so the gradients are read from memory
+// once either way. The hot loops are plain lane loops that GCC vectorizes; target_clones builds
+// each of them twice (AVX2 and the x86-64 baseline, chosen at load time) because the extension is
+// compiled without -mavx2. The AVX2 clone enables no FMA and nothing here allows reassociation, so
+// both clones give the same bits.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <fusedclip/checks.h>
+#include <fusedclip/norm.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -42,8 +47,6 @@ constexpr int64_t kChunkSize = 65536;
 constexpr int kLanes = 16;
 // at::parallel_for splits work only when every task gets at least this many elements.
 constexpr int64_t kMinElementsPerTask = 262144;
-
-enum class NormKind { kOne, kTwo, kInf, kGeneral };
 
 FUSEDCLIP_ALWAYS_INLINE float fp32_from_bits(uint32_t bits) {
   float value;
@@ -151,13 +154,14 @@ struct DtypeTraits<at::kBFloat16> {
 };
 
 template <at::ScalarType kDtype>
-double magnitude_bits_to_double(typename DtypeTraits<kDtype>::Bits bits) {
+FUSEDCLIP_ALWAYS_INLINE double magnitude_bits_to_double(typename DtypeTraits<kDtype>::Bits bits) {
   using Traits = DtypeTraits<kDtype>;
   typename Traits::Storage storage;
   std::memcpy(&storage, &bits, sizeof(storage));
   return static_cast<double>(Traits::load(storage));
 }
 
+// |x|^p of one float64 value; only the kinds that sum (p = inf takes a max instead).
 template <NormKind kKind>
 FUSEDCLIP_ALWAYS_INLINE double power_term(double x, double norm_type) {
   if constexpr (kKind == NormKind::kTwo) {
@@ -178,21 +182,45 @@ FUSEDCLIP_ALWAYS_INLINE double combine_lanes(const double (&lanes)[kLanes]) {
   return (quads[0] + quads[2]) + (quads[1] + quads[3]);
 }
 
-// lanes[j] += |x|^p over x[0..numel), element k going to lane k % kLanes. numel must be a
-// multiple of kLanes except on the last call for a chunk, so the lane of an element is fixed.
-template <NormKind kKind, typename T>
+// lanes[j] += |to_double(x)|^p over x[0..numel), element k going to lane k % kLanes. numel must be
+// a multiple of kLanes except on the last call for a chunk, so the lane of an element is fixed.
+// to_double widens an element (and, in the scaled path, divides it by the block's max).
+template <NormKind kKind, typename T, typename ToDouble>
 FUSEDCLIP_ALWAYS_INLINE void accumulate_powers(const T* x, int64_t numel, double norm_type,
-                                               double (&lanes)[kLanes]) {
+                                               const ToDouble& to_double, double (&lanes)[kLanes]) {
+  int64_t i = 0;
+  for (; i + kLanes <= numel; i += kLanes) {
+#pragma GCC unroll 16
+    for (int j = 0; j < kLanes; ++j) lanes[j] += power_term<kKind>(to_double(x[i + j]), norm_type);
+  }
+  for (int j = 0; i + j < numel; ++j) {
+    lanes[j] += power_term<kKind>(to_double(x[i + j]), norm_type);
+  }
+}
+
+// The largest magnitude bit pattern of data[0..numel) (see DtypeTraits: a NaN-propagating max |x|).
+template <at::ScalarType kDtype>
+FUSEDCLIP_ALWAYS_INLINE typename DtypeTraits<kDtype>::Bits max_magnitude_bits(const void* data_ptr,
+                                                                              int64_t numel) {
+  using Traits = DtypeTraits<kDtype>;
+  using Bits = typename Traits::Bits;
+  const auto* data = static_cast<const Bits*>(data_ptr);
+  Bits lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= numel; i += kLanes) {
 #pragma GCC unroll 16
     for (int j = 0; j < kLanes; ++j) {
-      lanes[j] += power_term<kKind>(static_cast<double>(x[i + j]), norm_type);
+      const Bits magnitude = data[i + j] & Traits::kMagnitudeMask;
+      lanes[j] = magnitude > lanes[j] ? magnitude : lanes[j];
     }
   }
   for (int j = 0; i + j < numel; ++j) {
-    lanes[j] += power_term<kKind>(static_cast<double>(x[i + j]), norm_type);
+    const Bits magnitude = data[i + j] & Traits::kMagnitudeMask;
+    lanes[j] = magnitude > lanes[j] ? magnitude : lanes[j];
   }
+  Bits max_bits = 0;
+  for (int j = 0; j < kLanes; ++j) max_bits = lanes[j] > max_bits ? lanes[j] : max_bits;
+  return max_bits;
 }
 
 // 16-bit gradients are widened a block at a time into a float buffer: a plain conversion loop and
@@ -252,30 +280,18 @@ FUSEDCLIP_ALWAYS_INLINE void narrow_block(const float* values, int64_t numel,
   for (int64_t k = 0; k < numel; ++k) out[k] = DtypeTraits<kDtype>::store(values[k]);
 }
 
-// One chunk of the read pass: sum over its elements of |x|^p, each x converted to float64 first
-// (max |x| for p = inf, NaN-propagating). A non-finite element makes the result non-finite.
+// The unscaled path's element conversion: to float64, nothing else.
+constexpr auto kToDouble = [](auto x)
+                               __attribute__((always_inline)) { return static_cast<double>(x); };
+
+// One chunk of the read pass, where a float64 sum cannot leave float64's range
+// (!needs_scaled_sum): sum over its elements of |x|^p, each x converted to float64 first (max |x|
+// for p = inf, NaN-propagating). A non-finite element makes the result non-finite.
 template <at::ScalarType kDtype, NormKind kKind>
 FUSEDCLIP_TARGET_CLONES double reduce_chunk(const void* data_ptr, int64_t numel, double norm_type) {
   using Traits = DtypeTraits<kDtype>;
   if constexpr (kKind == NormKind::kInf) {
-    using Bits = typename Traits::Bits;
-    const auto* data = static_cast<const Bits*>(data_ptr);
-    Bits lanes[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= numel; i += kLanes) {
-#pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) {
-        const Bits magnitude = data[i + j] & Traits::kMagnitudeMask;
-        lanes[j] = magnitude > lanes[j] ? magnitude : lanes[j];
-      }
-    }
-    for (int j = 0; i + j < numel; ++j) {
-      const Bits magnitude = data[i + j] & Traits::kMagnitudeMask;
-      lanes[j] = magnitude > lanes[j] ? magnitude : lanes[j];
-    }
-    Bits max_bits = 0;
-    for (int j = 0; j < kLanes; ++j) max_bits = lanes[j] > max_bits ? lanes[j] : max_bits;
-    return magnitude_bits_to_double<kDtype>(max_bits);
+    return magnitude_bits_to_double<kDtype>(max_magnitude_bits<kDtype>(data_ptr, numel));
   } else {
     const auto* data = static_cast<const typename Traits::Storage*>(data_ptr);
     double lanes[kLanes] = {};
@@ -284,17 +300,71 @@ FUSEDCLIP_TARGET_CLONES double reduce_chunk(const void* data_ptr, int64_t numel,
       for (int64_t i = 0; i < numel; i += kWidenBlock) {
         const int64_t block_numel = std::min(kWidenBlock, numel - i);
         widen_block<kDtype>(data + i, block_numel, block);
-        accumulate_powers<kKind>(block, block_numel, norm_type, lanes);
+        accumulate_powers<kKind>(block, block_numel, norm_type, kToDouble, lanes);
       }
     } else {
-      accumulate_powers<kKind>(data, numel, norm_type, lanes);
+      accumulate_powers<kKind>(data, numel, norm_type, kToDouble, lanes);
     }
     return combine_lanes(lanes);
   }
 }
 
-// Only asked when a chunk's partial is not finite: |x|^p of finite float64 (or of any dtype for
-// p > 2) can overflow, so the partial alone cannot tell overflow from an inf/NaN element.
+// The reciprocal of a float64 below DBL_MIN can overflow (1 / 2^-1074 is inf): the scaled path
+// first multiplies such a block by this power of two (exact, and 2^600 * DBL_MIN is far below 1).
+constexpr double kSubnormalPrescale = 0x1p600;
+
+// One chunk of the read pass where |x|^p may leave float64's range (needs_scaled_sum): each block
+// of kWidenBlock elements, read from memory once, gives its max |x| (NaN-propagating) and then,
+// from L1, sum (|x| * (1 / max))^p; the blocks merge into the chunk's ScaledSum in order. Every
+// term of a block shares the reciprocal's rounding, so the norm keeps it once, not p times.
+// A non-finite element makes the scale non-finite (and only that does).
+template <at::ScalarType kDtype, NormKind kKind>
+FUSEDCLIP_TARGET_CLONES ScaledSum reduce_chunk_scaled(const void* data_ptr, int64_t numel,
+                                                      double norm_type) {
+  using Traits = DtypeTraits<kDtype>;
+  using Storage = typename Traits::Storage;
+  const auto* data = static_cast<const Storage*>(data_ptr);
+  ScaledSum chunk;
+  alignas(64) float widened[std::is_same_v<Storage, uint16_t> ? kWidenBlock : 1];
+  for (int64_t i = 0; i < numel; i += kWidenBlock) {
+    const int64_t block_numel = std::min(kWidenBlock, numel - i);
+    const double block_max =
+        magnitude_bits_to_double<kDtype>(max_magnitude_bits<kDtype>(data + i, block_numel));
+    // An all-zero block adds nothing; once the chunk met inf or NaN only a NaN can still change it.
+    if (block_max == 0.0 || !std::isfinite(block_max) || !std::isfinite(chunk.scale)) {
+      chunk.merge(ScaledSum{block_max, 1.0}, norm_type);
+      continue;
+    }
+    double lanes[kLanes] = {};
+    const auto accumulate = [&](const auto* values) __attribute__((always_inline)) {
+      using Value = std::remove_cv_t<std::remove_pointer_t<decltype(values)>>;
+      if (block_max < DBL_MIN) {
+        const double reciprocal = 1.0 / (block_max * kSubnormalPrescale);
+        const auto to_ratio = [reciprocal](Value x) __attribute__((always_inline)) {
+          return (static_cast<double>(x) * kSubnormalPrescale) * reciprocal;
+        };
+        accumulate_powers<kKind>(values, block_numel, norm_type, to_ratio, lanes);
+      } else {
+        const double reciprocal = 1.0 / block_max;
+        const auto to_ratio = [reciprocal](Value x) __attribute__((always_inline)) {
+          return static_cast<double>(x) * reciprocal;
+        };
+        accumulate_powers<kKind>(values, block_numel, norm_type, to_ratio, lanes);
+      }
+    };
+    if constexpr (std::is_same_v<Storage, uint16_t>) {
+      widen_block<kDtype>(data + i, block_numel, widened);
+      accumulate(static_cast<const float*>(widened));
+    } else {
+      accumulate(data + i);
+    }
+    chunk.merge(ScaledSum{block_max, combine_lanes(lanes)}, norm_type);
+  }
+  return chunk;
+}
+
+// Only asked when a plain chunk's partial is not finite: |x|^p can overflow (float64 gradients
+// with p <= 1), so the partial alone cannot tell overflow from an inf/NaN element.
 template <at::ScalarType kDtype>
 bool chunk_has_nonfinite(const void* data_ptr, int64_t numel) {
   using Traits = DtypeTraits<kDtype>;
@@ -305,14 +375,17 @@ bool chunk_has_nonfinite(const void* data_ptr, int64_t numel) {
   return false;
 }
 
-// One chunk of the write pass: x = clamp(x * clip_coef, lower, upper) in the dtype's compute type.
+// One chunk of the write pass: x = clamp(x * clip_coef, lower, upper), formed in the dtype's
+// compute type, or in float64 when kFloat64Product (needs_float64_product), then rounded to the
+// dtype (through float32 for 16-bit gradients, as torch's double -> half/bfloat16 conversion).
 // `x < lower ? lower : x` keeps NaN (a NaN compares false), as torch.clamp does.
-template <at::ScalarType kDtype, bool kClamp>
+template <at::ScalarType kDtype, bool kClamp, bool kFloat64Product>
 FUSEDCLIP_TARGET_CLONES void scale_chunk(void* data_ptr, int64_t numel, double clip_coef,
                                          double clip_value) {
   using Traits = DtypeTraits<kDtype>;
-  using Compute = typename Traits::Compute;
-  auto* data = static_cast<typename Traits::Storage*>(data_ptr);
+  using Storage = typename Traits::Storage;
+  using Compute = std::conditional_t<kFloat64Product, double, typename Traits::Compute>;
+  auto* data = static_cast<Storage*>(data_ptr);
   const Compute coef = static_cast<Compute>(clip_coef);
   const Compute upper = static_cast<Compute>(clip_value);
   const Compute lower = -upper;
@@ -324,84 +397,84 @@ FUSEDCLIP_TARGET_CLONES void scale_chunk(void* data_ptr, int64_t numel, double c
     }
     return x;
   };
-  if constexpr (std::is_same_v<typename Traits::Storage, uint16_t>) {
+  if constexpr (std::is_same_v<Storage, uint16_t>) {
     alignas(64) float block[kWidenBlock];
     for (int64_t i = 0; i < numel; i += kWidenBlock) {
       const int64_t block_numel = std::min(kWidenBlock, numel - i);
       widen_block<kDtype>(data + i, block_numel, block);
-      for (int64_t k = 0; k < block_numel; ++k) block[k] = scale(block[k]);
+      for (int64_t k = 0; k < block_numel; ++k) {
+        block[k] = static_cast<float>(scale(static_cast<Compute>(block[k])));
+      }
       narrow_block<kDtype>(block, block_numel, data + i);
     }
   } else {
-    for (int64_t i = 0; i < numel; ++i) data[i] = scale(data[i]);
+    for (int64_t i = 0; i < numel; ++i) {
+      data[i] = static_cast<Storage>(scale(static_cast<Compute>(data[i])));
+    }
   }
 }
 
 using ReduceChunkFn = double (*)(const void*, int64_t, double);
+using ScaledChunkFn = ScaledSum (*)(const void*, int64_t, double);
 using NonfiniteChunkFn = bool (*)(const void*, int64_t);
 using ScaleChunkFn = void (*)(void*, int64_t, double, double);
 
-template <at::ScalarType kDtype>
-ReduceChunkFn reduce_chunk_fn_for(NormKind kind) {
-  switch (kind) {
-    case NormKind::kOne:
-      return &reduce_chunk<kDtype, NormKind::kOne>;
-    case NormKind::kTwo:
-      return &reduce_chunk<kDtype, NormKind::kTwo>;
-    case NormKind::kInf:
-      return &reduce_chunk<kDtype, NormKind::kInf>;
-    case NormKind::kGeneral:
-      return &reduce_chunk<kDtype, NormKind::kGeneral>;
+// Calls make.template operator()<kDtype>() for the runtime dtype: one switch for every table.
+template <typename Make>
+auto for_dtype(at::ScalarType dtype, const char* op, const Make& make) {
+  switch (dtype) {
+    case at::kFloat:
+      return make.template operator()<at::kFloat>();
+    case at::kDouble:
+      return make.template operator()<at::kDouble>();
+    case at::kHalf:
+      return make.template operator()<at::kHalf>();
+    case at::kBFloat16:
+      return make.template operator()<at::kBFloat16>();
+    default:
+      TORCH_CHECK(false, "fusedclip::", op, ": unsupported dtype ", dtype);
   }
-  return nullptr;
 }
 
 ReduceChunkFn reduce_chunk_fn(at::ScalarType dtype, NormKind kind) {
-  switch (dtype) {
-    case at::kFloat:
-      return reduce_chunk_fn_for<at::kFloat>(kind);
-    case at::kDouble:
-      return reduce_chunk_fn_for<at::kDouble>(kind);
-    case at::kHalf:
-      return reduce_chunk_fn_for<at::kHalf>(kind);
-    case at::kBFloat16:
-      return reduce_chunk_fn_for<at::kBFloat16>(kind);
-    default:
-      TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
-  }
-  return nullptr;
+  return for_dtype(dtype, "reduce", [kind]<at::ScalarType kDtype>() -> ReduceChunkFn {
+    switch (kind) {
+      case NormKind::kOne:
+        return &reduce_chunk<kDtype, NormKind::kOne>;
+      case NormKind::kTwo:
+        return &reduce_chunk<kDtype, NormKind::kTwo>;
+      case NormKind::kInf:
+        return &reduce_chunk<kDtype, NormKind::kInf>;
+      case NormKind::kGeneral:
+        return &reduce_chunk<kDtype, NormKind::kGeneral>;
+    }
+    return nullptr;
+  });
+}
+
+// needs_scaled_sum is false for p <= 1 and p = inf: the scaled path sums squares or general powers.
+ScaledChunkFn scaled_chunk_fn(at::ScalarType dtype, NormKind kind) {
+  return for_dtype(dtype, "reduce", [kind]<at::ScalarType kDtype>() -> ScaledChunkFn {
+    return kind == NormKind::kTwo ? &reduce_chunk_scaled<kDtype, NormKind::kTwo>
+                                  : &reduce_chunk_scaled<kDtype, NormKind::kGeneral>;
+  });
 }
 
 NonfiniteChunkFn nonfinite_chunk_fn(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return &chunk_has_nonfinite<at::kFloat>;
-    case at::kDouble:
-      return &chunk_has_nonfinite<at::kDouble>;
-    case at::kHalf:
-      return &chunk_has_nonfinite<at::kHalf>;
-    case at::kBFloat16:
-      return &chunk_has_nonfinite<at::kBFloat16>;
-    default:
-      TORCH_CHECK(false, "fusedclip::reduce: unsupported dtype ", dtype);
-  }
-  return nullptr;
+  return for_dtype(dtype, "reduce", []<at::ScalarType kDtype>() -> NonfiniteChunkFn {
+    return &chunk_has_nonfinite<kDtype>;
+  });
 }
 
-ScaleChunkFn scale_chunk_fn(at::ScalarType dtype, bool clamp) {
-  switch (dtype) {
-    case at::kFloat:
-      return clamp ? &scale_chunk<at::kFloat, true> : &scale_chunk<at::kFloat, false>;
-    case at::kDouble:
-      return clamp ? &scale_chunk<at::kDouble, true> : &scale_chunk<at::kDouble, false>;
-    case at::kHalf:
-      return clamp ? &scale_chunk<at::kHalf, true> : &scale_chunk<at::kHalf, false>;
-    case at::kBFloat16:
-      return clamp ? &scale_chunk<at::kBFloat16, true> : &scale_chunk<at::kBFloat16, false>;
-    default:
-      TORCH_CHECK(false, "fusedclip::scale_: unsupported dtype ", dtype);
-  }
-  return nullptr;
+// float64 gradients always multiply in float64: they have no separate float64-product kernel.
+ScaleChunkFn scale_chunk_fn(at::ScalarType dtype, bool clamp, bool float64_product) {
+  return for_dtype(dtype, "scale_", [=]<at::ScalarType kDtype>() -> ScaleChunkFn {
+    constexpr bool kWide = kDtype != at::kDouble;
+    if (kWide && float64_product) {
+      return clamp ? &scale_chunk<kDtype, true, kWide> : &scale_chunk<kDtype, false, kWide>;
+    }
+    return clamp ? &scale_chunk<kDtype, true, false> : &scale_chunk<kDtype, false, false>;
+  });
 }
 
 // One tensor's flat storage span and where its chunks start in the global chunk numbering.
@@ -484,18 +557,6 @@ ChunkPlan make_chunk_plan(at::TensorList tensors) {
   return plan;
 }
 
-NormKind norm_kind(double norm_type) {
-  if (std::isinf(norm_type)) return NormKind::kInf;
-  if (norm_type == 2.0) return NormKind::kTwo;
-  if (norm_type == 1.0) return NormKind::kOne;
-  return NormKind::kGeneral;
-}
-
-// NaN-propagating max: once NaN, stays NaN.
-double nan_max(double accumulated, double value) {
-  return (value > accumulated || std::isnan(value)) ? value : accumulated;
-}
-
 void check_cpu(const at::Device& device, const char* op) {
   TORCH_CHECK(device.is_cpu(), "fusedclip::", op, " (CPU kernel) got tensors on ", device);
 }
@@ -505,6 +566,11 @@ double read_scalar(const at::Tensor& scalar) {
                                              : static_cast<double>(*scalar.const_data_ptr<float>());
 }
 
+bool any_float64(at::TensorList tensors) {
+  return std::any_of(tensors.begin(), tensors.end(),
+                     [](const at::Tensor& t) { return t.scalar_type() == at::kDouble; });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors, double norm_type,
                                                           bool per_tensor) {
   check_gradient_list(tensors, "tensors");
@@ -512,95 +578,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors
   check_cpu(tensors[0].device(), "reduce");
 
   const NormKind kind = norm_kind(norm_type);
+  const bool scaled = needs_scaled_sum(norm_type, any_float64(tensors));
   const ChunkPlan plan = make_chunk_plan(tensors);
   const auto float64 = at::TensorOptions().dtype(at::kDouble);
 
-  // [num_chunks] partial |g|^p sums (or max |g|), then [num_chunks] non-finite flags (0 or 1).
+  // [2, num_chunks] partials. Plain: the sum of |g|^p (or max |g|), then a non-finite flag (0 or
+  // 1). Scaled: the ScaledSum's scale (max |g|, non-finite iff an element is), then its sum.
   at::Tensor chunk_results = at::empty({2 * plan.num_chunks}, float64);
-  double* chunk_power = chunk_results.data_ptr<double>();
-  double* chunk_nonfinite = chunk_power + plan.num_chunks;
+  double* chunk_first = chunk_results.data_ptr<double>();
+  double* chunk_second = chunk_first + plan.num_chunks;
 
   at::parallel_for(0, plan.num_chunks, plan.grain, [&](int64_t begin, int64_t end) {
     at::ScalarType fn_dtype = at::ScalarType::Undefined;
     ReduceChunkFn reduce_fn = nullptr;
+    ScaledChunkFn scaled_fn = nullptr;
     plan.for_each_chunk(begin, end, [&](int64_t t, int64_t chunk, char* data, int64_t numel) {
       const at::ScalarType dtype = plan.spans[t].dtype;
       if (dtype != fn_dtype) {
-        reduce_fn = reduce_chunk_fn(dtype, kind);
+        if (scaled) {
+          scaled_fn = scaled_chunk_fn(dtype, kind);
+        } else {
+          reduce_fn = reduce_chunk_fn(dtype, kind);
+        }
         fn_dtype = dtype;
       }
-      const double power = reduce_fn(data, numel, norm_type);
-      chunk_power[chunk] = power;
-      chunk_nonfinite[chunk] =
-          (!std::isfinite(power) && nonfinite_chunk_fn(dtype)(data, numel)) ? 1.0 : 0.0;
+      if (scaled) {
+        const ScaledSum partial = scaled_fn(data, numel, norm_type);
+        chunk_first[chunk] = partial.scale;
+        chunk_second[chunk] = partial.sum;
+      } else {
+        const double power = reduce_fn(data, numel, norm_type);
+        chunk_first[chunk] = power;
+        chunk_second[chunk] =
+            (!std::isfinite(power) && nonfinite_chunk_fn(dtype)(data, numel)) ? 1.0 : 0.0;
+      }
     });
   });
 
-  at::Tensor power_sum = at::empty({}, float64);
+  at::Tensor raw_norm = at::empty({}, float64);
   at::Tensor found_inf = at::empty({}, at::TensorOptions().dtype(at::kFloat));
-  at::Tensor per_tensor_power = at::empty({per_tensor ? plan.num_tensors : 0}, float64);
-  double* per_tensor_out = per_tensor ? per_tensor_power.data_ptr<double>() : nullptr;
+  at::Tensor per_tensor_norms = at::empty({per_tensor ? plan.num_tensors : 0}, float64);
+  double* per_tensor_out = per_tensor ? per_tensor_norms.data_ptr<double>() : nullptr;
 
   // Fixed order: chunks of a tensor in order, then tensors in order.
-  double total = 0.0;
   bool any_nonfinite = false;
-  for (int64_t t = 0; t < plan.num_tensors; ++t) {
-    double tensor_power = 0.0;
-    const int64_t chunk_end = plan.spans[t + 1].first_chunk;
-    for (int64_t chunk = plan.spans[t].first_chunk; chunk < chunk_end; ++chunk) {
-      tensor_power = kind == NormKind::kInf ? nan_max(tensor_power, chunk_power[chunk])
-                                            : tensor_power + chunk_power[chunk];
-      any_nonfinite = any_nonfinite || chunk_nonfinite[chunk] != 0.0;
+  double total_norm;
+  if (scaled) {
+    ScaledSum total;
+    for (int64_t t = 0; t < plan.num_tensors; ++t) {
+      ScaledSum tensor_sum;
+      const int64_t chunk_end = plan.spans[t + 1].first_chunk;
+      for (int64_t chunk = plan.spans[t].first_chunk; chunk < chunk_end; ++chunk) {
+        tensor_sum.merge(ScaledSum{chunk_first[chunk], chunk_second[chunk]}, norm_type);
+      }
+      any_nonfinite = any_nonfinite || !std::isfinite(tensor_sum.scale);
+      total.merge(tensor_sum, norm_type);
+      if (per_tensor_out != nullptr) per_tensor_out[t] = tensor_sum.norm(norm_type);
     }
-    total = kind == NormKind::kInf ? nan_max(total, tensor_power) : total + tensor_power;
-    if (per_tensor_out != nullptr) per_tensor_out[t] = tensor_power;
+    total_norm = total.norm(norm_type);
+  } else {
+    double total_power = 0.0;
+    for (int64_t t = 0; t < plan.num_tensors; ++t) {
+      double tensor_power = 0.0;
+      const int64_t chunk_end = plan.spans[t + 1].first_chunk;
+      for (int64_t chunk = plan.spans[t].first_chunk; chunk < chunk_end; ++chunk) {
+        tensor_power = kind == NormKind::kInf ? nan_max(tensor_power, chunk_first[chunk])
+                                              : tensor_power + chunk_first[chunk];
+        any_nonfinite = any_nonfinite || chunk_second[chunk] != 0.0;
+      }
+      total_power =
+          kind == NormKind::kInf ? nan_max(total_power, tensor_power) : total_power + tensor_power;
+      if (per_tensor_out != nullptr) {
+        per_tensor_out[t] = power_to_norm(tensor_power, kind, norm_type);
+      }
+    }
+    total_norm = power_to_norm(total_power, kind, norm_type);
   }
-  *power_sum.data_ptr<double>() = total;
+  *raw_norm.data_ptr<double>() = total_norm;
   *found_inf.data_ptr<float>() = any_nonfinite ? 1.0f : 0.0f;
-  return {power_sum, found_inf, per_tensor_power};
+  return {raw_norm, found_inf, per_tensor_norms};
 }
 
-std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& power_sum, double norm_type,
+std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
                                                 std::optional<double> max_norm,
                                                 const std::optional<at::Tensor>& inv_scale,
                                                 at::ScalarType out_dtype) {
-  check_scalar_tensor(power_sum, "power_sum", power_sum.device());
-  check_cpu(power_sum.device(), "finalize");
-  check_norm_type(norm_type);
+  check_scalar_tensor(raw_norm, "raw_norm", raw_norm.device());
+  check_cpu(raw_norm.device(), "finalize");
   check_out_dtype(out_dtype);
-  if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", power_sum.device());
+  if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", raw_norm.device());
 
-  const double power = read_scalar(power_sum);
-  double norm;
-  if (std::isinf(norm_type)) {
-    norm = power;
-  } else if (norm_type == 2.0) {
-    norm = std::sqrt(power);  // torch's pow(x, 0.5) is sqrt
-  } else if (norm_type == 1.0) {
-    norm = power;
-  } else {
-    norm = std::pow(power, 1.0 / norm_type);
-  }
-  const double scale = inv_scale.has_value() ? read_scalar(*inv_scale) : 1.0;
-  if (inv_scale.has_value()) norm *= std::fabs(scale);
+  const Finalized result =
+      finalize_norm(read_scalar(raw_norm), max_norm.has_value(), max_norm.value_or(0.0),
+                    inv_scale.has_value(), inv_scale.has_value() ? read_scalar(*inv_scale) : 1.0);
 
-  double coef = 1.0;
-  if (max_norm.has_value()) {
-    const double ratio = *max_norm / (norm + 1e-6);
-    coef = ratio > 1.0 ? 1.0 : ratio;  // keeps NaN
-  }
-  if (inv_scale.has_value()) coef *= scale;
-
-  const auto options = power_sum.options().dtype(out_dtype);
-  at::Tensor total_norm = at::empty({}, options);
-  at::Tensor clip_coef = at::empty({}, options);
+  at::Tensor total_norm = at::empty({}, raw_norm.options().dtype(out_dtype));
+  at::Tensor clip_coef = at::empty({}, raw_norm.options().dtype(at::kDouble));
   if (out_dtype == at::kDouble) {
-    *total_norm.data_ptr<double>() = norm;
-    *clip_coef.data_ptr<double>() = coef;
+    *total_norm.data_ptr<double>() = result.total_norm;
   } else {
-    *total_norm.data_ptr<float>() = static_cast<float>(norm);
-    *clip_coef.data_ptr<float>() = static_cast<float>(coef);
+    *total_norm.data_ptr<float>() = static_cast<float>(result.total_norm);
   }
+  *clip_coef.data_ptr<double>() = result.clip_coef;
   return {total_norm, clip_coef};
 }
 
@@ -615,6 +694,7 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
   if (coef == 1.0 && !clip_value.has_value()) return;  // nothing to write
   const bool clamp = clip_value.has_value();
   const double bound = clip_value.value_or(0.0);
+  const bool float64_product = needs_float64_product(coef);
 
   const ChunkPlan plan = make_chunk_plan(tensors);
   at::parallel_for(0, plan.num_chunks, plan.grain, [&](int64_t begin, int64_t end) {
@@ -623,7 +703,7 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
     plan.for_each_chunk_reversed(begin, end, [&](int64_t t, int64_t, char* data, int64_t numel) {
       const at::ScalarType dtype = plan.spans[t].dtype;
       if (dtype != fn_dtype) {
-        scale_fn = scale_chunk_fn(dtype, clamp);
+        scale_fn = scale_chunk_fn(dtype, clamp, float64_product);
         fn_dtype = dtype;
       }
       scale_fn(data, numel, coef, bound);
@@ -638,10 +718,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(
     at::ScalarType out_dtype, bool per_tensor, c10::string_view launch) {
   parse_launch(launch);
   check_clip_value(clip_value);  // the rest is checked by the passes, all before scale_cpu writes
-  auto [power_sum, found_inf, per_tensor_power] = reduce_cpu(tensors, norm_type, per_tensor);
-  auto [total_norm, clip_coef] = finalize_cpu(power_sum, norm_type, max_norm, inv_scale, out_dtype);
+  auto [raw_norm, found_inf, per_tensor_norms] = reduce_cpu(tensors, norm_type, per_tensor);
+  auto [total_norm, clip_coef] = finalize_cpu(raw_norm, max_norm, inv_scale, out_dtype);
   scale_cpu(tensors, clip_coef, clip_value);
-  return {total_norm, found_inf, clip_coef, per_tensor_power};
+  return {total_norm, found_inf, clip_coef, per_tensor_norms};
 }
 
 }  // namespace
