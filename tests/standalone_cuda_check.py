@@ -2,19 +2,25 @@
 
 Run from the repository root after an in-place build (no pytest needed):
 
-    python setup.py build_ext --inplace && python tests/standalone_cuda_check.py [--no-bench] [--no-huge]
+    python setup.py build_ext --inplace && python tests/standalone_cuda_check.py [--no-huge]
+        [--no-wide] [--sections reduce,finalize,scale,clip,graph,cache]
 
-Prints one PASS/FAIL line per check, then a timing table (CUDA events, median), and exits 1 if any
-check failed. The reference runs on CPU float64 copies.
+Prints one PASS/FAIL line per check and exits 1 if any check failed. The reference runs on CPU
+float64 copies. Timing lives in bench/ (python -m bench, python -m bench.launch).
+
+The 'cache' section makes the device refuse a cooperative launch on purpose (the fallback check):
+compute-sanitizer counts that refused API call as an error unless run with
+`--report-api-errors no`, so give the sanitizer the other sections, or that flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
-import statistics
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,27 +32,17 @@ import fusedclip._C  # noqa: E402, F401  (registers torch.ops.fusedclip.*)
 
 from fusedclip import reference  # noqa: E402
 from tests.exact import bits, same_alignment_copy  # noqa: E402
+from tests.tolerances import FINALIZE_RTOL, GRAD_ULPS, RAW_NORM_RTOL, ULP  # noqa: E402
 
 ops = torch.ops.fusedclip
+testing = torch.ops.fusedclip_testing  # hooks of csrc/cuda/clip_cuda.cu
 DEV = torch.device("cuda")
 CHUNK = 16384  # kChunkElements of csrc/cuda/multi_tensor.cuh
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
+# 7 and 10 take the scaled sum for every dtype, the others only with a float64 tensor in the call.
+NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf, 7.0]
 SIZES = [0, 1, 3, 4095, 65537, 1 << 22]
-# scale_ tolerance: 2 ulp of the dtype (the kernels form the product in float32, the oracle in float64)
-SCALE_RTOL = {
-    torch.float32: 2.4e-7,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-    torch.float64: 5e-16,
-}
-SCALE_ATOL = {
-    torch.float32: 1e-30,
-    torch.float16: 1.2e-7,
-    torch.bfloat16: 1e-30,
-    torch.float64: 1e-300,
-}
-POWER_RTOL = 1e-6
+
 
 results: list[tuple[str, bool]] = []
 
@@ -90,20 +86,21 @@ def same_value(got: torch.Tensor, want: torch.Tensor, rtol: float) -> str | None
 
 
 def compare_reduce(tensors, norm_type: float, per_tensor: bool = True) -> str | None:
-    power_sum, found_inf, per = ops.reduce(tensors, norm_type, per_tensor)
+    raw_norm, found_inf, per = ops.reduce(tensors, norm_type, per_tensor)
     torch.cuda.synchronize()
-    want_sum, want_inf, want_per = reference.reduce(cpu64(tensors), norm_type, per_tensor)
-    if power_sum.dtype != torch.float64 or power_sum.shape != ():
-        return f"power_sum {power_sum.dtype} {tuple(power_sum.shape)}"
+    want_norm, want_inf, want_per = reference.reduce(cpu64(tensors), norm_type, per_tensor)
+    if raw_norm.dtype != torch.float64 or raw_norm.shape != ():
+        return f"raw_norm {raw_norm.dtype} {tuple(raw_norm.shape)}"
     if found_inf.dtype != torch.float32 or found_inf.shape != ():
         return f"found_inf {found_inf.dtype} {tuple(found_inf.shape)}"
     if per.dtype != torch.float64 or per.shape != ((len(tensors),) if per_tensor else (0,)):
-        return f"per_tensor_power {per.dtype} {tuple(per.shape)}"
-    # The oracle sees float64 copies, whose non-finite test matches the input's.
+        return f"per_tensor_norms {per.dtype} {tuple(per.shape)}"
+    # The oracle sees float64 copies, whose non-finite test matches the input's. It decides the
+    # scaled sum by the dtypes it sees, which does not change a norm beyond RAW_NORM_RTOL.
     for label, got, want, rtol in (
-        ("power_sum", power_sum, want_sum, POWER_RTOL),
+        ("raw_norm", raw_norm, want_norm, RAW_NORM_RTOL),
         ("found_inf", found_inf, want_inf, 0.0),
-        ("per_tensor_power", per, want_per, POWER_RTOL),
+        ("per_tensor_norms", per, want_per, RAW_NORM_RTOL),
     ):
         problem = same_value(got, want, rtol)
         if problem:
@@ -175,22 +172,43 @@ def reduce_checks() -> None:
                             run,
                         )
 
-    # float64 sums of finite float64 values overflow: power_sum inf but found_inf stays 0.
-    def overflow():
-        t = torch.full((1000,), 1e200, dtype=torch.float64, device=DEV)
-        power_sum, found_inf, _ = ops.reduce([t], 2.0, False)
-        if not math.isinf(power_sum.item()) or found_inf.item() != 0.0:
-            return f"power_sum {power_sum.item()} found_inf {found_inf.item()}"
-        t32 = torch.full((1000,), 3e38, dtype=torch.float32, device=DEV)
-        power_sum, found_inf, _ = ops.reduce([t32], 2.0, False)
-        if not math.isfinite(power_sum.item()) or found_inf.item() != 0.0:
-            return f"float32 3e38: power_sum {power_sum.item()} found_inf {found_inf.item()}"
-        power_sum, found_inf, _ = ops.reduce([t32], 12.0, False)  # |g|^12 overflows float64
-        if found_inf.item() != 0.0:
-            return "float32 3e38 p=12: found_inf set by an overflowing power of finite values"
-        return compare_reduce([t32], 2.0)
+    # Norms finite whenever the true norm is: |g|^p of these leaves float64's range (#14 item 4),
+    # so they take the scaled sum; an overflowing power is never found_inf.
+    extremes = [
+        ("p=10 [3e38] float32", [3e38], torch.float32, 10.0),
+        ("p=100 [1e4, 1e4] float32", [1e4, 1e4], torch.float32, 100.0),
+        ("p=1000 [3.0] float32", [3.0], torch.float32, 1000.0),
+        ("p=100 [1e-6] float32", [1e-6], torch.float32, 100.0),
+        ("p=2 1000 x 1e200 float64", [1e200] * 1000, torch.float64, 2.0),
+        ("p=2 1000 x 1e-200 float64", [1e-200] * 1000, torch.float64, 2.0),
+        ("p=12 1000 x 3e38 float32", [3e38] * 1000, torch.float32, 12.0),
+        ("p=1.5 [1e300, 1e300] float64", [1e300, 1e300], torch.float64, 1.5),
+        ("p=7 [65504] x 70000 float16", [65504.0] * 70000, torch.float16, 7.0),
+        ("p=3 [3e38] x 70000 float32 (plain sum)", [3e38] * 70000, torch.float32, 3.0),
+    ]
+    for label, values, dtype, p in extremes:
 
-    check("reduce overflow of finite values is not found_inf", overflow)
+        def extreme(values=values, dtype=dtype, p=p):
+            t = torch.tensor(values, dtype=dtype, device=DEV)
+            raw_norm, found_inf, _ = ops.reduce([t], p, False)
+            if not math.isfinite(raw_norm.item()) or found_inf.item() != 0.0:
+                return f"raw_norm {raw_norm.item()} found_inf {found_inf.item()}"
+            # beside other tensors, misaligned, and per tensor
+            neighbour = make(5000, torch.bfloat16)
+            return compare_reduce([neighbour, t[1:] if len(values) > 1 else t], p)
+
+        check(f"reduce finite norm for {label}", extreme)
+
+    def extreme_nonfinite():
+        for p in (2.0, 10.0, 100.0):
+            for bad in (math.inf, math.nan):
+                t = torch.tensor([1e200, bad, 1e-200], dtype=torch.float64, device=DEV)
+                problem = compare_reduce([make(100, torch.float32), t], p)
+                if problem:
+                    return f"p={p} {bad}: {problem}"
+        return None
+
+    check("reduce scaled sum: inf gives inf, NaN gives NaN, both set found_inf", extreme_nonfinite)
 
     # NaN must survive the max even when a larger value follows it.
     def nan_max():
@@ -226,8 +244,8 @@ def reduce_checks() -> None:
         first = ops.reduce([a], 2.0, False)[0].item()
         a.mul_(2)  # same pointers, new values: the cached table must still read the live data
         second = ops.reduce([a], 2.0, False)[0].item()
-        if abs(second - 4 * first) > 1e-9 * second:
-            return f"{second} != 4 * {first}"
+        if abs(second - 2 * first) > 1e-9 * second:
+            return f"{second} != 2 * {first} (the norm of 2a)"
         b = make(100_001, torch.float32)  # new pointer and size: a new table
         return (
             compare_reduce([b], 2.0) or compare_reduce([a, b], 2.0) or compare_reduce([b, a], 2.0)
@@ -240,19 +258,20 @@ def reduce_checks() -> None:
 
 
 def finalize_checks() -> None:
-    def run(power_value, p, max_norm, inv, out_dtype):
-        power_sum = torch.tensor(power_value, dtype=torch.float64, device=DEV)
-        total_norm, clip_coef = ops.finalize(power_sum, p, max_norm, inv, out_dtype)
+    def run(raw_value, max_norm, inv, out_dtype):
+        raw_norm = torch.tensor(raw_value, dtype=torch.float64, device=DEV)
+        total_norm, clip_coef = ops.finalize(raw_norm, max_norm, inv, out_dtype)
         want_norm, want_coef = reference.finalize(
-            power_sum.cpu(), p, max_norm, None if inv is None else inv.cpu(), out_dtype
+            raw_norm.cpu(), max_norm, None if inv is None else inv.cpu(), out_dtype
         )
-        for label, got, want in (
-            ("total_norm", total_norm, want_norm),
-            ("clip_coef", clip_coef, want_coef),
+        for label, got, want, dtype in (
+            ("total_norm", total_norm, want_norm, out_dtype),
+            ("clip_coef", clip_coef, want_coef, torch.float64),
         ):
-            if got.dtype != out_dtype or got.shape != () or got.device.type != "cuda":
+            if got.dtype != dtype or got.shape != () or got.device.type != "cuda":
                 return f"{label}: {got.dtype} {tuple(got.shape)} {got.device}"
-            problem = same_value(got, want, 1e-14 if out_dtype == torch.float64 else 2.4e-7)
+            # the same float64 operations as the oracle (norm.h's finalize_norm)
+            problem = same_value(got, want, FINALIZE_RTOL)
             if problem:
                 return f"{label} {problem}"
         return None
@@ -262,17 +281,17 @@ def finalize_checks() -> None:
         torch.tensor([1 / 65536], dtype=torch.float32, device=DEV),
         torch.tensor(1 / 1024, dtype=torch.float64, device=DEV),
         torch.tensor(-0.5, dtype=torch.float32, device=DEV),
+        torch.tensor(1e300, dtype=torch.float64, device=DEV),  # coef outside float32 (#14 item 5)
     ]
-    for power_value in (0.0, 1e-3, 7.5, 1e30, math.inf, math.nan):
-        for p in (1.0, 2.0, 3.0, math.inf):
-            for max_norm in (None, 1.0, 1e40):
-                for inv in inv_scales:
-                    for out_dtype in (torch.float32, torch.float64):
-                        inv_label = None if inv is None else f"{inv.dtype}:{inv.item():g}"
-                        check(
-                            f"finalize power={power_value} p={p} max_norm={max_norm} inv={inv_label} {out_dtype}",
-                            lambda a=(power_value, p, max_norm, inv, out_dtype): run(*a),
-                        )
+    for raw_value in (0.0, 1e-3, 7.5, 1e30, 1e300, math.inf, math.nan):
+        for max_norm in (None, 1.0, 1e40, 1e-20):
+            for inv in inv_scales:
+                for out_dtype in (torch.float32, torch.float64):
+                    inv_label = None if inv is None else f"{inv.dtype}:{inv.item():g}"
+                    check(
+                        f"finalize raw_norm={raw_value} max_norm={max_norm} inv={inv_label} {out_dtype}",
+                        lambda a=(raw_value, max_norm, inv, out_dtype): run(*a),
+                    )
 
 
 # ---- scale_ --------------------------------------------------------------------------------------
@@ -288,8 +307,13 @@ def compare_scale(tensors, coef: torch.Tensor, clip_value):
         want = want.to(t.dtype).to(torch.float64)  # the oracle's result rounded to the dtype
         got = t.detach().cpu().to(torch.float64)
         try:
+            # within GRAD_ULPS of the oracle's result rounded to the dtype; subnormals absolutely
             torch.testing.assert_close(
-                got, want, rtol=SCALE_RTOL[t.dtype], atol=SCALE_ATOL[t.dtype], equal_nan=True
+                got,
+                want,
+                rtol=GRAD_ULPS * ULP[t.dtype],
+                atol=torch.finfo(t.dtype).tiny,
+                equal_nan=True,
             )
         except AssertionError as error:
             return f"tensor {i} ({t.dtype}, n={t.numel()}): {error}"
@@ -372,6 +396,43 @@ def scale_checks() -> None:
 
     check("scale_ coef == 1 and no clip_value leaves data bitwise untouched", early_exit)
 
+    # Coefficients float32 cannot hold as a normal number (#14 item 5): the product is formed in
+    # float64 and rounded once, so it is the oracle's value exactly.
+    def outside_float32(dtype, values, coef_value, clip_value):
+        t = torch.tensor(values, dtype=torch.float64).to(dtype).to(DEV)
+        coef = torch.tensor(coef_value, dtype=torch.float64, device=DEV)
+        expected = [t.cpu().to(torch.float64)]
+        reference.scale_(expected, coef.cpu(), clip_value)
+        ops.scale_([t], coef, clip_value)
+        want = expected[0].to(dtype)
+        if not torch.equal(bits(t.cpu()), bits(want)):
+            return f"got {t.cpu().tolist()} want {want.tolist()}"
+        return None
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for label, values, coef_value, clip_value in (
+            ("7e-51 on 1e30 (max_norm=1e-20 beside float64)", [1e30, -3e38, 1.0, 0.0], 7e-51, None),
+            ("1e-30 on 6e4", [6e4, -6e4, 1.5, 0.0], 1e-30, None),
+            ("1e300 on zeros", [0.0, -0.0, 0.0], 1e300, None),
+            ("1e300 on zeros with a clamp", [0.0, -0.0], 1e300, 1.0),
+            ("1e-300 with a clamp", [1e4, -2.0], 1e-300, 1e-310),
+            ("2e48 on a 1e-40 subnormal", [1e-40, 0.5], 2e48, None),
+        ):
+            if dtype == torch.float16:  # its largest finite value is 65504
+                values = [v for v in values if abs(v) <= 6e4]
+            check(
+                f"scale_ coef {coef_value:g} outside float32: {label} {dtype}",
+                lambda d=dtype, v=values, c=coef_value, cv=clip_value: outside_float32(d, v, c, cv),
+            )
+    check(
+        "scale_ coef outside float32 on a large misaligned float32 tensor",
+        lambda: compare_scale(
+            [make(300_001, torch.float32, scale=1e30, misalign=3)],
+            torch.tensor(7e-51, dtype=torch.float64, device=DEV),
+            None,
+        ),
+    )
+
 
 # ---- clip_: the single cooperative launch against reduce -> finalize -> scale_ ------------------
 
@@ -383,8 +444,8 @@ def clip_checks(wide: bool) -> None:
     def run(tensors, p, max_norm, inv, clip_value):
         expected = [same_alignment_copy(t) for t in tensors]
         got = ops.clip_(tensors, p, max_norm, inv, clip_value, torch.float64, True, "single")
-        power_sum, found_inf, per_tensor = ops.reduce(expected, p, True)
-        norm, coef = ops.finalize(power_sum, p, max_norm, inv, torch.float64)
+        raw_norm, found_inf, per_tensor = ops.reduce(expected, p, True)
+        norm, coef = ops.finalize(raw_norm, max_norm, inv, torch.float64)
         ops.scale_(expected, coef, clip_value)
         for name, a, b in zip(
             ("total_norm", "found_inf", "clip_coef", "per_tensor"),
@@ -407,9 +468,13 @@ def clip_checks(wide: bool) -> None:
         "one non-finite": lambda: (
             [make(200_000, torch.bfloat16)] + [torch.tensor([1.0, math.inf], device=DEV)]
         ),
+        "float64 1e200 beside float32 (scaled sum, coef outside float32)": lambda: [
+            make(70_000, torch.float32, scale=1e30, misalign=1),
+            torch.full((3000,), 1e200, dtype=torch.float64, device=DEV),
+        ],
     }
     for label, build in sets.items():
-        for p in (2.0, math.inf, 3.0):
+        for p in (2.0, math.inf, 3.0, 100.0):
             for max_norm, inv, clip_value in (
                 (1.0, 0.125, None),
                 (None, None, 0.01),
@@ -451,10 +516,11 @@ def huge_check() -> None:
         t = torch.ones(n, dtype=torch.float16, device=DEV)
         t[-1] = 2.0
         t[(1 << 31) + 1] = 3.0
-        power_sum, found_inf, per = ops.reduce([t[1:]], 2.0, True)
-        want = (n - 1 - 2) + 4.0 + 9.0
-        if power_sum.item() != want or per.item() != want or found_inf.item() != 0.0:
-            return f"power_sum {power_sum.item()} per {per.item()} want {want}"
+        raw_norm, found_inf, per = ops.reduce([t[1:]], 2.0, True)
+        # every partial sum is an integer below 2^53, so exact: the norm is one rounded sqrt
+        want = math.sqrt((n - 1 - 2) + 4.0 + 9.0)
+        if raw_norm.item() != want or per.item() != want or found_inf.item() != 0.0:
+            return f"raw_norm {raw_norm.item()} per {per.item()} want {want}"
         t[-2] = math.inf
         if ops.reduce([t], math.inf, False)[1].item() != 1.0:
             return "found_inf missed an inf past 2^31"
@@ -478,8 +544,8 @@ def graph_check() -> None:
         originals = [g.clone() for g in grads]
 
         def step():
-            power_sum, found_inf, _ = ops.reduce(grads, 2.0, False)
-            total_norm, clip_coef = ops.finalize(power_sum, 2.0, 1.0, inv_scale, torch.float32)
+            raw_norm, found_inf, _ = ops.reduce(grads, 2.0, False)
+            total_norm, clip_coef = ops.finalize(raw_norm, 1.0, inv_scale, torch.float32)
             ops.scale_(grads, clip_coef, None)
             return total_norm, found_inf
 
@@ -523,114 +589,141 @@ def graph_check() -> None:
     check("CUDA graph capture and replay of reduce + finalize + scale_", run)
 
 
-# ---- timing --------------------------------------------------------------------------------------
+def many_captures_check() -> None:
+    """Each capture's table lives as long as its graph (#14 item 10): graphs made and dropped one
+    after another neither pile up tables nor allocate a pinned buffer each."""
+
+    def wait_for_released(baseline: int) -> int:
+        # the graph's user object is destroyed asynchronously, on a CUDA thread
+        deadline = time.monotonic() + 10.0
+        alive = testing.cuda_table_stats()[1]
+        while alive > baseline and time.monotonic() < deadline:
+            time.sleep(0.01)
+            alive = testing.cuda_table_stats()[1]
+        return alive
+
+    def settled_stats() -> list[int]:
+        # graphs dropped by earlier checks may still be releasing their tables
+        gc.collect()
+        torch.cuda.synchronize()
+        previous, current = None, testing.cuda_table_stats()
+        while current != previous:
+            time.sleep(0.05)
+            previous, current = current, testing.cuda_table_stats()
+        return current
+
+    def run():
+        grads = [make(n, DTYPES[i % 4], misalign=i % 2) for i, n in enumerate([70_000, 5, 3000])]
+        originals = [g.clone() for g in grads]
+        inv_scale = torch.tensor(0.5, device=DEV)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ops.clip_(grads, 2.0, 1.0, inv_scale, None, torch.float32, False, "split")
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        expected = [o.clone() for o in originals]
+        want = ops.clip_(expected, 2.0, 1.0, inv_scale, None, torch.float32, False, "split")
+        _, alive_before, _, pinned_before = settled_stats()
+        for cycle in range(40):
+            graph = torch.cuda.CUDAGraph()
+            launch = ("split", "single")[cycle % 2]
+            with torch.cuda.graph(graph):
+                got = ops.clip_(grads, 2.0, 1.0, inv_scale, None, torch.float32, False, launch)
+            if testing.cuda_table_stats()[1] != alive_before + 1:
+                return f"cycle {cycle}: {testing.cuda_table_stats()} after one capture"
+            for g, o in zip(grads, originals, strict=True):
+                g.copy_(o)
+            graph.replay()
+            torch.cuda.synchronize()
+            if not torch.equal(bits(got[0]), bits(want[0])):
+                return f"cycle {cycle}: norm {got[0].item()} != {want[0].item()}"
+            for g, e in zip(grads, expected, strict=True):
+                if not torch.equal(bits(g), bits(e)):
+                    return f"cycle {cycle}: replayed gradients differ from eager"
+            del graph, got
+            gc.collect()
+            torch.cuda.synchronize()
+            alive = wait_for_released(alive_before)
+            if alive != alive_before:
+                return f"cycle {cycle}: {alive - alive_before} captured tables outlive their graph"
+        pinned_after = testing.cuda_table_stats()[3]
+        if pinned_after - pinned_before > 1:
+            return f"40 captures in turn allocated {pinned_after - pinned_before} pinned buffers"
+        return None
+
+    check("CUDA graph tables are freed with their graph (40 captures in turn)", run)
 
 
-def median_ms(fn, setup=None, iters: int = 30, warmup: int = 5) -> float:
-    times = []
-    for i in range(warmup + iters):
-        if setup is not None:
-            setup()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def table_reuse_check() -> None:
+    """A gradient set whose addresses did not change reuses its device table (#17)."""
+
+    def run():
+        grads = [make(n, DTYPES[i % 4]) for i, n in enumerate([70_000, 3, 4097, 0])]
+        ops.reduce(grads, 2.0, True)
+        built = testing.cuda_table_stats()[0]
+        for _ in range(3):
+            raw_norm, _, _ = ops.reduce(grads, 2.0, True)
+            _, clip_coef = ops.finalize(raw_norm, 1.0, None, torch.float32)
+            ops.scale_(grads, clip_coef, 0.5)
+            ops.clip_(grads, 2.0, 1.0, None, None, torch.float32, True, "auto")
+        if testing.cuda_table_stats()[0] != built:
+            return f"{testing.cuda_table_stats()[0] - built} tables built for unchanged tensors"
+        moved = [g.clone() for g in grads]  # other addresses: one new table
+        ops.reduce(moved, 2.0, True)
+        if testing.cuda_table_stats()[0] != built + 1:
+            return "new addresses did not build a new table"
+        return None
+
+    check("reduce/scale_/clip_ reuse the device table of an unchanged gradient set", run)
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy, read and write both counted."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device=DEV)
-    dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src))
-    copy_bw = 2 * src.numel() * 4 / (copy_ms * 1e-3)
-    print(
-        f"device-to-device copy of 1 GiB: {copy_ms * 1e3:.0f} us, {copy_bw / 1e9:.0f} GB/s (read+write)"
-    )
-    return copy_bw
+def cooperative_fallback_check() -> None:
+    """A cooperative grid the device refuses (#14 item 11): launch='auto' falls back to the split
+    path with the same bits and no error left behind; launch='single' raises, nothing written."""
 
+    def run():
+        grads = [make(n, DTYPES[i % 4], misalign=i % 3) for i, n in enumerate([200_000, 7, 3000])]
+        expected = [same_alignment_copy(g) for g in grads]
+        want = ops.clip_(expected, 2.0, 0.5, None, 0.01, torch.float64, True, "split")
+        testing.set_single_launch_grid(1 << 24)  # more blocks than any GPU holds at once
+        try:
+            # auto first: it tries the cooperative launch itself, is refused and falls back
+            got = ops.clip_(grads, 2.0, 0.5, None, 0.01, torch.float64, True, "auto")
+            torch.cuda.synchronize()
+            before = [bits(g) for g in grads]
+            try:
+                ops.clip_(grads, 2.0, 0.5, None, 0.01, torch.float64, True, "single")
+                return "launch='single' with a refused grid did not raise"
+            except RuntimeError as error:
+                if "launch='auto'" not in str(error):
+                    return f"unhelpful error: {error}"
+            if not all(torch.equal(bits(g), b) for g, b in zip(grads, before, strict=True)):
+                return "launch='single' refused but wrote the gradients"
+        finally:
+            testing.set_single_launch_grid(0)
+        outputs = ("total_norm", "found_inf", "clip_coef", "per_tensor")
+        for name, a, b in zip(outputs, got, want, strict=True):
+            if not torch.equal(bits(a), bits(b)):
+                return f"{name}: {a.tolist()} != {b.tolist()}"
+        for index, (a, b) in enumerate(zip(before, expected, strict=True)):
+            if not torch.equal(a, bits(b)):
+                return f"gradient {index} differs from the split path"
+        # no error left behind: later launches, the single one included, still work
+        ops.clip_(grads, 2.0, 0.5, None, None, torch.float64, True, "single")
+        torch.cuda.synchronize()
+        return None
 
-def bench_workload(label: str, shapes: list[int], copy_bw: float) -> None:
-    grads = [torch.randn(n, device=DEV) for n in shapes]
-    saved = [g.clone() for g in grads]
-    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
-    gradient_bytes = sum(g.numel() * g.element_size() for g in grads)
-    inv_scale = torch.tensor([1 / 1024], device=DEV)
-    found_inf = torch.zeros(1, device=DEV)
-
-    def restore():  # every timed call sees the same unclipped gradients
-        torch._foreach_copy_(grads, saved)
-
-    def fused_clip():
-        power_sum, _, _ = ops.reduce(grads, 2.0, False)
-        _, clip_coef = ops.finalize(power_sum, 2.0, 1.0, inv_scale, torch.float32)
-        ops.scale_(grads, clip_coef, None)
-
-    def fused_norm():
-        power_sum, _, _ = ops.reduce(grads, 2.0, False)
-        ops.finalize(power_sum, 2.0, None, None, torch.float32)
-
-    def fused_no_clip():  # coefficient exactly 1: one read, the write pass exits at once
-        power_sum, _, _ = ops.reduce(grads, 2.0, False)
-        _, clip_coef = ops.finalize(power_sum, 2.0, 1e30, None, torch.float32)
-        ops.scale_(grads, clip_coef, None)
-
-    def torch_clip():
-        found_inf.zero_()
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-
-    def torch_norm():
-        torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-
-    torch_clip_ms = median_ms(torch_clip, restore)
-    torch_norm_ms = median_ms(torch_norm, restore)
-    rows = [
-        ("unscale+clip fusedclip", median_ms(fused_clip, restore), 3, torch_clip_ms),
-        ("unscale+clip torch", torch_clip_ms, 3, torch_clip_ms),
-        ("norm only fusedclip", median_ms(fused_norm, restore), 1, torch_norm_ms),
-        ("norm only torch", torch_norm_ms, 1, torch_norm_ms),
-        ("no-clip (coef 1) fusedclip", median_ms(fused_no_clip, restore), 1, torch_clip_ms),
-    ]
-    for path, ms, passes, torch_ms in rows:
-        moved = passes * gradient_bytes  # read+write counted, like the copy bandwidth
-        floor_ms = moved / copy_bw * 1e3
-        print(
-            f"{label:26} {path:28} {ms * 1e3:9.1f} {moved / (ms * 1e-3) / 1e9:7.0f} "
-            f"{100 * floor_ms / ms:6.0f}% {torch_ms / ms:7.2f}x"
-        )
-
-
-def bench() -> None:
-    props = torch.cuda.get_device_properties(DEV)
-    print(f"\n# timing on {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(
-        "# floor% = (passes x gradient bytes / measured copy bandwidth) / time; vs torch = torch time / time"
-    )
-    copy_bw = copy_bandwidth()
-    torch.cuda.empty_cache()
-    print(f"{'workload':26} {'path':28} {'us':>9} {'GB/s':>7} {'floor%':>7} {'vs torch':>8}")
-    for label, shapes in (
-        ("1 GiB fp32 in 8 tensors", [1 << 25] * 8),
-        ("2000 x 16K fp32", [1 << 14] * 2000),
-    ):
-        bench_workload(label, shapes, copy_bw)
-        torch.cuda.empty_cache()
+    check("clip_ launch='auto' falls back to split when the cooperative grid is refused", run)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--no-bench", action="store_true")
-    parser.add_argument("--no-huge", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-huge", action="store_true", help="skip the 2^31-element tensor")
     parser.add_argument("--no-wide", action="store_true", help="skip the 3000-chunk clip_ set")
     parser.add_argument(
         "--sections",
-        default="reduce,finalize,scale,clip,graph",
+        default="reduce,finalize,scale,clip,graph,cache",
         help="comma-separated subset to run (a sanitizer can take just one)",
     )
     args = parser.parse_args()
@@ -646,8 +739,12 @@ def main() -> int:
         "finalize": finalize_checks,
         "scale": scale_checks,
         "clip": lambda: clip_checks(wide=not args.no_wide),
-        "graph": graph_check,
+        "graph": lambda: (graph_check(), many_captures_check()),
+        "cache": lambda: (table_reuse_check(), cooperative_fallback_check()),
     }
+    unknown = set(args.sections.split(",")) - set(sections)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {sorted(sections)}")
     for name in args.sections.split(","):
         sections[name]()
     if not args.no_huge:
@@ -656,8 +753,6 @@ def main() -> int:
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
     for name in failed[:50]:
         print(f"  FAILED {name}")
-    if not args.no_bench:
-        bench()
     return 1 if failed else 0
 
 

@@ -9,186 +9,36 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <fusedclip/checks.h>
+#include <fusedclip/norm.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
+#include <atomic>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "multi_tensor.cuh"
+#include "vector_math.cuh"
 
 namespace fusedclip::cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
 // One block size for every kernel: the single-launch kernel runs each pass's per-chunk code with
 // the block shape the split kernels use, which keeps the two paths' results bit-identical.
 constexpr int kBlock = 256;
 // 16-byte vectors each thread keeps in flight per loop iteration.
 constexpr int kUnroll = 4;
-constexpr int kVectorBytes = 16;
 
 static_assert(kChunkElements * 2 % kVectorBytes == 0,
               "a chunk must start at the same 16-byte alignment as its tensor");
-
-template <typename T>
-struct alignas(kVectorBytes) Vector {
-  static constexpr int kSize = kVectorBytes / sizeof(T);
-  T elements[kSize];
-};
-
-// The tables hold data pointers as integers, so the compiler cannot tell they are global and would
-// emit generic 128-bit accesses; these say so (LDG.E.128 / STG.E.128).
-template <typename T>
-__device__ __forceinline__ Vector<T> load_read_only(const Vector<T>* address) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(address));  // nothing writes it meanwhile
-  Vector<T> value;
-  static_assert(sizeof(value) == sizeof(raw), "vector size");
-  memcpy(&value, &raw, sizeof(raw));
-  return value;
-}
-
-// Coherent at L2 (the single launch later writes what it reads here); unlike the volatile asm
-// below, the compiler may predicate and schedule these loads.
-template <typename T>
-__device__ __forceinline__ Vector<T> load_through_l2(const Vector<T>* address) {
-  const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(address));
-  Vector<T> value;
-  memcpy(&value, &raw, sizeof(raw));
-  return value;
-}
-
-// For scale_, which writes what it reads, so not through the read-only (non-coherent) path. The
-// asm is volatile to keep program order: a thread's loads are all issued before its stores.
-template <typename T>
-__device__ __forceinline__ Vector<T> load_global(const Vector<T>* address) {
-  uint4 raw;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-               : "l"(address));
-  Vector<T> value;
-  memcpy(&value, &raw, sizeof(raw));
-  return value;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_global(Vector<T>* address, const Vector<T>& value) {
-  uint4 raw;
-  memcpy(&raw, &value, sizeof(raw));
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(raw.x), "r"(raw.y),
-               "r"(raw.z), "r"(raw.w)
-               : "memory");
-}
-
-__device__ __forceinline__ double to_double(float x) { return static_cast<double>(x); }
-__device__ __forceinline__ double to_double(double x) { return x; }
-__device__ __forceinline__ double to_double(__half x) {
-  return static_cast<double>(__half2float(x));
-}
-__device__ __forceinline__ double to_double(__nv_bfloat16 x) {
-  return static_cast<double>(__bfloat162float(x));
-}
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_compute(float x);
-template <>
-__device__ __forceinline__ float from_compute<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_compute<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-__device__ __forceinline__ double to_compute(double x) { return x; }
-template <typename T>
-__device__ __forceinline__ float to_compute(T x) {
-  return to_float(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_compute(double x) {
-  return x;
-}
-
-enum class NormKind { kOne, kTwo, kInf, kGeneral };
-
-NormKind norm_kind(double norm_type) {
-  if (std::isinf(norm_type)) return NormKind::kInf;
-  if (norm_type == 2.0) return NormKind::kTwo;
-  if (norm_type == 1.0) return NormKind::kOne;
-  return NormKind::kGeneral;
-}
-
-// max that keeps NaN (fmax would drop it); a is the running value.
-__device__ __forceinline__ double nan_max(double a, double b) {
-  return (b > a || isnan(b)) ? b : a;
-}
-
-template <NormKind kKind>
-__device__ __forceinline__ double combine(double a, double b) {
-  if constexpr (kKind == NormKind::kInf) {
-    return nan_max(a, b);
-  } else {
-    return a + b;
-  }
-}
-
-// acc (+)= |x|^p, with (+) the max for p = inf.
-template <NormKind kKind>
-__device__ __forceinline__ double accumulate(double acc, double x, double norm_type) {
-  if constexpr (kKind == NormKind::kTwo) {
-    return fma(x, x, acc);
-  } else if constexpr (kKind == NormKind::kOne) {
-    return acc + fabs(x);
-  } else if constexpr (kKind == NormKind::kInf) {
-    return nan_max(acc, fabs(x));
-  } else {
-    return acc + pow(fabs(x), norm_type);
-  }
-}
-
-// Fixed butterfly: every lane ends with the same bits, whatever the scheduling.
-template <NormKind kKind>
-__device__ __forceinline__ double warp_reduce(double value) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value = combine<kKind>(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  }
-  return value;
-}
-
-// Fixed-order tree over the block; the result is valid in thread 0. Every thread must call it.
-template <NormKind kKind, int kBlock>
-__device__ __forceinline__ double block_reduce(double value) {
-  static_assert(kBlock % kWarpSize == 0 && kBlock <= kWarpSize * kWarpSize, "block size");
-  __shared__ double warp_values[kBlock / kWarpSize];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  value = warp_reduce<kKind>(value);
-  if (lane == 0) warp_values[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < kBlock / kWarpSize ? warp_values[lane] : 0.0;  // 0 is neutral: |g|^p >= 0
-    value = warp_reduce<kKind>(value);
-  }
-  return value;
-}
 
 // The slice of one tensor that block `chunk` owns: data, element count (<= kChunkElements) and
 // the number of leading elements before the first 16-byte boundary.
@@ -214,42 +64,27 @@ __device__ __forceinline__ ChunkSpan<T> chunk_span(const MultiTensorTable& table
   return span;
 }
 
-// Sums of |g|^p of 16- and 32-bit values in float64 cannot overflow for p <= 2 (and a max never
-// does), so there the partial itself says whether an element was inf or NaN; otherwise (float64
-// input, or p > 2 where |g|^p of a finite g can overflow) each element is tested.
-template <typename T, NormKind kKind>
-constexpr bool kTestElements =
-    kKind == NormKind::kGeneral || (sizeof(T) == 8 && kKind != NormKind::kInf);
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// The arithmetic type of the write pass: float32 for 16- and 32-bit gradients, float64 for float64.
-template <typename T>
-using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-/* chunk_power[chunk] = sum over the chunk of |g|^p (max |g| for p = inf), float64;
- * chunk_nonfinite[chunk] = 1.0 if the chunk holds an inf or NaN, else 0.0.
+/* Writes the chunk's partial: accumulator word w at chunk_words[w * num_chunks + chunk], and
+ * chunk_nonfinite[chunk] = 1.0 if the chunk holds an inf or NaN, else 0.0. The accumulator is a
+ * plain sum of |g|^p (max |g| for p = inf) or a ScaledSum (vector_math.cuh).
  * Run by a whole block. Per-thread order and the block tree are fixed by kBlock and kUnroll, so
  * the partial's bits depend only on the chunk's values. kReadOnly loads through the non-coherent
  * path, which is allowed only when nothing writes the gradients during the kernel; otherwise
  * through L2. */
-template <typename T, NormKind kKind, bool kReadOnly>
+template <typename T, typename Accumulator, bool kReadOnly>
 __device__ __forceinline__ void reduce_chunk(const MultiTensorTable& table, int64_t chunk,
-                                             double norm_type, double* chunk_power,
+                                             double norm_type, double* chunk_words,
                                              double* chunk_nonfinite) {
   constexpr int kVec = Vector<T>::kSize;
-  constexpr bool kTest = kTestElements<T, kKind>;
+  constexpr bool kTest = !Accumulator::template kFiniteForFiniteElements<T>;
   const ChunkSpan<T> span = chunk_span<T>(table, chunk);
   const int num_vectors = (span.size - span.head) / kVec;
   const int tail_begin = span.head + num_vectors * kVec;
   const Vector<T>* vectors = reinterpret_cast<const Vector<T>*>(span.data + span.head);
 
-  double acc[kUnroll];
+  Accumulator acc[kUnroll];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) acc[u] = 0.0;
+  for (int u = 0; u < kUnroll; ++u) acc[u] = Accumulator::zero();
   bool nonfinite = false;
 
   for (int base = threadIdx.x; base < num_vectors; base += kBlock * kUnroll) {
@@ -260,7 +95,7 @@ __device__ __forceinline__ void reduce_chunk(const MultiTensorTable& table, int6
       if (index < num_vectors) {
         loaded[u] = kReadOnly ? load_read_only(vectors + index) : load_through_l2(vectors + index);
       } else {
-        loaded[u] = Vector<T>{};  // zeros: neutral for every kind
+        loaded[u] = Vector<T>{};  // zeros: neutral for every accumulator
       }
     }
 #pragma unroll
@@ -268,7 +103,7 @@ __device__ __forceinline__ void reduce_chunk(const MultiTensorTable& table, int6
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
         const double x = to_double(loaded[u].elements[e]);
-        acc[u] = accumulate<kKind>(acc[u], x, norm_type);
+        acc[u].add(x, norm_type);
         if constexpr (kTest) nonfinite |= !isfinite(x);
       }
     }
@@ -277,20 +112,20 @@ __device__ __forceinline__ void reduce_chunk(const MultiTensorTable& table, int6
   const int scalar_index = threadIdx.x < span.head ? threadIdx.x : tail_begin + threadIdx.x - kVec;
   if (threadIdx.x < span.head || (threadIdx.x >= kVec && scalar_index < span.size)) {
     const double x = to_double(span.data[scalar_index]);
-    acc[0] = accumulate<kKind>(acc[0], x, norm_type);
+    acc[0].add(x, norm_type);
     if constexpr (kTest) nonfinite |= !isfinite(x);
   }
 
-  double thread_value = acc[0];
+  Accumulator thread_value = acc[0];
 #pragma unroll
-  for (int u = 1; u < kUnroll; ++u) thread_value = combine<kKind>(thread_value, acc[u]);
-  const double chunk_value = block_reduce<kKind, kBlock>(thread_value);
+  for (int u = 1; u < kUnroll; ++u) thread_value.merge(acc[u], norm_type);
+  const Accumulator chunk_value = block_reduce<Accumulator, kBlock>(thread_value, norm_type);
   if constexpr (kTest) {
     nonfinite = __syncthreads_or(nonfinite);
   }
   if (threadIdx.x == 0) {
-    if constexpr (!kTest) nonfinite = !isfinite(chunk_value);
-    chunk_power[chunk] = chunk_value;
+    if constexpr (!kTest) nonfinite = !chunk_value.finite();
+    chunk_value.store(chunk_words, chunk, table.num_chunks);
     chunk_nonfinite[chunk] = nonfinite ? 1.0 : 0.0;
   }
   __syncthreads();  // block_reduce's shared slots are reused by the block's next chunk
@@ -300,93 +135,66 @@ __device__ __forceinline__ void reduce_chunk(const MultiTensorTable& table, int6
  * t + kBlock, ..., then the fixed block tree), valid in thread 0; *nonfinite (every thread) says
  * whether any chunk was flagged. Loads go to L2: other blocks of the same launch may have written
  * the partials. */
-template <NormKind kKind>
-__device__ __forceinline__ double combine_chunks(int64_t num_chunks, const double* chunk_power,
-                                                 const double* chunk_nonfinite, bool* nonfinite) {
-  double acc = 0.0;
+template <typename Accumulator>
+__device__ __forceinline__ Accumulator combine_chunks(int64_t num_chunks, const double* chunk_words,
+                                                      const double* chunk_nonfinite,
+                                                      double norm_type, bool* nonfinite) {
+  Accumulator acc = Accumulator::zero();
   bool any = false;
 #pragma unroll 8
   for (int64_t c = threadIdx.x; c < num_chunks; c += kBlock) {
-    acc = combine<kKind>(acc, __ldcg(chunk_power + c));
+    acc.merge(Accumulator::load_l2(chunk_words, c, num_chunks), norm_type);
     any |= __ldcg(chunk_nonfinite + c) != 0.0;
   }
-  acc = block_reduce<kKind, kBlock>(acc);
+  acc = block_reduce<Accumulator, kBlock>(acc, norm_type);
   *nonfinite = __syncthreads_or(any);
   return acc;
 }
 
 /* Run by a whole warp: (+) over the partials of tensor's contiguous chunks (lane l takes chunks
  * l, l + 32, ..., then the fixed butterfly), valid in every lane. */
-template <NormKind kKind>
-__device__ __forceinline__ double combine_tensor_chunks(const MultiTensorTable& table,
-                                                        int64_t tensor, const double* chunk_power) {
+template <typename Accumulator>
+__device__ __forceinline__ Accumulator combine_tensor_chunks(const MultiTensorTable& table,
+                                                             int64_t tensor,
+                                                             const double* chunk_words,
+                                                             double norm_type) {
   const int64_t first = table.first_chunk[tensor];
   const int64_t end = first + chunk_count(table.numels[tensor]);
-  double acc = 0.0;
-#pragma unroll 8  // loads in flight; the additions keep their order
+  Accumulator acc = Accumulator::zero();
+#pragma unroll 8  // loads in flight; the merges keep their order
   for (int64_t c = first + threadIdx.x % kWarpSize; c < end; c += kWarpSize) {
-    acc = combine<kKind>(acc, __ldcg(chunk_power + c));
+    acc.merge(Accumulator::load_l2(chunk_words, c, table.num_chunks), norm_type);
   }
-  return warp_reduce<kKind>(acc);
+  return warp_reduce(acc, norm_type);
 }
 
 // The scalar epilogue's inputs and where its outputs go.
 struct FinalizeArgs {
-  double norm_type;
   bool has_max_norm;
   double max_norm;
   const void* inv_scale;  // nullptr: no unscaling
   bool inv_scale_is_double;
-  bool out_is_double;  // total_norm and clip_coef are float64, else float32
+  bool total_norm_is_double;  // else float32
   void* total_norm;
-  void* clip_coef;
+  double* clip_coef;
 };
 
-// Both already rounded to the output dtype (held as double).
-struct Finalized {
-  double norm;
-  double coef;
-};
-
-/* total_norm = power_sum^(1/p) * |inv_scale|  (power_sum for p = inf);
- * clip_coef  = inv_scale * min(1, max_norm / (total_norm + 1e-6)), NaN-propagating; all float64,
- * rounded once to the output dtype. */
-__device__ Finalized finalize_values(double power, const FinalizeArgs& args) {
-  double norm;
-  if (isinf(args.norm_type)) {
-    norm = power;
-  } else if (args.norm_type == 2.0) {
-    norm = sqrt(power);
-  } else if (args.norm_type == 1.0) {
-    norm = power;
-  } else {
-    norm = pow(power, 1.0 / args.norm_type);
-  }
-  double inv = 1.0;
-  if (args.inv_scale != nullptr) {
-    inv = args.inv_scale_is_double
-              ? *static_cast<const double*>(args.inv_scale)
-              : static_cast<double>(*static_cast<const float*>(args.inv_scale));
-    norm *= fabs(inv);
-  }
-  double coef = 1.0;
-  if (args.has_max_norm) {
-    const double ratio = args.max_norm / (norm + 1e-6);
-    coef = ratio > 1.0 ? 1.0 : ratio;  // keeps NaN, like clamp(max=1)
-  }
-  coef *= inv;
-  if (args.out_is_double) return {norm, coef};
-  return {static_cast<float>(norm), static_cast<float>(coef)};
+// norm.h's finalize_norm, reading inv_scale on the device.
+__device__ Finalized finalize_on_device(double raw_norm, const FinalizeArgs& args) {
+  const bool has_inv_scale = args.inv_scale != nullptr;
+  const double inv_scale =
+      has_inv_scale ? load_scalar(args.inv_scale, args.inv_scale_is_double) : 1.0;
+  return finalize_norm(raw_norm, args.has_max_norm, args.max_norm, has_inv_scale, inv_scale);
 }
 
+// total_norm rounded once to its dtype; clip_coef float64.
 __device__ void store_finalized(const Finalized& result, const FinalizeArgs& args) {
-  if (args.out_is_double) {
-    *static_cast<double*>(args.total_norm) = result.norm;
-    *static_cast<double*>(args.clip_coef) = result.coef;
+  if (args.total_norm_is_double) {
+    *static_cast<double*>(args.total_norm) = result.total_norm;
   } else {
-    *static_cast<float*>(args.total_norm) = static_cast<float>(result.norm);
-    *static_cast<float*>(args.clip_coef) = static_cast<float>(result.coef);
+    *static_cast<float*>(args.total_norm) = static_cast<float>(result.total_norm);
   }
+  *args.clip_coef = result.clip_coef;
 }
 
 template <typename C>
@@ -396,12 +204,11 @@ __device__ __forceinline__ C scale_and_clamp(C x, C coef, C clip_value) {
   return y > clip_value ? clip_value : (y < -clip_value ? -clip_value : y);
 }
 
-/* g = clamp(g * coef, -bound, bound) over one chunk (no clamp unless kClamp), in ComputeType<T>,
- * rounded to g's dtype. Run by a whole block. */
-template <typename T, bool kClamp>
-__device__ __forceinline__ void scale_chunk(const MultiTensorTable& table, int64_t chunk,
-                                            ComputeType<T> coef, ComputeType<T> bound) {
-  using C = ComputeType<T>;
+/* g = clamp(g * coef, -bound, bound) over one chunk (no clamp unless kClamp), in C (float or
+ * double), rounded once to g's dtype. Run by a whole block. */
+template <typename T, typename C, bool kClamp>
+__device__ __forceinline__ void scale_chunk(const MultiTensorTable& table, int64_t chunk, C coef,
+                                            C bound) {
   constexpr int kVec = Vector<T>::kSize;
   const ChunkSpan<T> span = chunk_span<T>(table, chunk);
   const int num_vectors = (span.size - span.head) / kVec;
@@ -409,7 +216,7 @@ __device__ __forceinline__ void scale_chunk(const MultiTensorTable& table, int64
   Vector<T>* vectors = reinterpret_cast<Vector<T>*>(span.data + span.head);
 
   auto apply = [&](T x) -> T {
-    const C c = to_compute(x);
+    const C c = to_compute<C>(x);
     return from_compute<T>(kClamp ? scale_and_clamp<C>(c, coef, bound) : c * coef);
   };
 
@@ -439,28 +246,47 @@ __device__ __forceinline__ void scale_chunk(const MultiTensorTable& table, int64
   }
 }
 
-// Split path: one block per chunk of dtype group T, chunk = chunk_offset + blockIdx.x.
-template <typename T, NormKind kKind>
-__global__ void __launch_bounds__(kBlock)
-    power_partial_kernel(MultiTensorTable table, int64_t chunk_offset, double norm_type,
-                         double* __restrict__ chunk_power, double* __restrict__ chunk_nonfinite) {
-  reduce_chunk<T, kKind, /*kReadOnly=*/true>(table, chunk_offset + blockIdx.x, norm_type,
-                                             chunk_power, chunk_nonfinite);
+/* The write pass of one chunk with the float64 coefficient: the product in float32 for 16- and
+ * 32-bit gradients, except where needs_float64_product(clip_coef) (a coefficient float32 cannot
+ * hold as a normal number), then in float64; float64 gradients always in float64. The choice
+ * depends only on clip_coef, so it is uniform over the block. */
+template <typename T, bool kClamp>
+__device__ __forceinline__ void scale_chunk_by(const MultiTensorTable& table, int64_t chunk,
+                                               double clip_coef, double clip_value) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (needs_float64_product(clip_coef)) {
+      scale_chunk<T, double, kClamp>(table, chunk, clip_coef, clip_value);
+      return;
+    }
+  }
+  using C = ComputeType<T>;
+  scale_chunk<T, C, kClamp>(table, chunk, static_cast<C>(clip_coef),
+                            kClamp ? static_cast<C>(clip_value) : C(0));
 }
 
-// Block 0: power_sum and found_inf. Blocks 1..: one warp per tensor, per_tensor_power[tensor].
-template <NormKind kKind>
+// Split path: one block per chunk of dtype group T, chunk = chunk_offset + blockIdx.x.
+template <typename T, typename Accumulator>
 __global__ void __launch_bounds__(kBlock)
-    combine_partials_kernel(MultiTensorTable table, const double* __restrict__ chunk_power,
+    partial_norm_kernel(MultiTensorTable table, int64_t chunk_offset, double norm_type,
+                        double* __restrict__ chunk_words, double* __restrict__ chunk_nonfinite) {
+  reduce_chunk<T, Accumulator, /*kReadOnly=*/true>(table, chunk_offset + blockIdx.x, norm_type,
+                                                   chunk_words, chunk_nonfinite);
+}
+
+// Block 0: raw_norm and found_inf. Blocks 1..: one warp per tensor, per_tensor_norms[tensor].
+template <typename Accumulator>
+__global__ void __launch_bounds__(kBlock)
+    combine_partials_kernel(MultiTensorTable table, double norm_type,
+                            const double* __restrict__ chunk_words,
                             const double* __restrict__ chunk_nonfinite,
-                            double* __restrict__ power_sum, float* __restrict__ found_inf,
-                            double* __restrict__ per_tensor_power) {
+                            double* __restrict__ raw_norm, float* __restrict__ found_inf,
+                            double* __restrict__ per_tensor_norms) {
   if (blockIdx.x == 0) {
     bool nonfinite;
-    const double total =
-        combine_chunks<kKind>(table.num_chunks, chunk_power, chunk_nonfinite, &nonfinite);
+    const Accumulator total = combine_chunks<Accumulator>(table.num_chunks, chunk_words,
+                                                          chunk_nonfinite, norm_type, &nonfinite);
     if (threadIdx.x == 0) {
-      *power_sum = total;
+      *raw_norm = total.norm(norm_type);
       *found_inf = nonfinite ? 1.0f : 0.0f;
     }
     return;
@@ -468,18 +294,14 @@ __global__ void __launch_bounds__(kBlock)
   constexpr int kWarps = kBlock / kWarpSize;
   const int64_t tensor = static_cast<int64_t>(blockIdx.x - 1) * kWarps + threadIdx.x / kWarpSize;
   if (tensor >= table.num_tensors) return;  // warp-uniform
-  const double value = combine_tensor_chunks<kKind>(table, tensor, chunk_power);
-  if (threadIdx.x % kWarpSize == 0) per_tensor_power[tensor] = value;
+  const Accumulator value =
+      combine_tensor_chunks<Accumulator>(table, tensor, chunk_words, norm_type);
+  if (threadIdx.x % kWarpSize == 0) per_tensor_norms[tensor] = value.norm(norm_type);
 }
 
 // One thread.
-__global__ void finalize_kernel(const double* __restrict__ power_sum, FinalizeArgs args) {
-  store_finalized(finalize_values(*power_sum, args), args);
-}
-
-__device__ __forceinline__ double load_coefficient(const void* clip_coef, bool coef_is_double) {
-  return coef_is_double ? *static_cast<const double*>(clip_coef)
-                        : static_cast<double>(*static_cast<const float*>(clip_coef));
+__global__ void finalize_kernel(const double* __restrict__ raw_norm, FinalizeArgs args) {
+  store_finalized(finalize_on_device(*raw_norm, args), args);
 }
 
 // Split path write: each block first reads clip_coef and, when it is exactly 1 and there is no
@@ -488,32 +310,9 @@ template <typename T, bool kClamp>
 __global__ void __launch_bounds__(kBlock)
     scale_kernel(MultiTensorTable table, int64_t chunk_offset, const void* clip_coef,
                  bool coef_is_double, double clip_value) {
-  using C = ComputeType<T>;
-  const double coef = load_coefficient(clip_coef, coef_is_double);
+  const double coef = load_scalar(clip_coef, coef_is_double);
   if (!kClamp && coef == 1.0) return;
-  scale_chunk<T, kClamp>(table, chunk_offset + blockIdx.x, static_cast<C>(coef),
-                         kClamp ? static_cast<C>(clip_value) : C(0));
-}
-
-// Calls fn(TypeTag<T>{}) with T the element type of dtype group `group` (the order of
-// dtype_group in multi_tensor_table.cu). Host launchers and the single-launch kernel share it.
-#pragma nv_exec_check_disable
-template <typename Fn>
-__host__ __device__ __forceinline__ void dispatch_group(int group, Fn&& fn) {
-  switch (group) {
-    case 0:
-      fn(TypeTag<float>{});
-      break;
-    case 1:
-      fn(TypeTag<__half>{});
-      break;
-    case 2:
-      fn(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      fn(TypeTag<double>{});
-      break;
-  }
+  scale_chunk_by<T, kClamp>(table, chunk_offset + blockIdx.x, coef, clip_value);
 }
 
 // The dtype group that owns `chunk`: groups hold consecutive ranges of chunks.
@@ -526,10 +325,11 @@ __device__ __forceinline__ int chunk_group(const int64_t* group_first_chunk, int
 struct SingleLaunchArgs {
   MultiTensorTable table;
   int64_t group_first_chunk[kNumDtypeGroups + 1];
-  double* chunk_power;
+  double norm_type;
+  double* chunk_words;
   double* chunk_nonfinite;
   float* found_inf;
-  double* per_tensor_power;  // nullptr: not asked for
+  double* per_tensor_norms;  // nullptr: not asked for
   FinalizeArgs finalize;
   double clip_value;
 };
@@ -539,40 +339,41 @@ struct SingleLaunchArgs {
  * itself, in combine_partials_kernel's order, so each gets the same bits and no second barrier is
  * needed; block 0 stores the results, the grid's warps combine the per-tensor partials, and each
  * block scales the chunks it reduced (for gradient sets that fit in L2 they are still there). */
-template <NormKind kKind, bool kClamp>
+template <typename Accumulator, bool kClamp>
 __global__ void __launch_bounds__(kBlock) single_launch_clip_kernel(SingleLaunchArgs args) {
   const MultiTensorTable& table = args.table;
   for (int64_t chunk = blockIdx.x; chunk < table.num_chunks; chunk += gridDim.x) {
     dispatch_group(chunk_group(args.group_first_chunk, chunk), [&](auto tag) {
       using T = typename decltype(tag)::type;
-      reduce_chunk<T, kKind, /*kReadOnly=*/false>(table, chunk, args.finalize.norm_type,
-                                                  args.chunk_power, args.chunk_nonfinite);
+      reduce_chunk<T, Accumulator, /*kReadOnly=*/false>(table, chunk, args.norm_type,
+                                                        args.chunk_words, args.chunk_nonfinite);
     });
   }
   cooperative_groups::this_grid().sync();
 
   __shared__ double coefficient;
   bool nonfinite;
-  const double power =
-      combine_chunks<kKind>(table.num_chunks, args.chunk_power, args.chunk_nonfinite, &nonfinite);
+  const Accumulator total = combine_chunks<Accumulator>(
+      table.num_chunks, args.chunk_words, args.chunk_nonfinite, args.norm_type, &nonfinite);
   if (threadIdx.x == 0) {
-    const Finalized result = finalize_values(power, args.finalize);
+    const Finalized result = finalize_on_device(total.norm(args.norm_type), args.finalize);
     if (blockIdx.x == 0) {
       store_finalized(result, args.finalize);
       *args.found_inf = nonfinite ? 1.0f : 0.0f;
     }
-    coefficient = result.coef;
+    coefficient = result.clip_coef;
   }
   __syncthreads();
   const double coef = coefficient;
 
-  if (args.per_tensor_power != nullptr) {
+  if (args.per_tensor_norms != nullptr) {
     constexpr int kWarps = kBlock / kWarpSize;
     const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kWarps;
     for (int64_t tensor = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
          tensor < table.num_tensors; tensor += warps_in_grid) {  // warp-uniform
-      const double value = combine_tensor_chunks<kKind>(table, tensor, args.chunk_power);
-      if (threadIdx.x % kWarpSize == 0) args.per_tensor_power[tensor] = value;
+      const Accumulator value =
+          combine_tensor_chunks<Accumulator>(table, tensor, args.chunk_words, args.norm_type);
+      if (threadIdx.x % kWarpSize == 0) args.per_tensor_norms[tensor] = value.norm(args.norm_type);
     }
   }
 
@@ -580,58 +381,78 @@ __global__ void __launch_bounds__(kBlock) single_launch_clip_kernel(SingleLaunch
   for (int64_t chunk = blockIdx.x; chunk < table.num_chunks; chunk += gridDim.x) {
     dispatch_group(chunk_group(args.group_first_chunk, chunk), [&](auto tag) {
       using T = typename decltype(tag)::type;
-      using C = ComputeType<T>;
-      scale_chunk<T, kClamp>(table, chunk, static_cast<C>(coef),
-                             kClamp ? static_cast<C>(args.clip_value) : C(0));
+      scale_chunk_by<T, kClamp>(table, chunk, coef, args.clip_value);
     });
   }
 }
 
+// Calls fn(TypeTag<Accumulator>{}) with the read pass's accumulator for norm_type: a ScaledSum
+// where needs_scaled_sum (norm.h), else the plain power sum of the norm's kind.
 template <typename Fn>
-void dispatch_norm_kind(NormKind kind, Fn&& fn) {
-  switch (kind) {
+void dispatch_accumulator(double norm_type, bool any_float64, Fn&& fn) {
+  if (needs_scaled_sum(norm_type, any_float64)) {
+    fn(TypeTag<ScaledPowerSum>{});
+    return;
+  }
+  switch (norm_kind(norm_type)) {
     case NormKind::kOne:
-      fn(std::integral_constant<NormKind, NormKind::kOne>{});
+      fn(TypeTag<PowerSum<NormKind::kOne>>{});
       break;
     case NormKind::kTwo:
-      fn(std::integral_constant<NormKind, NormKind::kTwo>{});
+      fn(TypeTag<PowerSum<NormKind::kTwo>>{});
       break;
     case NormKind::kInf:
-      fn(std::integral_constant<NormKind, NormKind::kInf>{});
+      fn(TypeTag<PowerSum<NormKind::kInf>>{});
       break;
     default:
-      fn(std::integral_constant<NormKind, NormKind::kGeneral>{});
+      fn(TypeTag<PowerSum<NormKind::kGeneral>>{});
       break;
   }
 }
 
+// Float64 words of one chunk's accumulator.
+int accumulator_words(double norm_type, bool any_float64) {
+  int words = 0;
+  dispatch_accumulator(norm_type, any_float64,
+                       [&](auto tag) { words = decltype(tag)::type::kWords; });
+  return words;
+}
+
+// Float64 words of the chunk partials of `layout`: per chunk the accumulator's words, then a
+// non-finite flag, each kind in its own [num_chunks] run.
+int64_t chunk_partial_words(const MultiTensorLayout& layout, double norm_type) {
+  return (accumulator_words(norm_type, layout.any_float64) + 1) * layout.table.num_chunks;
+}
+
 // Raw-pointer launchers: everything is enqueued on `stream`.
 
-// chunk_power, chunk_nonfinite: [layout.table.num_chunks] float64 each;
-// per_tensor_power: [num_tensors] float64 or nullptr.
-void launch_reduce(const MultiTensorLayout& layout, double norm_type, double* chunk_power,
-                   double* chunk_nonfinite, double* power_sum, float* found_inf,
-                   double* per_tensor_power, cudaStream_t stream) {
-  dispatch_norm_kind(norm_kind(norm_type), [&](auto kind_constant) {
-    constexpr NormKind kKind = decltype(kind_constant)::value;
+// partials: [chunk_partial_words(layout, norm_type)] float64;
+// per_tensor_norms: [num_tensors] float64 or nullptr.
+void launch_reduce(const MultiTensorLayout& layout, double norm_type, double* partials,
+                   double* raw_norm, float* found_inf, double* per_tensor_norms,
+                   cudaStream_t stream) {
+  dispatch_accumulator(norm_type, layout.any_float64, [&](auto accumulator_tag) {
+    using Accumulator = typename decltype(accumulator_tag)::type;
+    double* chunk_nonfinite = partials + Accumulator::kWords * layout.table.num_chunks;
     for (int group = 0; group < kNumDtypeGroups; ++group) {
       const int64_t chunks = layout.group_chunks(group);
       if (chunks == 0) continue;
       dispatch_group(group, [&](auto tag) {
         using T = typename decltype(tag)::type;
-        power_partial_kernel<T, kKind><<<static_cast<unsigned>(chunks), kBlock, 0, stream>>>(
-            layout.table, layout.group_first_chunk[group], norm_type, chunk_power, chunk_nonfinite);
+        partial_norm_kernel<T, Accumulator><<<static_cast<unsigned>(chunks), kBlock, 0, stream>>>(
+            layout.table, layout.group_first_chunk[group], norm_type, partials, chunk_nonfinite);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
     constexpr int kTensorsPerBlock = kBlock / kWarpSize;
     const int64_t per_tensor_blocks =
-        per_tensor_power == nullptr
+        per_tensor_norms == nullptr
             ? 0
             : (layout.table.num_tensors + kTensorsPerBlock - 1) / kTensorsPerBlock;
-    combine_partials_kernel<kKind>
+    combine_partials_kernel<Accumulator>
         <<<static_cast<unsigned>(1 + per_tensor_blocks), kBlock, 0, stream>>>(
-            layout.table, chunk_power, chunk_nonfinite, power_sum, found_inf, per_tensor_power);
+            layout.table, norm_type, partials, chunk_nonfinite, raw_norm, found_inf,
+            per_tensor_norms);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -657,8 +478,8 @@ void launch_scale_(const MultiTensorLayout& layout, const void* clip_coef, bool 
   }
 }
 
-void launch_finalize(const double* power_sum, const FinalizeArgs& args, cudaStream_t stream) {
-  finalize_kernel<<<1, 1, 0, stream>>>(power_sum, args);
+void launch_finalize(const double* raw_norm, const FinalizeArgs& args, cudaStream_t stream) {
+  finalize_kernel<<<1, 1, 0, stream>>>(raw_norm, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -701,25 +522,77 @@ int resident_blocks_per_sm(const void* kernel, int device) {
   return entry->second;
 }
 
-// The whole clip in one cooperative launch; the grid is every chunk or every block that can be
-// resident at once, whichever is fewer.
-void launch_single_clip(const SingleLaunchArgs& args, bool clamp, double norm_type, int device,
-                        cudaStream_t stream) {
-  dispatch_norm_kind(norm_kind(norm_type), [&](auto kind_constant) {
-    constexpr NormKind kKind = decltype(kind_constant)::value;
+// Where fewer SMs are available than the device has (an MPS thread limit, a partitioned context),
+// a grid sized by occupancy x SM count can still be refused. Per device, the smallest grid that was
+// refused: launch="auto" takes the split path for grids at least that large instead of trying
+// again. std::numeric_limits<int64_t>::max() until a launch is refused.
+std::mutex refused_grid_mutex;
+std::map<int, int64_t> refused_grid;
+
+int64_t smallest_refused_grid(int device) {
+  const std::lock_guard<std::mutex> lock(refused_grid_mutex);
+  const auto it = refused_grid.find(device);
+  return it == refused_grid.end() ? std::numeric_limits<int64_t>::max() : it->second;
+}
+
+void record_refused_grid(int device, int64_t grid) {
+  const std::lock_guard<std::mutex> lock(refused_grid_mutex);
+  auto [entry, inserted] = refused_grid.try_emplace(device, grid);
+  if (!inserted) entry->second = std::min(entry->second, grid);
+}
+
+// For tests (fusedclip_testing::set_single_launch_grid): a grid size that replaces the computed
+// one, so a test can make the device refuse the cooperative launch; 0: none.
+std::atomic<int64_t> single_launch_grid_override{0};
+
+enum class SingleLaunchOutcome { kLaunched, kRefused };
+
+/* The whole clip in one cooperative launch; the grid is every chunk or every block that can be
+ * resident at once, whichever is fewer. When the kernel cannot be resident or the device refuses
+ * the grid (cudaErrorCooperativeLaunchTooLarge), nothing ran: returns kRefused, with the error
+ * cleared (it is not sticky, but cudaGetLastError would report it at the next launch check), for
+ * launch="auto" to take the split path; launch="single" raises instead. */
+SingleLaunchOutcome launch_single_clip(const SingleLaunchArgs& args, bool any_float64, bool clamp,
+                                       Launch launch, int device, cudaStream_t stream) {
+  SingleLaunchOutcome outcome = SingleLaunchOutcome::kLaunched;
+  dispatch_accumulator(args.norm_type, any_float64, [&](auto accumulator_tag) {
+    using Accumulator = typename decltype(accumulator_tag)::type;
     const void* kernel =
-        clamp ? reinterpret_cast<const void*>(single_launch_clip_kernel<kKind, true>)
-              : reinterpret_cast<const void*>(single_launch_clip_kernel<kKind, false>);
+        clamp ? reinterpret_cast<const void*>(single_launch_clip_kernel<Accumulator, true>)
+              : reinterpret_cast<const void*>(single_launch_clip_kernel<Accumulator, false>);
     const int64_t resident = static_cast<int64_t>(resident_blocks_per_sm(kernel, device)) *
                              device_limits(device).sm_count;
-    TORCH_CHECK(resident > 0,
-                "the single-launch clip kernel does not fit on an SM of cuda:", text(device),
-                "; use launch='split'");
-    const int64_t grid = std::max<int64_t>(1, std::min(args.table.num_chunks, resident));
+    if (resident == 0) {
+      TORCH_CHECK(launch != Launch::kSingle,
+                  "the single-launch clip kernel does not fit on an SM of cuda:", text(device),
+                  "; use launch='auto' or launch='split'");
+      outcome = SingleLaunchOutcome::kRefused;
+      return;
+    }
+    const int64_t override_grid = single_launch_grid_override.load();
+    const int64_t grid = override_grid > 0
+                             ? override_grid
+                             : std::max<int64_t>(1, std::min(args.table.num_chunks, resident));
+    if (launch == Launch::kAuto && grid >= smallest_refused_grid(device)) {
+      outcome = SingleLaunchOutcome::kRefused;
+      return;
+    }
     void* params[] = {const_cast<SingleLaunchArgs*>(&args)};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                               dim3(kBlock), params, 0, stream));
+    const cudaError_t error = cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                                          dim3(kBlock), params, 0, stream);
+    if (error == cudaErrorCooperativeLaunchTooLarge) {
+      (void)cudaGetLastError();  // clears it
+      record_refused_grid(device, grid);
+      TORCH_CHECK(launch != Launch::kSingle, "launch='single': cuda:", text(device),
+                  " cannot hold a cooperative grid of ", text(grid),
+                  " blocks (fewer SMs available than it has?); use launch='auto', which falls "
+                  "back to launch='split'");
+      outcome = SingleLaunchOutcome::kRefused;
+      return;
+    }
+    C10_CUDA_CHECK(error);
   });
+  return outcome;
 }
 
 // Host wrappers.
@@ -729,24 +602,23 @@ void check_on_cuda(at::TensorList tensors, const char* name) {
               "; the CUDA kernels need CUDA tensors");
 }
 
-FinalizeArgs finalize_args(double norm_type, std::optional<double> max_norm,
+FinalizeArgs finalize_args(std::optional<double> max_norm,
                            const std::optional<at::Tensor>& inv_scale, at::Tensor& total_norm,
                            at::Tensor& clip_coef) {
   FinalizeArgs args;
-  args.norm_type = norm_type;
   args.has_max_norm = max_norm.has_value();
   args.max_norm = max_norm.value_or(0.0);
   args.inv_scale = inv_scale.has_value() ? inv_scale->const_data_ptr() : nullptr;
   args.inv_scale_is_double = inv_scale.has_value() && inv_scale->scalar_type() == at::kDouble;
-  args.out_is_double = total_norm.scalar_type() == at::kDouble;
+  args.total_norm_is_double = total_norm.scalar_type() == at::kDouble;
   args.total_norm = total_norm.data_ptr();
-  args.clip_coef = clip_coef.data_ptr();
+  args.clip_coef = clip_coef.data_ptr<double>();
   return args;
 }
 
-// [0, c): chunk_power, [c, 2c): chunk_nonfinite, for the c chunks of `layout`.
-at::Tensor empty_chunk_partials(const MultiTensorLayout& layout, const at::TensorOptions& options) {
-  return at::empty({2 * layout.table.num_chunks}, options.dtype(at::kDouble));
+at::Tensor empty_chunk_partials(const MultiTensorLayout& layout, double norm_type,
+                                const at::TensorOptions& options) {
+  return at::empty({chunk_partial_words(layout, norm_type)}, options.dtype(at::kDouble));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cuda(at::TensorList tensors, double norm_type,
@@ -759,40 +631,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cuda(at::TensorList tensor
   const auto layout = get_multi_tensor_layout(tensors, stream);
 
   const auto f64 = tensors[0].options().dtype(at::kDouble);
-  at::Tensor partials = empty_chunk_partials(*layout, f64);
-  at::Tensor power_sum = at::empty({}, f64);
+  at::Tensor partials = empty_chunk_partials(*layout, norm_type, f64);
+  at::Tensor raw_norm = at::empty({}, f64);
   at::Tensor found_inf = at::empty({}, f64.dtype(at::kFloat));
-  at::Tensor per_tensor_power = at::empty({per_tensor ? layout->table.num_tensors : 0}, f64);
-  double* chunk_power = partials.data_ptr<double>();
-  launch_reduce(*layout, norm_type, chunk_power, chunk_power + layout->table.num_chunks,
-                power_sum.data_ptr<double>(), found_inf.data_ptr<float>(),
-                per_tensor ? per_tensor_power.data_ptr<double>() : nullptr, stream.stream());
-  return {power_sum, found_inf, per_tensor_power};
+  at::Tensor per_tensor_norms = at::empty({per_tensor ? layout->table.num_tensors : 0}, f64);
+  launch_reduce(*layout, norm_type, partials.data_ptr<double>(), raw_norm.data_ptr<double>(),
+                found_inf.data_ptr<float>(),
+                per_tensor ? per_tensor_norms.data_ptr<double>() : nullptr, stream.stream());
+  return {raw_norm, found_inf, per_tensor_norms};
 }
 
-std::tuple<at::Tensor, at::Tensor> finalize_cuda(const at::Tensor& power_sum, double norm_type,
+std::tuple<at::Tensor, at::Tensor> finalize_cuda(const at::Tensor& raw_norm,
                                                  std::optional<double> max_norm,
                                                  const std::optional<at::Tensor>& inv_scale,
                                                  at::ScalarType out_dtype) {
-  TORCH_CHECK(power_sum.is_cuda(), "power_sum is on ", power_sum.device(),
+  TORCH_CHECK(raw_norm.is_cuda(), "raw_norm is on ", raw_norm.device(),
               "; the CUDA kernel needs a CUDA tensor");
-  TORCH_CHECK(power_sum.scalar_type() == at::kDouble,
-              "power_sum must be float64 (the output of reduce), got ", power_sum.scalar_type());
-  TORCH_CHECK(power_sum.numel() == 1, "power_sum must hold one element, got ",
-              text(power_sum.numel()));
-  check_norm_type(norm_type);
+  TORCH_CHECK(raw_norm.scalar_type() == at::kDouble,
+              "raw_norm must be float64 (the output of reduce), got ", raw_norm.scalar_type());
+  TORCH_CHECK(raw_norm.numel() == 1, "raw_norm must hold one element, got ",
+              text(raw_norm.numel()));
   check_out_dtype(out_dtype);
-  if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", power_sum.device());
-  const c10::cuda::CUDAGuard device_guard(power_sum.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream(power_sum.device().index());
+  if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", raw_norm.device());
+  const c10::cuda::CUDAGuard device_guard(raw_norm.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream(raw_norm.device().index());
 
-  const auto options = power_sum.options().dtype(out_dtype);
-  at::Tensor total_norm = at::empty({}, options);
-  at::Tensor clip_coef = at::empty({}, options);
-  const at::Tensor power = power_sum.contiguous();
-  launch_finalize(power.const_data_ptr<double>(),
-                  finalize_args(norm_type, max_norm, inv_scale, total_norm, clip_coef),
-                  stream.stream());
+  at::Tensor total_norm = at::empty({}, raw_norm.options().dtype(out_dtype));
+  at::Tensor clip_coef = at::empty({}, raw_norm.options().dtype(at::kDouble));
+  const at::Tensor raw = raw_norm.contiguous();
+  launch_finalize(raw.const_data_ptr<double>(),
+                  finalize_args(max_norm, inv_scale, total_norm, clip_coef), stream.stream());
   return {total_norm, clip_coef};
 }
 
@@ -846,38 +714,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cuda(
   const auto layout = get_multi_tensor_layout(tensors, stream);
 
   const auto f64 = tensors[0].options().dtype(at::kDouble);
-  at::Tensor partials = empty_chunk_partials(*layout, f64);
+  at::Tensor partials = empty_chunk_partials(*layout, norm_type, f64);
+  at::Tensor raw_norm = at::empty({}, f64);
   at::Tensor found_inf = at::empty({}, f64.dtype(at::kFloat));
-  at::Tensor per_tensor_power = at::empty({per_tensor ? layout->table.num_tensors : 0}, f64);
+  at::Tensor per_tensor_norms = at::empty({per_tensor ? layout->table.num_tensors : 0}, f64);
   at::Tensor total_norm = at::empty({}, f64.dtype(out_dtype));
-  at::Tensor clip_coef = at::empty({}, f64.dtype(out_dtype));
-  double* chunk_power = partials.data_ptr<double>();
-  double* chunk_nonfinite = chunk_power + layout->table.num_chunks;
-  double* per_tensor_out = per_tensor ? per_tensor_power.data_ptr<double>() : nullptr;
-  const FinalizeArgs finalize =
-      finalize_args(norm_type, max_norm, inv_scale, total_norm, clip_coef);
+  at::Tensor clip_coef = at::empty({}, f64);
+  double* per_tensor_out = per_tensor ? per_tensor_norms.data_ptr<double>() : nullptr;
+  const FinalizeArgs finalize = finalize_args(max_norm, inv_scale, total_norm, clip_coef);
 
   if (single_launch_chosen(launch_mode, tensors, device.index())) {
     SingleLaunchArgs args{};
     args.table = layout->table;
     std::copy(layout->group_first_chunk.begin(), layout->group_first_chunk.end(),
               args.group_first_chunk);
-    args.chunk_power = chunk_power;
-    args.chunk_nonfinite = chunk_nonfinite;
+    args.norm_type = norm_type;
+    args.chunk_words = partials.data_ptr<double>();
+    args.chunk_nonfinite = args.chunk_words + accumulator_words(norm_type, layout->any_float64) *
+                                                  layout->table.num_chunks;
     args.found_inf = found_inf.data_ptr<float>();
-    args.per_tensor_power = per_tensor_out;
+    args.per_tensor_norms = per_tensor_out;
     args.finalize = finalize;
     args.clip_value = clip_value.value_or(0.0);
-    launch_single_clip(args, clip_value.has_value(), norm_type, device.index(), stream.stream());
-  } else {
-    at::Tensor power_sum = at::empty({}, f64);
-    launch_reduce(*layout, norm_type, chunk_power, chunk_nonfinite, power_sum.data_ptr<double>(),
-                  found_inf.data_ptr<float>(), per_tensor_out, stream.stream());
-    launch_finalize(power_sum.const_data_ptr<double>(), finalize, stream.stream());
-    launch_scale_(*layout, clip_coef.const_data_ptr(), out_dtype == at::kDouble, clip_value,
-                  stream.stream());
+    if (launch_single_clip(args, layout->any_float64, clip_value.has_value(), launch_mode,
+                           device.index(), stream.stream()) == SingleLaunchOutcome::kLaunched) {
+      return {total_norm, found_inf, clip_coef, per_tensor_norms};
+    }
   }
-  return {total_norm, found_inf, clip_coef, per_tensor_power};
+  launch_reduce(*layout, norm_type, partials.data_ptr<double>(), raw_norm.data_ptr<double>(),
+                found_inf.data_ptr<float>(), per_tensor_out, stream.stream());
+  launch_finalize(raw_norm.const_data_ptr<double>(), finalize, stream.stream());
+  launch_scale_(*layout, clip_coef.const_data_ptr(), /*coef_is_double=*/true, clip_value,
+                stream.stream());
+  return {total_norm, found_inf, clip_coef, per_tensor_norms};
+}
+
+// Test hooks (fusedclip_testing): observe the table cache, force a cooperative grid.
+std::vector<int64_t> cuda_table_stats() { return table_cache_stats(); }
+
+void set_single_launch_grid(int64_t blocks) {
+  TORCH_CHECK(blocks >= 0, "blocks must be >= 0 (0: the computed grid), got ", text(blocks));
+  single_launch_grid_override.store(blocks);
 }
 
 }  // namespace
@@ -887,6 +764,15 @@ TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("finalize", &finalize_cuda);
   m.impl("scale_", &scale_cuda);
   m.impl("clip_", &clip_cuda);
+}
+
+// Hooks for tests only (tests/test_cuda.py, tests/standalone_cuda_check.py), outside the fusedclip
+// namespace so that no layer above mistakes them for ops.
+TORCH_LIBRARY(fusedclip_testing, m) {
+  // [tables built, captured tables alive, spare pinned buffers, pinned buffers allocated]
+  m.def("cuda_table_stats() -> int[]", &cuda_table_stats);
+  // A grid size for the single launch instead of the computed one; 0 restores it.
+  m.def("set_single_launch_grid(int blocks) -> ()", &set_single_launch_grid);
 }
 
 }  // namespace fusedclip::cuda

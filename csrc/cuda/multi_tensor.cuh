@@ -5,10 +5,15 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 namespace fusedclip::cuda {
 
@@ -19,11 +24,49 @@ namespace fusedclip::cuda {
 // one block to combine.
 constexpr int64_t kChunkElements = 16384;
 
-// Chunks are numbered dtype group by dtype group in this order, tensors in input order inside a
-// group, so each group is one contiguous range of chunks (one launch) and each tensor's chunks are
-// contiguous (per-tensor results are segmented sums).
-constexpr int kNumDtypeGroups = 4;  // float32, float16, bfloat16, float64
+// The element type of each dtype group, in chunk order: chunks are numbered group by group, tensors
+// in input order inside a group, so each group is one contiguous range of chunks (one launch) and
+// each tensor's chunks are contiguous (per-tensor results are segmented sums). This list is the
+// one definition of the groups: the table builder (dtype_group) and the kernels (dispatch_group)
+// both read it.
+using GroupElementTypes = std::tuple<float, __half, __nv_bfloat16, double>;
+constexpr int kNumDtypeGroups = static_cast<int>(std::tuple_size_v<GroupElementTypes>);
+template <int kGroup>
+using GroupElementType = std::tuple_element_t<kGroup, GroupElementTypes>;
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The ATen dtype of each group's element type.
+template <typename T>
+inline constexpr at::ScalarType kScalarTypeOf = at::ScalarType::Undefined;
+template <>
+inline constexpr at::ScalarType kScalarTypeOf<float> = at::kFloat;
+template <>
+inline constexpr at::ScalarType kScalarTypeOf<__half> = at::kHalf;
+template <>
+inline constexpr at::ScalarType kScalarTypeOf<__nv_bfloat16> = at::kBFloat16;
+template <>
+inline constexpr at::ScalarType kScalarTypeOf<double> = at::kDouble;
+
+// The group of `dtype`; raises for a dtype no group holds.
 int dtype_group(at::ScalarType dtype);
+
+// Calls fn(TypeTag<T>{}) with T the element type of dtype group `group` (< kNumDtypeGroups). Host
+// launchers and the single-launch kernel share it.
+#pragma nv_exec_check_disable
+template <int kGroup = 0, typename Fn>
+__host__ __device__ __forceinline__ void dispatch_group(int group, Fn&& fn) {
+  if constexpr (kGroup + 1 < kNumDtypeGroups) {
+    if (group != kGroup) {
+      dispatch_group<kGroup + 1>(group, std::forward<Fn>(fn));
+      return;
+    }
+  }
+  fn(TypeTag<GroupElementType<kGroup>>{});
+}
 
 __host__ __device__ inline int64_t chunk_count(int64_t numel) {
   return (numel + kChunkElements - 1) / kChunkElements;
@@ -48,6 +91,9 @@ struct MultiTensorLayout {
   MultiTensorTable table;
   // Dtype group g owns chunks [group_first_chunk[g], group_first_chunk[g + 1]).
   std::array<int64_t, kNumDtypeGroups + 1> group_first_chunk;
+  // Whether any tensor (even an empty one) is float64: then norms with p > 1 use a scaled sum
+  // (fusedclip::needs_scaled_sum).
+  bool any_float64;
 
   int64_t group_chunks(int group) const {
     return group_first_chunk[group + 1] - group_first_chunk[group];
@@ -56,10 +102,15 @@ struct MultiTensorLayout {
 
 // The table for `tensors`, ready for kernels on `stream` (its copy is enqueued on `stream`; no host
 // sync). Eager calls reuse a table built for the same (device, stream, data pointers, numels,
-// dtypes) among the last few; a miss builds one in pinned memory and copies it non_blocking.
-// During CUDA graph capture the table is built for the capture and kept for the life of the
-// process, since every replay re-runs its host-to-device copy and reads it.
+// dtypes) among the last few: no rebuild, no copy. A miss builds one in pinned memory and copies it
+// non_blocking. During CUDA graph capture each capture gets its own table, which lives as long as
+// the graph (multi_tensor_table.cu says how).
 std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
     at::TensorList tensors, const c10::cuda::CUDAStream& stream);
+
+// For tests: [tables built since the process started (eager misses and captured tables),
+// captured tables whose graph is alive, spare pinned buffers left by released graphs, pinned
+// buffers allocated for captured tables].
+std::vector<int64_t> table_cache_stats();
 
 }  // namespace fusedclip::cuda

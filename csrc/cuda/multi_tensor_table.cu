@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -15,19 +17,22 @@
 
 namespace fusedclip::cuda {
 
+namespace {
+
+template <size_t... kGroups>
+int find_dtype_group(at::ScalarType dtype, std::index_sequence<kGroups...>) {
+  int group = -1;
+  ((dtype == kScalarTypeOf<GroupElementType<kGroups>> ? (group = static_cast<int>(kGroups)) : 0),
+   ...);
+  return group;
+}
+
+}  // namespace
+
 int dtype_group(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return 0;
-    case at::kHalf:
-      return 1;
-    case at::kBFloat16:
-      return 2;
-    case at::kDouble:
-      return 3;
-    default:
-      TORCH_CHECK(false, "fusedclip CUDA kernels do not support dtype ", dtype);
-  }
+  const int group = find_dtype_group(dtype, std::make_index_sequence<kNumDtypeGroups>{});
+  TORCH_CHECK(group >= 0, "fusedclip CUDA kernels do not support dtype ", dtype);
+  return group;
 }
 
 namespace {
@@ -41,16 +46,94 @@ struct CacheEntry {
   std::shared_ptr<const MultiTensorLayout> layout;
 };
 
-struct CapturedEntry {
+// Where a captured table's bytes come from: the source of its graph's host-to-device memcpy node,
+// read again by every replay.
+struct PinnedBuffer {
+  void* data;
+  size_t bytes;
+};
+
+// A table built during a capture. The graph owns it: a CUDA user object retained by the graph sets
+// `graph_released` when the graph and every executable graph made from it are destroyed (and
+// their pending replays have finished). The next call then drops the device buffer (back to the
+// graph's private pool) and keeps the pinned buffer as a spare for a later capture. Spares are
+// never freed, because cudaFreeHost would stall the device: the pinned memory held is bounded by
+// the most captured tables ever alive at once, not by the number of captures.
+struct CapturedTable {
   unsigned long long capture_id;
   std::vector<int64_t> key;
   std::shared_ptr<const MultiTensorLayout> layout;
-  void* pinned_host_copy;  // source of the graph's memcpy node; never freed
+  PinnedBuffer pinned;
+  std::shared_ptr<std::atomic<bool>> graph_released;
 };
 
 std::mutex cache_mutex;
-std::deque<CacheEntry> recent_tables;  // most recently used first
-std::vector<CapturedEntry> captured_tables;
+std::deque<CacheEntry> recent_tables;        // most recently used first
+std::vector<CapturedTable> captured_tables;  // of graphs alive at the last sweep
+std::vector<PinnedBuffer> spare_pinned;
+int64_t tables_built = 0;
+int64_t pinned_buffers_allocated = 0;
+
+// The user object's destructor. It runs on a CUDA-internal thread, so it makes no CUDA call and
+// takes no lock: it only raises the flag the next sweep reads.
+void CUDART_CB mark_graph_released(void* flag_owner) {
+  auto* owner = static_cast<std::shared_ptr<std::atomic<bool>>*>(flag_owner);
+  (*owner)->store(true, std::memory_order_release);
+  delete owner;
+}
+
+// Frees what released graphs held. Called with cache_mutex held.
+void sweep_released_captures() {
+  auto released = [](const CapturedTable& table) {
+    return table.graph_released->load(std::memory_order_acquire);
+  };
+  for (const auto& table : captured_tables) {
+    if (released(table)) spare_pinned.push_back(table.pinned);
+  }
+  captured_tables.erase(std::remove_if(captured_tables.begin(), captured_tables.end(), released),
+                        captured_tables.end());
+}
+
+// A pinned buffer of at least `bytes`: the smallest spare that fits, else a new one (rounded up to
+// a power of two, so spares fit later tables of similar size). Called with cache_mutex held.
+PinnedBuffer take_pinned_buffer(size_t bytes) {
+  auto best = spare_pinned.end();
+  for (auto it = spare_pinned.begin(); it != spare_pinned.end(); ++it) {
+    if (it->bytes >= bytes && (best == spare_pinned.end() || it->bytes < best->bytes)) best = it;
+  }
+  if (best != spare_pinned.end()) {
+    const PinnedBuffer buffer = *best;
+    spare_pinned.erase(best);
+    return buffer;
+  }
+  size_t rounded = 64;
+  while (rounded < bytes) rounded *= 2;
+  PinnedBuffer buffer{nullptr, rounded};
+  {
+    // cudaHostAlloc is not a stream operation; relaxed mode lets it run while capturing.
+    c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    C10_CUDA_CHECK(cudaHostAlloc(&buffer.data, rounded, cudaHostAllocDefault));
+  }
+  ++pinned_buffers_allocated;
+  return buffer;
+}
+
+// Makes `graph` (being captured) own a flag that is raised when the graph is destroyed.
+std::shared_ptr<std::atomic<bool>> flag_released_with(cudaGraph_t graph) {
+  auto flag = std::make_shared<std::atomic<bool>>(false);
+  auto owner = std::make_unique<std::shared_ptr<std::atomic<bool>>>(flag);
+  c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+  cudaUserObject_t object;
+  C10_CUDA_CHECK(cudaUserObjectCreate(&object, owner.get(), mark_graph_released, 1,
+                                      cudaUserObjectNoDestructorSync));
+  owner.release();  // the user object's destructor deletes it
+  const cudaError_t retained = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
+  if (retained != cudaSuccess) {
+    C10_CUDA_CHECK(cudaUserObjectRelease(object, 1));  // runs the destructor: the flag is raised
+    C10_CUDA_CHECK(retained);
+  }
+  return flag;
+}
 
 // [device, stream, n, then (data_ptr, numel, dtype) per tensor]: everything the table depends on,
 // plus the stream its copy was ordered on.
@@ -72,14 +155,17 @@ struct HostTable {
   std::vector<int64_t> words;
   std::array<int64_t, kNumDtypeGroups + 1> group_first_chunk;
   int64_t num_chunks;
+  bool any_float64;
 };
 
 HostTable build_host_table(at::TensorList tensors) {
   const int64_t n = static_cast<int64_t>(tensors.size());
   HostTable host;
   std::array<int64_t, kNumDtypeGroups> group_chunks{};
+  host.any_float64 = false;
   for (const auto& t : tensors) {
     group_chunks[dtype_group(t.scalar_type())] += chunk_count(t.numel());
+    host.any_float64 |= t.scalar_type() == at::kDouble;
   }
   host.group_first_chunk[0] = 0;
   for (int g = 0; g < kNumDtypeGroups; ++g) {
@@ -127,6 +213,7 @@ std::shared_ptr<MultiTensorLayout> make_layout(const HostTable& host, at::Tensor
   layout->table.num_tensors = num_tensors;
   layout->table.num_chunks = host.num_chunks;
   layout->group_first_chunk = host.group_first_chunk;
+  layout->any_float64 = host.any_float64;
   return layout;
 }
 
@@ -144,14 +231,16 @@ std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
 
   cudaStreamCaptureStatus capture_status = cudaStreamCaptureStatusNone;
   unsigned long long capture_id = 0;
-  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &capture_status, &capture_id));
+  cudaGraph_t capturing_graph = nullptr;
+  C10_CUDA_CHECK(
+      cudaStreamGetCaptureInfo(stream.stream(), &capture_status, &capture_id, &capturing_graph));
 
   std::lock_guard<std::mutex> lock(cache_mutex);
+  sweep_released_captures();
   if (capture_status == cudaStreamCaptureStatusActive) {
     // An eager table may be evicted (freed) while a graph still reads it, and a table copied
     // during another capture holds data only after that graph replays; so each capture gets its
-    // own table (shared by the ops of that capture) whose pinned source and device copy live as
-    // long as the process.
+    // own table (shared by the ops of that capture), owned by its graph.
     for (const auto& entry : captured_tables) {
       if (entry.capture_id == capture_id && entry.key == key) {
         return entry.layout;
@@ -159,19 +248,22 @@ std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
     }
     const HostTable host = build_host_table(tensors);
     const size_t bytes = host.words.size() * sizeof(int64_t);
-    void* pinned = nullptr;
-    {
-      // cudaHostAlloc is not a stream operation; relaxed mode lets it run while capturing.
-      c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
-      C10_CUDA_CHECK(cudaHostAlloc(&pinned, bytes, cudaHostAllocDefault));
+    const PinnedBuffer pinned = take_pinned_buffer(bytes);
+    try {
+      std::memcpy(pinned.data, host.words.data(), bytes);
+      at::Tensor device_buffer =
+          empty_device_words(static_cast<int64_t>(host.words.size()), stream);
+      C10_CUDA_CHECK(cudaMemcpyAsync(device_buffer.data_ptr(), pinned.data, bytes,
+                                     cudaMemcpyHostToDevice, stream.stream()));
+      auto layout = make_layout(host, std::move(device_buffer), n);
+      auto released = flag_released_with(capturing_graph);
+      captured_tables.push_back({capture_id, std::move(key), layout, pinned, std::move(released)});
+      ++tables_built;
+      return layout;
+    } catch (...) {
+      spare_pinned.push_back(pinned);
+      throw;
     }
-    std::memcpy(pinned, host.words.data(), bytes);
-    at::Tensor device_buffer = empty_device_words(static_cast<int64_t>(host.words.size()), stream);
-    C10_CUDA_CHECK(cudaMemcpyAsync(device_buffer.data_ptr(), pinned, bytes, cudaMemcpyHostToDevice,
-                                   stream.stream()));
-    auto layout = make_layout(host, std::move(device_buffer), n);
-    captured_tables.push_back({capture_id, std::move(key), layout, pinned});
-    return layout;
   }
 
   for (auto it = recent_tables.begin(); it != recent_tables.end(); ++it) {
@@ -194,6 +286,7 @@ std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
   // again before the copy has read it; no sync.
   device_buffer.copy_(pinned, /*non_blocking=*/true);
   auto layout = make_layout(host, std::move(device_buffer), n);
+  ++tables_built;
   // An evicted table is freed to the caching allocator on `stream`, after the launches that read
   // it.
   recent_tables.push_front({std::move(key), layout});
@@ -201,6 +294,13 @@ std::shared_ptr<const MultiTensorLayout> get_multi_tensor_layout(
     recent_tables.pop_back();
   }
   return layout;
+}
+
+std::vector<int64_t> table_cache_stats() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  sweep_released_captures();
+  return {tables_built, static_cast<int64_t>(captured_tables.size()),
+          static_cast<int64_t>(spare_pinned.size()), pinned_buffers_allocated};
 }
 
 }  // namespace fusedclip::cuda
