@@ -428,6 +428,38 @@ def test_ops_reject_bad_inputs(device, backend):
         ops.reduce([], 2.0, False)
 
 
+# The C++ CPU write pass refuses tensors that share memory (the API never passes any): scaled in
+# parallel, they raced (issue #14 items 2 and 12).
+CHECKS_DISJOINT = [p for p in backend_params(include_reference=False) if p.values[1] == "cpu"]
+
+
+@pytest.mark.parametrize(("device", "backend"), CHECKS_DISJOINT)
+@pytest.mark.parametrize("overlap", ["same-memory", "view", "partial"])
+def test_write_ops_refuse_tensors_that_share_memory(device, backend, overlap):
+    ops = dispatch.select(torch.device(device), backend)
+    base = torch.randn(300000, device=device)
+    others = random_gradients([5, 100], [torch.float32], device)
+    shared = {
+        "same-memory": [base, base],
+        "view": [base, base.view(600, 500)],
+        "partial": [base[:200000], base[100000:]],
+    }[overlap]
+    tensors = [others[0], shared[0], others[1], shared[1]]
+    originals = [t.clone() for t in tensors]
+    coef = torch.tensor(0.5, device=device)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[3\] share memory"):
+        ops.scale_(tensors, coef, None)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[3\] share memory"):
+        ops.clip_(tensors, 2.0, 1e-3, None, None, torch.float32, False)
+    for index, (tensor, original) in enumerate(zip(tensors, originals, strict=True)):
+        assert torch.equal(tensor, original), f"tensor {index} changed before the refusal"
+    # Disjoint slices of one storage are separate gradients.
+    halves = [base[:150000], base[150000:]]
+    expected = base.clone().to(torch.float64) * 0.5
+    ops.scale_(halves, coef, None)
+    assert_grads_close(base, expected, what="disjoint slices")
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
 def test_opcheck(device, backend):
     """Schemas, fake impls, autograd registration and mutation declarations of every op."""

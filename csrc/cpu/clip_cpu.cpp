@@ -686,6 +686,7 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
 void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
                std::optional<double> clip_value) {
   check_gradient_list(tensors, "tensors");
+  check_disjoint(tensors, "tensors");
   check_cpu(tensors[0].device(), "scale_");
   check_scalar_tensor(clip_coef, "clip_coef", tensors[0].device());
   check_clip_value(clip_value);
@@ -718,6 +719,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(
     at::ScalarType out_dtype, bool per_tensor, c10::string_view launch) {
   parse_launch(launch);
   check_clip_value(clip_value);  // the rest is checked by the passes, all before scale_cpu writes
+  check_gradient_list(tensors, "tensors");
+  check_disjoint(tensors, "tensors");  // before the read pass, which would be wasted
   auto [raw_norm, found_inf, per_tensor_norms] = reduce_cpu(tensors, norm_type, per_tensor);
   auto [total_norm, clip_coef] = finalize_cpu(raw_norm, max_norm, inv_scale, out_dtype);
   scale_cpu(tensors, clip_coef, clip_value);
