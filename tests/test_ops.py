@@ -23,6 +23,7 @@ from tolerances import (
     INTERPRETED_MULTI_CHUNK_SIZE,
     INTERPRETED_SIZES,
     MULTI_CHUNK_SIZE,
+    PARALLEL_SIZE,
     RAW_NORM_RTOL,
     SIZES,
 )
@@ -212,7 +213,7 @@ def test_reduce_large_p_and_extreme_values_against_exact_oracle(device, backend,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reduce_flags_nonfinite_anywhere(device, backend, bad_value, where, dtype):
     ops = dispatch.select(torch.device(device), backend)
-    size = 70001 if is_interpreted(device, backend) else (1 << 20) + 7
+    size = INTERPRETED_MULTI_CHUNK_SIZE if is_interpreted(device, backend) else PARALLEL_SIZE
     tensors = random_gradients([0, size, 3], [dtype], device)
     position = {"first": 0, "last": size - 1, "tail": size - 3, "second_chunk": size // 2 + 1}[
         where
@@ -244,7 +245,10 @@ def test_reduce_flags_nonfinite_anywhere(device, backend, bad_value, where, dtyp
 def test_reduce_is_deterministic(device, backend, dtypes, norm_type):
     """Same bits twice, and with 1 and 2 threads (the CPU splits the chunks between them)."""
     ops = dispatch.select(torch.device(device), backend)
-    sizes = [70001, 5, 4095] if is_interpreted(device, backend) else [(1 << 21) + 3, 5, 4095, 65537]
+    if is_interpreted(device, backend):
+        sizes = [INTERPRETED_MULTI_CHUNK_SIZE, 5, 4095]
+    else:
+        sizes = [PARALLEL_SIZE, 5, 4095, 65537]
     tensors = random_gradients(sizes, dtypes, device, scale=1e30)  # |g|^p leaves float64
     threads = torch.get_num_threads()
     try:
