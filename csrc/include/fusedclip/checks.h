@@ -60,14 +60,18 @@ inline void check_disjoint(at::TensorList tensors, const char* name) {
   };
   std::vector<Span> spans;
   spans.reserve(tensors.size());
+  bool ascending = true;  // gradients often sit in memory in list order: then no sort is needed
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
     if (t.numel() == 0) continue;
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    ascending = ascending && (spans.empty() || spans.back().begin <= begin);
     spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), i});
   }
-  std::sort(spans.begin(), spans.end(),
-            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  if (!ascending) {
+    std::sort(spans.begin(), spans.end(),
+              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  }
   for (size_t k = 1; k < spans.size(); ++k) {
     const Span& before = spans[k - 1];
     const Span& after = spans[k];
