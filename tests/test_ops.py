@@ -455,6 +455,9 @@ def test_write_ops_refuse_tensors_that_share_memory(device, backend, overlap):
         ops.scale_(tensors, coef, None)
     with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[3\] share memory"):
         ops.clip_(tensors, 2.0, 1e-3, None, None, torch.float32, False)
+    # Alone the pair is in address order, which the check takes without sorting.
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] and tensors\[1\] share memory"):
+        ops.scale_(shared, coef, None)
     for index, (tensor, original) in enumerate(zip(tensors, originals, strict=True)):
         assert torch.equal(tensor, original), f"tensor {index} changed before the refusal"
     # Disjoint slices of one storage are separate gradients.
