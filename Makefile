@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/include/fusedclip/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 export MAX_JOBS ?= 2
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 .PHONY: test bench demo lint build clean
 

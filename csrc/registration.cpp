@@ -1,12 +1,15 @@
 // The one place where the fusedclip op schemas live. Backend files add kernels with
 // TORCH_LIBRARY_IMPL(fusedclip, <DispatchKey>, m); csrc/README.md states each op's contract.
 #include <Python.h>
+#include <fusedclip/python_plan.h>
 #include <torch/library.h>
 
 extern "C" {
-// Importing fusedclip._C runs the static registrations below; the module itself is empty.
+// Importing fusedclip._C runs the static registrations below; the module itself holds only the
+// planner's fast path (csrc/python_plan.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fusedclip::python_plan_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -48,13 +48,42 @@ def _scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, funcname
     state = states.get(id(optimizer))
     if state is None:
         state = states[id(optimizer)] = {"stage": OptState.READY, "found_inf_per_device": {}}
-    if state["stage"] is OptState.UNSCALED:
+    if funcname == "unscale_":  # unscale_clip_ stands for unscale_: torch's own messages
+        if state["stage"] is OptState.UNSCALED:
+            raise RuntimeError(
+                "unscale_() has already been called on this optimizer since the last update()."
+            )
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+    elif state["stage"] is not OptState.READY:
+        done = "stepped" if state["stage"] is OptState.STEPPED else "unscaled the gradients of"
         raise RuntimeError(
-            "unscale_() has already been called on this optimizer since the last update()."
+            f"{funcname}(): this optimizer's scaler already {done} it since the last "
+            "scaler.update(); call scaler.update() after each step (one clip_step per update)"
         )
-    if state["stage"] is OptState.STEPPED:
-        raise RuntimeError("unscale_() is being called after step().")
     return state
+
+
+def _check_scaler_and_optimizer(scaler, optimizer, funcname: str, *, scaler_optional: bool) -> None:
+    """Type errors that name the argument (swapped or missing arguments otherwise surface as
+    AttributeErrors deep inside)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        swapped = " (scaler and optimizer swapped?)" if isinstance(optimizer, GradScaler) else ""
+        raise TypeError(
+            f"{funcname}: optimizer must be a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}{swapped}"
+        )
+    if scaler is None and scaler_optional:
+        return
+    if not isinstance(scaler, GradScaler):
+        hint = (
+            "; without AMP loss scaling call fusedclip.clip_grad_norm_ instead"
+            if scaler is None
+            else ""
+        )
+        raise TypeError(
+            f"{funcname}: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}{hint}"
+        )
 
 
 def _inv_scale(scaler: GradScaler) -> torch.Tensor:
@@ -89,7 +118,13 @@ def unscale_clip_(
     Returns the ClipResult of the unscaled gradients. The scaler records `found_inf` for the
     optimizer and marks it unscaled, so `scaler.step(optimizer)` skips the step on overflow and
     does not unscale again. With a disabled scaler this is plain clipping.
+
+    Raises:
+        TypeError: `scaler` is not a GradScaler or `optimizer` not an Optimizer.
+        RuntimeError: torch's own errors for a second unscale before `scaler.update()`.
+        ValueError: float16 gradients (as `scaler.unscale_`), or a bad argument.
     """
+    _check_scaler_and_optimizer(scaler, optimizer, "unscale_clip_", scaler_optional=False)
     grads = _optimizer_gradients(optimizer)
     if not scaler._enabled:
         return api.fused_clip_(
@@ -179,6 +214,7 @@ def _step_measured(
     *,
     scaler: GradScaler | None = None,
     backend: str | None = None,
+    funcname: str = "clip_step",
 ):
     """Unscale, clip and step with a rule that decides on the device.
 
@@ -191,7 +227,7 @@ def _step_measured(
     """
     scaling = scaler is not None and scaler._enabled
     grads = _optimizer_gradients(optimizer)
-    state = _scaler_state(scaler, optimizer, "step") if scaling else None
+    state = _scaler_state(scaler, optimizer, funcname) if scaling else None
     if scaling:
         _check_not_float16(grads)
     result, skip = measure(grads, _inv_scale(scaler) if scaling else None)
@@ -225,8 +261,15 @@ def clip_step(
     the step on `found_inf`. Any other optimizer takes the three-pass path: `unscale_clip_`, then
     `scaler.step` (which, for a non-fused optimizer, is torch's one sync on found_inf). With a
     scaler, call `scaler.update()` afterwards as usual.
+
+    Raises:
+        TypeError: `optimizer` is not an Optimizer, or `scaler` neither None nor a GradScaler.
+        RuntimeError: a second call before `scaler.update()`.
     """
+    _check_scaler_and_optimizer(scaler, optimizer, "clip_step", scaler_optional=True)
     scaling = scaler is not None and scaler._enabled
+    if scaling:
+        _scaler_state(scaler, optimizer, "clip_step")  # refuses a second call before update()
     if not _is_fused(optimizer):
         if scaling:
             result = unscale_clip_(

@@ -1,26 +1,30 @@
 """The public API: drop-ins for torch.nn.utils' clipping functions, and `fused_clip_`.
 
-Every call checks all its arguments before it touches a gradient, groups the gradients by device,
-and runs the three fused ops of the device's backend: `reduce` (one read pass), `finalize` (the
-scalar epilogue) and `scale_` (one write pass, skipped on the device when there is nothing to do).
+Every call checks its arguments, has fusedclip.plan check the gradients and group them by device
+(every refusal is decided there, before a byte is read or written), and runs the fused ops of each
+device's backend: `reduce` (one read pass), `finalize` (the scalar epilogue) and `scale_` (one
+write pass, skipped on the device when there is nothing to do), or `clip_`, the three in one op.
 Nothing here syncs with the host except `error_if_nonfinite=True`.
 """
 
 from __future__ import annotations
 
 import math
-import operator
+import types
+import warnings
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from fusedclip import dispatch, distributed, reference
-from fusedclip.layout import is_dense
+from fusedclip import distributed, plan
+from fusedclip.dispatch import BackendName
+from fusedclip.norms import clip_coefficient, combine_norms, is_inf_norm
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
-
-SUPPORTED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
 class ClipResult(NamedTuple):
@@ -28,7 +32,8 @@ class ClipResult(NamedTuple):
 
     total_norm: the norm of the (unscaled) gradients, float32 (float64 if any gradient is).
     found_inf: 1.0 if any gradient element was inf or NaN, else 0.0 (float32, as GradScaler).
-    clip_coef: the factor the gradients were multiplied by (inv_scale times the clip factor).
+    clip_coef: the factor the gradients were multiplied by (inv_scale times the clip factor),
+        float64: a factor outside float32's range is applied exactly as it is.
     per_tensor_norms: each gradient's norm, in input order, when asked for; else None.
     """
 
@@ -38,42 +43,34 @@ class ClipResult(NamedTuple):
     per_tensor_norms: torch.Tensor | None
 
 
-def _as_tensor_list(tensors: TensorOrTensors) -> list[torch.Tensor]:
+def _as_list(tensors: TensorOrTensors) -> list:
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     return list(tensors)
 
 
-def _gradients(parameters: TensorOrTensors) -> list[torch.Tensor]:
-    return [p.grad for p in _as_tensor_list(parameters) if p.grad is not None]
+def _parameters_list(parameters: TensorOrTensors) -> list:
+    """As torch's clip_grad_norm_: a tensor or an iterable, and a warning for an empty generator."""
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    is_generator = isinstance(parameters, types.GeneratorType)
+    parameters = list(parameters)
+    if is_generator and not parameters:
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4
+        )
+    return parameters
 
 
-def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Drops repeats of the same tensor, so a gradient listed twice is counted and scaled once."""
-    seen: set[int] = set()
-    unique = []
-    for tensor in tensors:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            unique.append(tensor)
-    return unique
-
-
-def _check_tensors(tensors: list[torch.Tensor], name: str) -> None:
-    for index, tensor in enumerate(tensors):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}[{index}] is a {type(tensor).__name__}, not a tensor")
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name}[{index}] has dtype {tensor.dtype}; gradients must be float32, float16, "
-                "bfloat16 or float64 (clipping integer or complex gradients is not defined)"
-            )
-
-
-def _check_nonnegative(value: float, name: str) -> float:
+def _check_nonnegative(value, name: str, fix: str = "") -> float:
+    if value is None:
+        raise TypeError(f"{name} must be a non-negative number, got None{fix}")
     if isinstance(value, torch.Tensor):
         value = value.item()
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a non-negative number, got {value!r}") from None
     if math.isnan(value) or value < 0:
         raise ValueError(
             f"{name} must be a non-negative number, got {value}; a negative {name} would flip "
@@ -110,201 +107,107 @@ def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Te
     return inv_scale
 
 
-class _DeviceGroup(NamedTuple):
-    device: torch.device
-    backend: dispatch.Backend
-    dense: list[torch.Tensor]  # handed to the kernels as they are
-    strided: list[torch.Tensor]  # gaps or overlaps: processed through a contiguous copy
-    sparse: list[torch.Tensor]  # COO: processed through their coalesced values
-    order: list[int]  # positions in the caller's list, dense then strided then sparse
-
-
-class _Plan(NamedTuple):
-    groups: list[_DeviceGroup]
-    out_dtype: torch.dtype
-    count: int
-    # Ranks holding the same elements as each tensor (replicated DTensor shards); None: all 1.
-    copies: list[int] | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.groups[0].device
-
-
-def _plan(
-    tensors: list[torch.Tensor], backend: str | None, copies: list[int] | None = None
-) -> _Plan:
-    """Groups the tensors by device (first-seen order) and picks each device's backend.
-
-    One tight pass: with thousands of gradients, per-tensor Python work is the cost to watch.
-    """
-    by_device: dict[torch.device, tuple[list, list, list, list, list, list]] = {}
-    any_double = False
-    for index, tensor in enumerate(tensors):
-        device = tensor.device
-        lists = by_device.get(device)
-        if lists is None:
-            lists = by_device[device] = ([], [], [], [], [], [])
-        dense, dense_order, strided, strided_order, sparse, sparse_order = lists
-        if tensor.is_sparse:
-            sparse.append(tensor)
-            sparse_order.append(index)
-        elif tensor.layout != torch.strided:
-            raise TypeError(
-                f"gradient {index} has layout {tensor.layout}; use strided or sparse_coo"
+def _check_total_norm(total_norm) -> torch.Tensor:
+    if isinstance(total_norm, torch.Tensor):
+        if total_norm.numel() != 1 or not total_norm.is_floating_point():
+            raise ValueError(
+                "total_norm must be a number or a one-element floating-point tensor (what "
+                f"get_total_norm returns), got a {total_norm.dtype} tensor of shape "
+                f"{tuple(total_norm.shape)}"
             )
-        elif is_dense(tensor):
-            dense.append(tensor)
-            dense_order.append(index)
-        else:
-            strided.append(tensor)
-            strided_order.append(index)
-        any_double = any_double or tensor.dtype == torch.float64
-    groups = []
-    for device, (
-        dense,
-        dense_order,
-        strided,
-        strided_order,
-        sparse,
-        sparse_order,
-    ) in by_device.items():
-        order = dense_order + strided_order + sparse_order
-        groups.append(
-            _DeviceGroup(device, dispatch.select(device, backend), dense, strided, sparse, order)
-        )
-    if copies is not None and all(count == 1 for count in copies):
-        copies = None
-    return _Plan(groups, torch.float64 if any_double else torch.float32, len(tensors), copies)
+        return total_norm.reshape(())
+    try:
+        return torch.tensor(float(total_norm), dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"total_norm must be a number or a one-element tensor, got {total_norm!r}"
+        ) from None
 
 
-def _localized_plan(
-    tensors: list[torch.Tensor], backend: str | None, process_group, *, measured: bool = True
-):
-    """(plan, process group): DTensor gradients are planned as their local shards.
-
-    `measured=False` is for write-only callers: no norm, so no count of the ranks holding a shard.
-    """
-    if distributed.has_dtensor(tensors):
-        if not measured:
-            return _plan(distributed.local_shards(tensors), backend), process_group
-        tensors, copies, process_group = distributed.localize(tensors, process_group)
-        return _plan(tensors, backend, copies), process_group
-    return _plan(tensors, backend), process_group
+class _KernelInputs(NamedTuple):
+    tensors: list[torch.Tensor]  # what the kernels read and write, in the group's order
+    # (destination, source) copies that carry a write into buffers back to the gradients
+    write_backs: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
-_device_of = operator.attrgetter("device")
-_dtype_of = operator.attrgetter("dtype")
-_layout_of = operator.attrgetter("layout")
+def _kernel_inputs(group: plan.DeviceGroup) -> _KernelInputs:
+    """Dense gradients as they are; strided ones as contiguous copies; sparse ones as their
+    coalesced values (the tensor's own values when it is coalesced already)."""
+    tensors = list(group.dense)
+    write_backs = []
+    for tensor in group.strided:
+        buffer = tensor.contiguous()
+        tensors.append(buffer)
+        write_backs.append((tensor, buffer))
+    for tensor in group.sparse:
+        coalesced = tensor.coalesce()
+        values = coalesced._values()
+        contiguous = values.contiguous()
+        tensors.append(contiguous)
+        if contiguous is not values:
+            write_backs.append((values, contiguous))
+        if coalesced is not tensor:
+            write_backs.append((tensor, coalesced))
+    return _KernelInputs(tensors, write_backs)
 
 
-def _common_case_plan(tensors: list[torch.Tensor], backend: str | None) -> _Plan | None:
-    """The plan of the common case, found in a few C-level passes (a Python loop costs about a
-    microsecond per gradient, which eager steps on small models feel): plain tensors, each listed
-    once, all contiguous, on one device, of supported dtypes. None for anything else, which the
-    general path plans or rejects with its errors."""
-    if torch.compiler.is_compiling() or not tensors:
-        return None
-    if not set(map(type, tensors)) <= _PLAIN_TENSOR_TYPES:
-        return None
-    devices = set(map(_device_of, tensors))
-    dtypes = set(map(_dtype_of, tensors))
-    if len(devices) != 1 or not dtypes <= SUPPORTED_DTYPES:
-        return None
-    if set(map(_layout_of, tensors)) != {torch.strided}:
-        return None
-    if not all(map(torch.Tensor.is_contiguous, tensors)):
-        return None
-    if len(set(map(id, tensors))) != len(tensors):
-        return None
-    (device,) = devices
-    backend_ = dispatch.select(device, backend)
-    group = _DeviceGroup(device, backend_, tensors, [], [], list(range(len(tensors))))
-    out_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-    return _Plan([group], out_dtype, len(tensors))
+def _write_back(inputs: _KernelInputs) -> None:
+    for destination, source in inputs.write_backs:
+        destination.copy_(source)
 
 
-def _prepare(
-    tensors: list[torch.Tensor],
-    name: str,
-    backend: str | None,
-    process_group=None,
-    *,
-    measured: bool = True,
-):
-    """(plan, process group) for the gradients after every check and with repeats dropped; the
-    plan is None when there is nothing to do. `name` is how error messages call `tensors`."""
-    plan = _common_case_plan(tensors, backend)  # dispatch.select validates `backend` there
-    if plan is not None:
-        return plan, process_group
-    dispatch.requested_backend(backend)  # an empty list must reject a bad backend too
-    tensors = _unique(tensors)
-    _check_tensors(tensors, name)
-    if not tensors:
-        return None, process_group
-    return _localized_plan(tensors, backend, process_group, measured=measured)
-
-
-def _reduce_group(group: _DeviceGroup, norm_type: float, per_tensor: bool):
-    """(power_sum, found_inf, per_tensor_power or None) of one device's gradients."""
-    parts = []
-    if group.dense or group.strided:
-        kernel_inputs = group.dense + [t.contiguous() for t in group.strided]
-        parts.append(group.backend.reduce(kernel_inputs, norm_type, per_tensor))
-    if group.sparse:
-        values = [t.coalesce()._values() for t in group.sparse]
-        parts.append(reference.reduce(values, norm_type, per_tensor))
-    if len(parts) == 1:
-        power_sum, found_inf, per_tensor_power = parts[0]
-    else:
-        power_sum = reference.combine_powers(torch.stack([p[0] for p in parts]), norm_type)
-        found_inf = torch.stack([p[1] for p in parts]).amax()
-        per_tensor_power = torch.cat([p[2] for p in parts])
-    return power_sum, found_inf, per_tensor_power if per_tensor else None
-
-
-def _per_tensor_in_input_order(plan: _Plan, powers: list[torch.Tensor]) -> torch.Tensor:
-    order = [index for group in plan.groups for index in group.order]
-    joined = powers[0] if len(powers) == 1 else torch.cat([p.to(plan.device) for p in powers])
-    if order == list(range(plan.count)):
+def _in_plan_order(the_plan: plan.Plan, per_group: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor values of each group (in the group's order) in the planned list's order."""
+    joined = per_group[0]
+    if len(per_group) > 1:
+        joined = torch.cat([values.to(the_plan.device) for values in per_group])
+    order = [index for group in the_plan.groups for index in group.order]
+    if order == list(range(the_plan.count)):
         return joined
-    inverse = [0] * plan.count
+    inverse = [0] * the_plan.count
     for position, index in enumerate(order):
         inverse[index] = position
-    return joined[torch.tensor(inverse, device=plan.device)]
+    return joined[torch.tensor(inverse, device=the_plan.device)]
 
 
-def _copies_tensor(plan: _Plan) -> torch.Tensor:
-    copies = torch.tensor(plan.copies, dtype=torch.float64)
-    if plan.device.type == "cuda":
+def _copies_tensor(the_plan: plan.Plan) -> torch.Tensor:
+    copies = torch.tensor(the_plan.copies, dtype=torch.float64)
+    if the_plan.device.type == "cuda":
         copies = copies.pin_memory()
-    return copies.to(plan.device, non_blocking=True)
+    return copies.to(the_plan.device, non_blocking=True)
 
 
-def _measure(plan: _Plan, norm_type: float, per_tensor: bool, process_group=None):
-    """One read of every gradient: (power_sum float64, found_inf float32, per_tensor_power)."""
-    # A shard that several ranks hold counts once in the global sum (a max needs no care).
-    weighted = plan.copies is not None and not reference.is_inf_norm(norm_type)
-    results = [_reduce_group(group, norm_type, per_tensor or weighted) for group in plan.groups]
-    if len(results) == 1:
-        power_sum, found_inf, _ = results[0]
-    else:
-        device = plan.device
-        power_sum = reference.combine_powers(
-            torch.stack([r[0].to(device) for r in results]), norm_type
-        )
-        found_inf = torch.stack([r[1].to(device) for r in results]).amax()
-    per_tensor_power = None
+def _measure(
+    the_plan: plan.Plan,
+    inputs: list[_KernelInputs],
+    norm_type: float,
+    per_tensor: bool,
+    process_group,
+):
+    """One read of every gradient: (raw_norm float64, found_inf float32, per-tensor raw norms)."""
+    # A shard that several ranks hold counts once in the global norm (a max needs no care).
+    weighted = the_plan.copies is not None and not is_inf_norm(norm_type)
+    results = [
+        group.backend.reduce(group_inputs.tensors, norm_type, per_tensor or weighted)
+        for group, group_inputs in zip(the_plan.groups, inputs, strict=True)
+    ]
+    per_tensor_norms = None
     if per_tensor or weighted:
-        per_tensor_power = _per_tensor_in_input_order(plan, [r[2] for r in results])
+        per_tensor_norms = _in_plan_order(the_plan, [result[2] for result in results])
     if weighted:
-        power_sum = (per_tensor_power / _copies_tensor(plan)).sum()
+        raw_norm = combine_norms(per_tensor_norms, norm_type, 1.0 / _copies_tensor(the_plan))
+        found_inf = torch.stack([result[1].to(the_plan.device) for result in results]).amax()
+    elif len(results) == 1:
+        raw_norm, found_inf, _ = results[0]
+    else:
+        device = the_plan.device
+        raw_norm = combine_norms(torch.stack([r[0].to(device) for r in results]), norm_type)
+        found_inf = torch.stack([r[1].to(device) for r in results]).amax()
     if process_group is not None:
-        power_sum, found_inf = distributed.all_reduce_norm_state(
-            power_sum, found_inf, norm_type, process_group
+        raw_norm, found_inf = distributed.combine_across_ranks(
+            raw_norm, found_inf, norm_type, process_group
         )
-    return power_sum, found_inf, per_tensor_power if per_tensor else None
+    return raw_norm, found_inf, per_tensor_norms if per_tensor else None
 
 
 def _inv_scale_tensor(inv_scale: float | torch.Tensor | None, device: torch.device):
@@ -317,20 +220,11 @@ def _inv_scale_tensor(inv_scale: float | torch.Tensor | None, device: torch.devi
     return torch.full((), inv_scale, dtype=torch.float64, device=device)
 
 
-def _apply(plan: _Plan, clip_coef: torch.Tensor, clip_value: float | None) -> None:
+def _scale(the_plan: plan.Plan, inputs: list[_KernelInputs], clip_coef, clip_value) -> None:
     """One write of every gradient: g = clamp(g * clip_coef, -clip_value, clip_value)."""
-    for group in plan.groups:
-        coef = clip_coef.to(group.device)
-        if group.dense:
-            group.backend.scale_(group.dense, coef, clip_value)
-        for tensor in group.strided:
-            buffer = tensor.contiguous()
-            group.backend.scale_([buffer], coef, clip_value)
-            tensor.copy_(buffer)
-        for tensor in group.sparse:
-            coalesced = tensor.coalesce()
-            reference.scale_([coalesced._values()], coef, clip_value)
-            tensor.copy_(coalesced)
+    for group, group_inputs in zip(the_plan.groups, inputs, strict=True):
+        group.backend.scale_(group_inputs.tensors, clip_coef.to(group.device), clip_value)
+        _write_back(group_inputs)
 
 
 def _nonfinite_error(norm_type: float) -> RuntimeError:
@@ -343,22 +237,20 @@ def _nonfinite_error(norm_type: float) -> RuntimeError:
 
 def _empty_result(per_tensor: bool) -> ClipResult:
     zero = torch.tensor(0.0)
-    return ClipResult(
-        zero, torch.tensor(0.0), torch.tensor(1.0), torch.empty(0) if per_tensor else None
-    )
+    one = torch.tensor(1.0, dtype=torch.float64)
+    return ClipResult(zero, torch.tensor(0.0), one, torch.empty(0) if per_tensor else None)
 
 
-def _runs_as_one_op(plan: _Plan, process_group) -> bool:
-    """Whether the whole clip can be the backend's `clip_` op: one device, every gradient dense,
-    nothing to combine across ranks or devices between the read and the write."""
-    if process_group is not None or plan.copies is not None or len(plan.groups) != 1:
+def _runs_as_one_op(the_plan: plan.Plan, process_group) -> bool:
+    """Whether the whole clip can be the backend's `clip_` op: one device, nothing to combine
+    across ranks or devices between the read and the write."""
+    if process_group is not None or the_plan.copies is not None or len(the_plan.groups) != 1:
         return False
-    group = plan.groups[0]
-    return group.backend.clip_ is not None and not group.strided and not group.sparse
+    return the_plan.groups[0].backend.clip_ is not None
 
 
 def _clip(
-    tensors: list[torch.Tensor],
+    items: list,
     name: str,
     *,
     norm_type: float | str,
@@ -370,50 +262,98 @@ def _clip(
     process_group=None,
     backend: str | None = None,
     apply: bool = True,
+    of_parameters: bool = False,
+    gradients_only: bool = False,
 ) -> ClipResult:
     """Checks every argument, measures, then (when `apply`) scales the gradients in place.
 
+    `items` are the gradients, or with `of_parameters` the parameters whose `.grad` to take.
     `apply=False` only computes what the write pass would do, for callers that fold it into
-    another kernel. `name` is how error messages call `tensors`.
+    another kernel. `name` is how error messages call `items`.
     """
     norm_type = _check_norm_type(norm_type)
     max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
     clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
-    plan, process_group = _prepare(tensors, name, backend, process_group)
-    if plan is None:
-        return _empty_result(per_tensor)
-    first = plan.groups[0]
-    inv_scale_tensor = _inv_scale_tensor(inv_scale, plan.device)
     writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
-    if writes and not error_if_nonfinite and _runs_as_one_op(plan, process_group):
-        total_norm, found_inf, clip_coef, per_tensor_power = first.backend.clip_(
-            first.dense,
+    the_plan, process_group = plan.prepare(
+        items,
+        name,
+        backend,
+        process_group,
+        writes=writes,
+        of_parameters=of_parameters,
+        gradients_only=gradients_only,
+    )
+    if the_plan is None:
+        if process_group is not None:
+            distributed.join_empty(norm_type, process_group)
+        return _empty_result(per_tensor)
+    backend_ = the_plan.groups[0].backend
+    inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
+    inputs = [_kernel_inputs(group) for group in the_plan.groups]
+    if writes and not error_if_nonfinite and _runs_as_one_op(the_plan, process_group):
+        total_norm, found_inf, clip_coef, per_tensor_norms = backend_.clip_(
+            inputs[0].tensors,
             norm_type,
             max_norm,
             inv_scale_tensor,
             clip_value,
-            plan.out_dtype,
+            the_plan.out_dtype,
             per_tensor,
         )
+        _write_back(inputs[0])
+        if per_tensor:
+            per_tensor_norms = _in_plan_order(the_plan, [per_tensor_norms])
     else:
-        power_sum, found_inf, per_tensor_power = _measure(
-            plan, norm_type, per_tensor, process_group
+        raw_norm, found_inf, per_tensor_norms = _measure(
+            the_plan, inputs, norm_type, per_tensor, process_group
         )
-        total_norm, clip_coef = first.backend.finalize(
-            power_sum, norm_type, max_norm, inv_scale_tensor, plan.out_dtype
+        total_norm, clip_coef = backend_.finalize(
+            raw_norm, max_norm, inv_scale_tensor, the_plan.out_dtype
         )
         if error_if_nonfinite and not torch.isfinite(total_norm).item():
             raise _nonfinite_error(norm_type)
         if writes:
-            _apply(plan, clip_coef, clip_value)
-    per_tensor_norms = None
+            _scale(the_plan, inputs, clip_coef, clip_value)
     if per_tensor:
-        per_tensor_norms = reference.power_to_norm(per_tensor_power, norm_type)
         if inv_scale_tensor is not None:
             per_tensor_norms = per_tensor_norms * inv_scale_tensor.to(torch.float64).abs()
-        per_tensor_norms = per_tensor_norms.to(plan.out_dtype)
+        per_tensor_norms = per_tensor_norms.to(the_plan.out_dtype)
     return ClipResult(total_norm, found_inf, clip_coef, per_tensor_norms)
+
+
+def _write_only(
+    items: list,
+    name: str,
+    clip_coef: float | torch.Tensor | None,
+    clip_value: float | None,
+    backend: str | None,
+    *,
+    of_parameters: bool,
+    gradients_only: bool = False,
+) -> None:
+    """g = clamp(g * clip_coef, -clip_value, clip_value) in one write pass, nothing measured.
+
+    `clip_coef` is a float64 0-dim tensor (or a float, or None for 1) on any device."""
+    the_plan, _ = plan.prepare(
+        items,
+        name,
+        backend,
+        writes=True,
+        measured=False,
+        of_parameters=of_parameters,
+        gradients_only=gradients_only,
+    )
+    if the_plan is None:
+        return
+    if isinstance(clip_coef, torch.Tensor):
+        coef = clip_coef.to(device=the_plan.device, dtype=torch.float64).reshape(())
+    else:
+        coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)
+        coef = coef.to(the_plan.device)
+    inputs = [_kernel_inputs(group) for group in the_plan.groups]
+    _scale(the_plan, inputs, coef, clip_value)
 
 
 @torch.no_grad()
@@ -425,16 +365,32 @@ def fused_clip_(
     clip_value: float | None = None,
     inv_scale: float | torch.Tensor | None = None,
     per_tensor: bool = False,
-    process_group=None,
-    backend: str | None = None,
+    process_group: ProcessGroup | None = None,
+    backend: BackendName | None = None,
 ) -> ClipResult:
     """Unscale, measure, clip by norm, then clamp by value, in one read and one write pass.
 
-    `tensors` are the gradients themselves (a tensor or an iterable of tensors), modified in
-    place when `inv_scale`, `max_norm` or `clip_value` is given.
+    Args:
+        tensors: the gradients themselves (a tensor or an iterable of tensors, not the
+            parameters), modified in place when `inv_scale`, `max_norm` or `clip_value` is given.
+        max_norm: clip so that the total norm is at most this (as `clip_grad_norm_`).
+        norm_type: p of the p-norm, > 0, or inf.
+        clip_value: then clamp every element to [-clip_value, clip_value].
+        inv_scale: the gradients are loss-scaled by 1 / inv_scale: unscale them in the same pass.
+        per_tensor: also return each gradient's norm.
+        process_group: each rank holds a disjoint share of the gradients: the norm is global.
+        backend: None for $FUSEDCLIP_BACKEND or "auto"; or a name from `fusedclip.backends()`.
+
+    Returns:
+        ClipResult(total_norm, found_inf, clip_coef, per_tensor_norms), tensors on the device.
+
+    Raises:
+        TypeError: a tensor is not a floating-point tensor, or is a parameter (pass its .grad).
+        ValueError: a bad argument, or gradients that partially overlap in memory.
+        Nothing is modified when it raises.
     """
     return _clip(
-        _as_tensor_list(tensors),
+        _as_list(tensors),
         "tensors",
         norm_type=norm_type,
         max_norm=max_norm,
@@ -443,6 +399,7 @@ def fused_clip_(
         per_tensor=per_tensor,
         process_group=process_group,
         backend=backend,
+        gradients_only=True,
     )
 
 
@@ -454,13 +411,19 @@ def measure(
     norm_type: float | str = 2.0,
     inv_scale: float | torch.Tensor | None = None,
     per_tensor: bool = False,
-    process_group=None,
-    backend: str | None = None,
+    process_group: ProcessGroup | None = None,
+    backend: BackendName | None = None,
 ) -> ClipResult:
-    """What `fused_clip_` computes (norm, found_inf, clip_coef), in one read, touching nothing:
-    for callers that fold the write into another kernel, such as a fused optimizer's step."""
+    """What `fused_clip_` computes, in one read, touching nothing: for callers that fold the write
+    into another kernel, such as a fused optimizer's step.
+
+    Args and Raises: as `fused_clip_` (without `clip_value`).
+
+    Returns:
+        ClipResult; `clip_coef` is the factor `fused_clip_` would multiply the gradients by.
+    """
     return _clip(
-        _as_tensor_list(tensors),
+        _as_list(tensors),
         "tensors",
         norm_type=norm_type,
         max_norm=max_norm,
@@ -469,6 +432,7 @@ def measure(
         process_group=process_group,
         backend=backend,
         apply=False,
+        gradients_only=True,
     )
 
 
@@ -481,23 +445,41 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     inv_scale: float | torch.Tensor | None = None,
-    process_group=None,
-    backend: str | None = None,
+    process_group: ProcessGroup | None = None,
+    backend: BackendName | None = None,
 ) -> torch.Tensor:
     """Drop-in for torch.nn.utils.clip_grad_norm_: clips the gradients' total norm to `max_norm`.
 
-    Returns the total norm of the (unscaled) gradients as a 0-dim tensor on the first gradient's
-    device. `foreach` is accepted and ignored: every backend is multi-tensor.
+    Args:
+        parameters: a tensor or an iterable of tensors whose `.grad` to clip (None grads skipped).
+        max_norm: the largest total norm left.
+        norm_type: p of the p-norm, > 0, or inf (also "inf", "2").
+        error_if_nonfinite: raise, before any gradient is modified, if the norm is inf or NaN
+            (the only path that syncs with the host).
+        foreach: accepted and ignored: every backend is multi-tensor.
+        inv_scale, process_group, backend: as `fused_clip_`.
+
+    Returns:
+        The total norm of the (unscaled) gradients, a 0-dim tensor on the first gradient's
+        device: float32, or float64 if any gradient is float64.
+
+    Raises:
+        TypeError, ValueError: as `fused_clip_`; RuntimeError: a non-finite norm with
+        `error_if_nonfinite`. Nothing is modified when it raises.
     """
+    max_norm = _check_nonnegative(
+        max_norm, "max_norm", "; to measure without clipping use get_total_norm"
+    )
     return _clip(
-        _gradients(parameters),
-        "parameters' gradients",
+        _parameters_list(parameters),
+        "parameters",
         norm_type=norm_type,
         max_norm=max_norm,
         inv_scale=inv_scale,
         error_if_nonfinite=error_if_nonfinite,
         process_group=process_group,
         backend=backend,
+        of_parameters=True,
     ).total_norm
 
 
@@ -508,12 +490,15 @@ def get_total_norm(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
-    process_group=None,
-    backend: str | None = None,
+    process_group: ProcessGroup | None = None,
+    backend: BackendName | None = None,
 ) -> torch.Tensor:
-    """Drop-in for torch.nn.utils.get_total_norm: the norm of all `tensors` (not their .grad)."""
+    """Drop-in for torch.nn.utils.get_total_norm: the norm of all `tensors` (not their .grad).
+
+    Args, Returns and Raises: as `clip_grad_norm_`, without clipping.
+    """
     return _clip(
-        _as_tensor_list(tensors),
+        _as_list(tensors),
         "tensors",
         norm_type=norm_type,
         max_norm=None,
@@ -527,20 +512,29 @@ def get_total_norm(
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
-    total_norm: torch.Tensor,
+    total_norm: torch.Tensor | float,
     foreach: bool | None = None,
     *,
-    backend: str | None = None,
+    backend: BackendName | None = None,
 ) -> None:
     """Drop-in for torch.nn.utils.clip_grads_with_norm_: scales the gradients by
-    min(1, max_norm / (total_norm + 1e-6)), with a `total_norm` computed beforehand."""
+    min(1, max_norm / (total_norm + 1e-6)), with a `total_norm` computed beforehand.
+
+    Args:
+        parameters: as `clip_grad_norm_`.
+        max_norm: the largest total norm left.
+        total_norm: a number or a one-element floating-point tensor (`get_total_norm`'s result);
+            the coefficient is computed from it in float64.
+
+    Raises:
+        TypeError, ValueError: a bad argument. Nothing is modified when it raises.
+    """
     max_norm = _check_nonnegative(max_norm, "max_norm")
-    plan, _ = _prepare(_gradients(parameters), "parameters' gradients", backend, measured=False)
-    if plan is None:
-        return
-    total_norm = torch.as_tensor(total_norm, device=plan.device)
-    clip_coef = reference.clip_coefficient(total_norm, max_norm, None).to(plan.out_dtype)
-    _apply(plan, clip_coef, None)
+    total_norm = _check_total_norm(total_norm)
+    clip_coef = clip_coefficient(total_norm.to(torch.float64), max_norm, None)
+    _write_only(
+        _parameters_list(parameters), "parameters", clip_coef, None, backend, of_parameters=True
+    )
 
 
 @torch.no_grad()
@@ -550,28 +544,33 @@ def clip_grad_value_(
     foreach: bool | None = None,
     *,
     inv_scale: float | torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: BackendName | None = None,
 ) -> None:
     """Drop-in for torch.nn.utils.clip_grad_value_: clamps every gradient element to
-    [-clip_value, clip_value], after unscaling by `inv_scale` when given (one write pass)."""
+    [-clip_value, clip_value], after unscaling by `inv_scale` when given (one write pass).
+
+    Raises:
+        TypeError, ValueError: a bad argument. Nothing is modified when it raises.
+    """
     clip_value = _check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
-    plan, _ = _prepare(_gradients(parameters), "parameters' gradients", backend, measured=False)
-    if plan is None:
-        return
-    clip_coef = _inv_scale_tensor(inv_scale, plan.device)
-    if clip_coef is None:
-        clip_coef = torch.ones((), dtype=plan.out_dtype, device=plan.device)
-    _apply(plan, clip_coef, clip_value)
+    _write_only(
+        _as_list(parameters), "parameters", inv_scale, clip_value, backend, of_parameters=True
+    )
 
 
 @torch.no_grad()
 def scale_(
-    tensors: TensorOrTensors, clip_coef: torch.Tensor, *, backend: str | None = None
+    tensors: TensorOrTensors, clip_coef: torch.Tensor, *, backend: BackendName | None = None
 ) -> None:
     """g *= clip_coef for every tensor, through the fused write pass (skipped on the device when
     clip_coef == 1); for callers that compute their own coefficient on the device."""
-    plan, _ = _prepare(_as_tensor_list(tensors), "tensors", backend, measured=False)
-    if plan is None:
-        return
-    _apply(plan, clip_coef.to(plan.out_dtype), None)
+    _write_only(
+        _as_list(tensors),
+        "tensors",
+        clip_coef,
+        None,
+        backend,
+        of_parameters=False,
+        gradients_only=True,
+    )

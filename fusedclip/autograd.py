@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fusedclip.reference import NORM_EPS
+from fusedclip.norms import NORM_EPS
 
 
 def _check(max_norm: float | None, clip_value: float | None) -> None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
 from fusedclip import ops, reference
 
-BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+BackendName = Literal["auto", "cuda", "triton", "cpu", "reference"]
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
 
 
 class Backend(NamedTuple):
@@ -98,7 +100,22 @@ def _auto_name(device_type: str) -> str:
                 return name
     elif device_type == "cpu" and unavailable_reason("cpu", "cpu") is None:
         return "cpu"
+    _warn_reference_fallback(device_type)
     return "reference"
+
+
+@functools.cache
+def _warn_reference_fallback(device_type: str) -> None:
+    """Once per device type: the float64 reference is an oracle, several times slower than torch."""
+    fast_backend = "cuda" if device_type == "cuda" else "cpu"
+    warnings.warn(
+        f"fusedclip: no fast backend for {device_type} gradients "
+        f"({unavailable_reason(fast_backend, device_type)}); running the float64 reference, "
+        "which is slower than torch. Build the extension with `pip install --no-build-isolation .` "
+        "in a fusedclip checkout (CUDA kernels need CUDA_HOME), or install triton for CUDA "
+        "tensors; fusedclip.build_info() says what is there",
+        stacklevel=2,
+    )
 
 
 def select(device: torch.device, backend: str | None) -> Backend:

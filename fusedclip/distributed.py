@@ -1,10 +1,10 @@
 """Sharded gradients: every rank reaches the same global norm, clip coefficient and inf verdict.
 
-Each rank reduces its local gradients in the fused read (Σ|g|^p, or max |g| for p = inf, and
-found_inf); one all-reduce per call combines them; the finalize (root, 1e-6, clip coefficient)
-runs after it, once, on the global value. DTensor gradients need no group: they are replaced by
+Each rank reduces its local gradients in the fused read (their norm and found_inf); one
+all-gather per call brings every rank's pair to every rank, which combines them in rank order;
+the finalize (1e-6, clip coefficient) runs after it, once, on the global value. DTensor gradients need no group: they are replaced by
 their local shards, a shard held by several ranks of the group (Replicate placements) counts once,
-and the all-reduce runs over the default group, so gradients on several meshes combine in one
+and the collective runs over the default group, so gradients on several meshes combine in one
 collective. Partial placements (a pending sum) are refused, and so are plain tensors among
 DTensors when no group says what they are.
 """
@@ -16,6 +16,8 @@ import math
 
 import torch
 import torch.distributed as dist
+
+from fusedclip.norms import combine_norms
 
 
 def _dtensor_type():
@@ -120,24 +122,27 @@ def _copies_in_group(mesh, placements: tuple, group, index: int) -> int:
     return count
 
 
-def all_reduce_norm_state(
-    power_sum: torch.Tensor, found_inf: torch.Tensor, norm_type: float, process_group
+def combine_across_ranks(
+    raw_norm: torch.Tensor, found_inf: torch.Tensor, norm_type: float, process_group
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One all-reduce of (power, found_inf, NaN flag): SUM for a p-norm, MAX for the inf-norm.
+    """One all-gather of every rank's (norm, found_inf); each rank combines them in rank order.
 
-    The NaN flag travels separately because collectives' MAX need not propagate NaN; the
-    returned tensors are equal on every rank.
+    Norms are gathered rather than power sums all-reduced: a sum of |g|^p can overflow where the
+    norm does not, and a gathered NaN stays NaN whatever the collective does with it. The result
+    is equal on every rank (same inputs, same order, same arithmetic).
     """
-    inf_norm = math.isinf(norm_type)
-    is_nan = torch.isnan(power_sum)
-    power = (
-        torch.where(is_nan, torch.full_like(power_sum, math.inf), power_sum)
-        if inf_norm
-        else power_sum
-    )
-    packed = torch.stack([power, found_inf.to(torch.float64), is_nan.to(torch.float64)])
-    dist.all_reduce(
-        packed, op=dist.ReduceOp.MAX if inf_norm else dist.ReduceOp.SUM, group=process_group
-    )
-    power_sum = torch.where(packed[2] > 0, torch.full_like(packed[0], math.nan), packed[0])
-    return power_sum, (packed[1] > 0).to(torch.float32)
+    state = torch.stack([raw_norm.to(torch.float64), found_inf.to(torch.float64)])
+    gathered = [torch.empty_like(state) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, state, group=process_group)
+    states = torch.stack(gathered)
+    raw_norm = combine_norms(states[:, 0], norm_type)
+    return raw_norm, (states[:, 1].amax() > 0).to(torch.float32)
+
+
+def join_empty(norm_type: float, process_group) -> None:
+    """A rank without gradients still takes part in the collective the others wait in."""
+    device = torch.device("cpu")
+    if dist.get_backend(process_group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    combine_across_ranks(zero, zero, norm_type, process_group)

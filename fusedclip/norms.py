@@ -21,6 +21,10 @@ MAX_UNSCALED_NORM_TYPE = 6.0
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# float32's normal range: a coefficient outside it is applied in float64 (needs_float64_product).
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def is_inf_norm(norm_type: float) -> bool:
     return math.isinf(norm_type)
@@ -31,6 +35,17 @@ def needs_scaled_sum(norm_type: float, any_float64: bool) -> bool:
     if math.isinf(norm_type) or norm_type <= 1.0:
         return False
     return any_float64 or norm_type > MAX_UNSCALED_NORM_TYPE
+
+
+def needs_float64_product(clip_coef: float) -> bool:
+    """Whether the write pass forms g * clip_coef in float64 for a 16- or 32-bit gradient: the
+    coefficient is nonzero, finite and outside float32's normal range (zero, inf, NaN are exact)."""
+    magnitude = abs(clip_coef)
+    return (
+        magnitude != 0.0
+        and math.isfinite(magnitude)
+        and not (FLOAT32_TINY <= magnitude <= FLOAT32_MAX)
+    )
 
 
 def nan_max(values: torch.Tensor) -> torch.Tensor:
@@ -64,8 +79,10 @@ def clip_coefficient(
     """inv_scale * min(1, max_norm / (total_norm + 1e-6)), float64. NaN propagates."""
     coef = torch.ones((), dtype=torch.float64, device=total_norm.device)
     if max_norm is not None:
+        norm = total_norm.to(torch.float64)
+        # A tensor numerator: `float / tensor` is a reciprocal and a product, rounded twice.
         # clamp(max=1) keeps NaN, as torch's clip_grad_norm_ does.
-        coef = (max_norm / (total_norm.to(torch.float64) + NORM_EPS)).clamp(max=1.0)
+        coef = (norm.new_tensor(max_norm) / (norm + NORM_EPS)).clamp(max=1.0)
     if inv_scale is not None:
         coef = coef * inv_scale.to(device=coef.device, dtype=torch.float64).reshape(())
     return coef

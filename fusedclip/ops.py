@@ -11,7 +11,12 @@ import warnings
 
 import torch
 
+from fusedclip import build_info
+
 try:
+    # An extension compiled against another torch can crash or misbehave: refuse it unloaded.
+    if (torch_mismatch := build_info.torch_mismatch(build_info.read_build_record())) is not None:
+        raise ImportError(torch_mismatch)
     from fusedclip import _C  # noqa: F401  (registers torch.ops.fusedclip.*)
 
     EXTENSION_ERROR: str | None = None

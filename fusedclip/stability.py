@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from fusedclip import amp, api
-from fusedclip.reference import NORM_EPS
+from fusedclip.norms import NORM_EPS
 
 
 def _gradients(parameters) -> list[torch.Tensor]:
@@ -195,7 +195,7 @@ class ZClip:
         return ZClipResult(
             measured.total_norm,
             measured.found_inf,
-            clip_coef.to(measured.total_norm.dtype),
+            clip_coef,
             threshold,
             spike,
             skip,
@@ -224,7 +224,9 @@ class ZClip:
             result = self._measure(grads, inv_scale)
             return result, result.skip
 
-        return amp._step_measured(optimizer, measure, scaler=scaler, backend=self.backend)
+        return amp._step_measured(
+            optimizer, measure, scaler=scaler, backend=self.backend, funcname="ZClip.clip_step"
+        )
 
 
 def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:

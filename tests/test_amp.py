@@ -253,3 +253,38 @@ def test_fused_sgd_with_a_frozen_group_decides_on_the_device_after_its_first_ste
         model(torch.ones(2, 16)).square().sum().backward()
         with refusing_host_syncs(enabled=step > 0):
             amp.step(optimizer, skip=torch.tensor(False))
+
+
+def test_mistaken_arguments_get_errors_that_name_them():
+    model = _model("cpu")
+    optimizer = _optimizer("sgd", model.parameters(), fused=False)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(2, 16)).sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler, got NoneType"):
+        amp.unscale_clip_(None, optimizer, 1.0)
+    with pytest.raises(
+        TypeError, match=r"optimizer must be .*GradScaler \(scaler and optimizer swapped"
+    ):
+        amp.unscale_clip_(optimizer, scaler, 1.0)
+    with pytest.raises(TypeError, match=r"clip_step: optimizer must be a torch.optim.Optimizer"):
+        amp.clip_step(scaler, 1.0)
+    for parameter, grad in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(parameter.grad, grad), "a refused call changed a gradient"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_clip_step_twice_before_update_names_clip_step(fused):
+    model = _model("cpu")
+    optimizer = _optimizer("adamw", model.parameters(), fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
+    amp.clip_step(optimizer, 1.0, scaler=scaler)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"clip_step\(\): .*call scaler.update\(\)"):
+        amp.clip_step(optimizer, 1.0, scaler=scaler)
+    for parameter, weight in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(parameter, weight), "a refused clip_step moved the weights"
+    scaler.update()
+    scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
+    amp.clip_step(optimizer, 1.0, scaler=scaler)  # after update() it works again

@@ -36,10 +36,7 @@ def clone_parameters(parameters):
 
 
 def reference_total_norm(grads, norm_type):
-    powers = torch.stack([reference.tensor_power(g.cpu(), float(norm_type)) for g in grads])
-    return reference.power_to_norm(
-        reference.combine_powers(powers, float(norm_type)), float(norm_type)
-    )
+    return reference.reduce([g.cpu() for g in grads], float(norm_type), False)[0]
 
 
 def sizes_for(device, backend):
@@ -417,38 +414,3 @@ def test_gradients_on_two_devices():
     assert_close(ours, expected, rtol=1e-6, what="two-device norm")
     for mine, torch_parameter in zip(parameters, theirs, strict=True):
         assert_close(mine.grad, torch_parameter.grad, rtol=1e-6, what="two-device grad")
-
-
-def _plan_facts(plan):
-    return (
-        plan.out_dtype,
-        plan.count,
-        plan.copies,
-        [
-            (g.device, g.backend.name, [id(t) for t in g.dense], g.strided, g.sparse, g.order)
-            for g in plan.groups
-        ],
-    )
-
-
-def test_the_common_case_plan_is_the_general_plan_and_defers_everything_else():
-    from fusedclip import api
-
-    common = [
-        torch.randn(3, 4),
-        torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
-        torch.randn(2, 2, dtype=torch.bfloat16),
-    ]
-    assert _plan_facts(api._common_case_plan(common, None)) == _plan_facts(api._plan(common, None))
-    shared = torch.randn(4)
-    for deferred in (
-        [],
-        [shared, shared],  # listed twice: counted once by the general path
-        [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)],
-        [torch.randn(4, 3).t()],
-        [torch.randn(6)[::2]],
-        [torch.randn(3, 3).to_sparse()],
-        [torch.ones(3, dtype=torch.int32)],  # rejected by the general path, with its message
-        [torch.randn(3).as_subclass(torch.nn.Buffer)],
-    ):
-        assert api._common_case_plan(deferred, None) is None, deferred

@@ -89,3 +89,56 @@ def test_amp_unscale_clip_compiles_without_graph_breaks():
 
 def reference_norm(tensors):
     return torch.stack([t.double().norm() for t in tensors]).norm()
+
+
+def _train_step_counting_compiles(clip, steps: int = 20):
+    """Runs `steps` training steps, each calling a compiled `clip(model, optimizer, scaler)`, with
+    gradients freed by zero_grad() each step (new tensors every step); returns how many graphs
+    dynamo compiled, and the last norm of the compiled run and of an eager twin."""
+    torch._dynamo.reset()
+    inputs = torch.randn(8, 32)
+
+    def run(clip):
+        model = _model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for _ in range(steps):
+            optimizer.zero_grad()  # set_to_none
+            scaler.scale((model(inputs) * 10).square().sum()).backward()
+            norm = clip(model, optimizer, scaler)
+            scaler.step(optimizer)
+            scaler.update()
+        return norm
+
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled_norm = run(torch.compile(clip, fullgraph=True))
+    graphs = counters["stats"]["unique_graphs"]
+    return graphs, compiled_norm, run(clip)
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [
+        pytest.param(
+            lambda model, optimizer, scaler: fusedclip.clip_grad_norm_(model.parameters(), 1.0),
+            id="clip_grad_norm_",
+        ),
+        pytest.param(
+            lambda model, optimizer, scaler: (
+                fusedclip.fused_clip_([p.grad for p in model.parameters()], max_norm=1.0).total_norm
+            ),
+            id="fused_clip_",
+        ),
+        pytest.param(
+            lambda model, optimizer, scaler: (
+                fusedclip.amp.unscale_clip_(scaler, optimizer, 1.0).total_norm
+            ),
+            id="amp.unscale_clip_",
+        ),
+    ],
+)
+def test_a_compiled_training_step_compiles_once(clip):
+    graphs, compiled_norm, eager_norm = _train_step_counting_compiles(clip)
+    assert graphs == 1, f"compiled {graphs} graphs in 20 steps (a recompile per step?)"
+    assert_close(compiled_norm, eager_norm, rtol=1e-5, what="norm after 20 steps")

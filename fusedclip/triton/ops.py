@@ -8,12 +8,19 @@ In eager mode a pass over many tensors is one launch per (dtype, 16-byte aligned
 int64 device tables built on the host without a sync and cached per tensor list (gradients keep
 their addresses from step to step). Tensors without addresses (fake tensors, when shapes are
 propagated) take a per-tensor path through the same chunk code, which writes the same partials.
+
+Every launch and table build runs with the tensors' CUDA device selected, whatever the current
+device. The table cache is shared by threads (one lock) and knows CUDA-graph capture: a table
+built while a stream is captured belongs to that graph, never to the eager cache.
 """
 
+import contextlib
 import math
 import struct
+import threading
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -22,6 +29,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.library import triton_op, wrap_triton
 
 from fusedclip.layout import is_dense
+from fusedclip.norms import needs_scaled_sum
 
 from . import kernels
 
@@ -69,9 +77,28 @@ class _Tables:
     numels: torch.Tensor  # int64 [n]
     chunk_bases: torch.Tensor  # int64 [n + 1]: tensor t's partials are slots [bases[t], bases[t+1])
     groups: tuple[_DtypeGroup, ...]
+    # The host buffer the device tables were copied from. A graph's copy node reads it at every
+    # replay, so tables keep it while they live (for eager ones that only delays its reuse).
+    host_buffer: torch.Tensor
 
 
+@dataclass
+class _Capture:
+    """A CUDA-graph capture under way on one stream, and the tables built during it."""
+
+    graph: "weakref.ref[torch.cuda.CUDAGraph]"
+    tables: dict = field(default_factory=dict)
+
+
+# Every structure below is guarded by _cache_lock: ops may be called from several threads.
+_cache_lock = threading.Lock()
 _table_cache: "OrderedDict[tuple, _Tables]" = OrderedDict()
+# Captures under way, by (device, stream id of the capturing stream).
+_captures: "dict[tuple[torch.device, int], _Capture]" = {}
+# Tables built during a capture whose graph object is unknown (a capture not begun through
+# torch.cuda.CUDAGraph, or a torch without capture hooks): that graph may replay them at any
+# time, so they live as long as the process.
+_unowned_captured_tables: list[_Tables] = []
 
 
 def _num_chunks(numel: int) -> int:
@@ -90,6 +117,15 @@ def _norm_kind(norm_type: float) -> int:
     if norm_type == 1.0:
         return kernels.NORM_ONE.value
     return kernels.NORM_GENERAL.value
+
+
+def _on_device(device: torch.device):
+    """Selects `device` for what runs inside: Triton launches on the current device's stream, and
+    tables and intermediates must be on the tensors' device (gradients on cuda:1 while cuda:0 is
+    current)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _build_tables(tensors: list[torch.Tensor], device: torch.device) -> _Tables:
@@ -120,7 +156,8 @@ def _build_tables(tensors: list[torch.Tensor], device: torch.device) -> _Tables:
     # One host buffer, one copy to the device; the tables are views of it.
     host = torch.cat(parts)
     if device.type == "cuda":
-        table = host.pin_memory().to(device, non_blocking=True)
+        host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
     else:
         table = host.to(device)
     n = len(tensors)
@@ -129,22 +166,74 @@ def _build_tables(tensors: list[torch.Tensor], device: torch.device) -> _Tables:
         _DtypeGroup(dtype, aligned, num_chunks, view.view(num_chunks, 3))
         for (dtype, aligned, num_chunks), view in zip(group_shapes, views[3:], strict=True)
     )
-    return _Tables(views[0], views[1], views[2].view(n + 1), groups)
+    return _Tables(views[0], views[1], views[2].view(n + 1), groups, host)
+
+
+def _captured_tables_for(
+    key: tuple, tensors: list[torch.Tensor], device: torch.device, stream: int
+) -> _Tables:
+    """Tables for a launch being captured into a CUDA graph (caller holds _cache_lock).
+
+    An eager table may be evicted and freed while the graph still replays, and a table built in
+    another capture holds its data only once that graph has replayed; so each capture builds its
+    own (shared by the ops of that capture), whose host->device copy is a node of this graph, and
+    the graph keeps them, host buffer included, until it is destroyed or reset.
+    """
+    capture = _captures.get((device, stream))
+    graph = capture.graph() if capture is not None else None
+    if graph is not None:
+        tables = capture.tables.get(key)
+        if tables is None:
+            tables = _build_tables(tensors, device)
+            capture.tables[key] = tables
+            # Released after the streams the graph replayed on have finished with it.
+            graph.retain_object(tables, synchronize_before_release=True)
+        return tables
+    tables = _build_tables(tensors, device)
+    _unowned_captured_tables.append(tables)
+    return tables
 
 
 def _tables_for(tensors: list[torch.Tensor], device: torch.device) -> _Tables:
     # A table copied on one CUDA stream is only known to be ready on that stream.
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     key = (device, stream, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
-    tables = _table_cache.get(key)
-    if tables is None:
-        tables = _build_tables(tensors, device)
-        _table_cache[key] = tables
-        if len(_table_cache) > TABLE_CACHE_SIZE:
-            _table_cache.popitem(last=False)
-    else:
-        _table_cache.move_to_end(key)
-    return tables
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    with _cache_lock:
+        if capturing:
+            return _captured_tables_for(key, tensors, device, stream)
+        tables = _table_cache.get(key)
+        if tables is None:
+            tables = _build_tables(tensors, device)
+            _table_cache[key] = tables
+            if len(_table_cache) > TABLE_CACHE_SIZE:
+                _table_cache.popitem(last=False)
+        else:
+            _table_cache.move_to_end(key)
+        return tables
+
+
+def _capture_began(graph: torch.cuda.CUDAGraph) -> None:
+    # Runs with the capture live on the current stream: only host bookkeeping here.
+    stream = torch.cuda.current_stream()
+    with _cache_lock:
+        _captures[(stream.device, stream.cuda_stream)] = _Capture(weakref.ref(graph))
+
+
+def _capture_ended(graph: torch.cuda.CUDAGraph) -> None:
+    with _cache_lock:
+        for where, capture in list(_captures.items()):
+            if capture.graph() is graph or capture.graph() is None:
+                del _captures[where]
+
+
+# torch 2.14 tells every capture's start and end and lets a graph keep objects alive; without
+# that, tables built during captures fall back to living as long as the process.
+if hasattr(torch.cuda.graphs, "register_graph_capture_start_hook") and hasattr(
+    torch.cuda.CUDAGraph, "retain_object"
+):
+    torch.cuda.graphs.register_graph_capture_start_hook(_capture_began)
+    torch.cuda.graphs.register_graph_capture_end_hook(_capture_ended)
 
 
 def _has_addresses(tensors: list[torch.Tensor]) -> bool:
@@ -212,47 +301,70 @@ def _check_scalar_tensor(t: torch.Tensor, name: str, device: torch.device) -> No
 def triton_reduce(
     tensors: list[torch.Tensor], norm_type: float, per_tensor: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The read pass: (power_sum float64 [], found_inf float32 [], per_tensor_power float64 [n] or [0]).
+    """The read pass: (raw_norm float64 [], found_inf float32 [], per_tensor_norms float64 [n] or
+    [0]), norms rather than power sums.
 
-    Chunk partials go to slots in input order (tensor t's chunks are consecutive), are summed per
-    tensor, then over tensors, each in a fixed order: the same bits on every run and device, and
-    whether or not per_tensor is asked.
+    Chunk partials go to slots in input order (tensor t's chunks are consecutive), are combined
+    per tensor, then over tensors, each in a fixed order: the same bits on every run and device,
+    and whether or not per_tensor is asked. The partials are plain float64 sums of |g|^p, or
+    (scale, sum) pairs where those could leave float64's range (norms.needs_scaled_sum).
     """
     _check_gradient_list(tensors, "tensors")
     if not norm_type > 0.0:
         raise RuntimeError(f"norm_type must be > 0 (or inf), got {norm_type}")
     device = tensors[0].device
+    with _on_device(device):
+        return _reduce(tensors, norm_type, per_tensor, device)
+
+
+def _reduce(
+    tensors: list[torch.Tensor], norm_type: float, per_tensor: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_tensors = len(tensors)
     counts = [_num_chunks(t.numel()) for t in tensors]
     num_chunks = sum(counts)
-    chunk_power = torch.empty(num_chunks, dtype=torch.float64, device=device)
+    scaled = needs_scaled_sum(norm_type, any(t.dtype == torch.float64 for t in tensors))
+    float64 = dict(dtype=torch.float64, device=device)
+    chunk_power = torch.empty(num_chunks, **float64)
+    # Plain partials have no scale; their kernels never touch the scale argument.
+    chunk_scale = torch.empty(num_chunks, **float64) if scaled else chunk_power
     chunk_nonfinite = torch.empty(num_chunks, dtype=torch.int32, device=device)
-    tensor_power = torch.empty(num_tensors, dtype=torch.float64, device=device)
+    tensor_power = torch.empty(num_tensors, **float64)
+    tensor_scale = torch.empty(num_tensors, **float64) if scaled else tensor_power
     tensor_nonfinite = torch.empty(num_tensors, dtype=torch.int32, device=device)
-    power_sum = torch.empty((), dtype=torch.float64, device=device)
+    tensor_norms = torch.empty(num_tensors, **float64)
+    raw_norm = torch.empty((), **float64)
     found_inf = torch.empty((), dtype=torch.float32, device=device)
     norm_kind = _norm_kind(norm_type)
     norm_type_bits = _float64_bits(norm_type)
     read_meta = dict(
-        NORM_KIND=norm_kind, CHUNK_SIZE=CHUNK_SIZE, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
+        NORM_KIND=norm_kind,
+        SCALED=scaled,
+        CHUNK_SIZE=CHUNK_SIZE,
+        BLOCK_SIZE=BLOCK_SIZE,
+        num_warps=NUM_WARPS,
     )
     segment_meta = dict(
-        NORM_KIND=norm_kind, BLOCK_SIZE=SEGMENT_BLOCK_SIZE, num_warps=SEGMENT_NUM_WARPS
+        NORM_KIND=norm_kind,
+        SCALED=scaled,
+        BLOCK_SIZE=SEGMENT_BLOCK_SIZE,
+        num_warps=SEGMENT_NUM_WARPS,
     )
+    chunk_partials = (chunk_scale, chunk_power, chunk_nonfinite)
+    tensor_outputs = (tensor_scale, tensor_power, tensor_nonfinite, tensor_norms)
 
     traced = not _has_addresses(tensors)
     if not traced:
         tables = _tables_for(tensors, device)
         for group in tables.groups:
             _launch(
-                kernels._power_partials_table_kernel,
+                kernels._partials_table_kernel,
                 (group.num_chunks,),
                 (
                     group.chunk_table,
                     tables.addresses,
                     tables.numels,
-                    chunk_power,
-                    chunk_nonfinite,
+                    *chunk_partials,
                     norm_type_bits,
                 ),
                 traced,
@@ -261,9 +373,9 @@ def triton_reduce(
                 **read_meta,
             )
         _launch(
-            kernels._tensor_power_table_kernel,
+            kernels._tensor_partials_table_kernel,
             (num_tensors,),
-            (chunk_power, chunk_nonfinite, tables.chunk_bases, tensor_power, tensor_nonfinite),
+            (*chunk_partials, tables.chunk_bases, *tensor_outputs, norm_type_bits),
             traced,
             **segment_meta,
         )
@@ -272,87 +384,88 @@ def triton_reduce(
         for index, (tensor, count) in enumerate(zip(tensors, counts, strict=True)):
             if count:
                 _launch(
-                    kernels._power_partials_tensor_kernel,
+                    kernels._partials_tensor_kernel,
                     (count,),
-                    (
-                        tensor,
-                        tensor.numel(),
-                        first_slot,
-                        chunk_power,
-                        chunk_nonfinite,
-                        norm_type_bits,
-                    ),
+                    (tensor, tensor.numel(), first_slot, *chunk_partials, norm_type_bits),
                     traced,
                     **read_meta,
                 )
             _launch(
-                kernels._tensor_power_kernel,
+                kernels._tensor_partial_kernel,
                 (1,),
                 (
-                    chunk_power,
-                    chunk_nonfinite,
+                    *chunk_partials,
                     first_slot,
                     first_slot + count,
-                    tensor_power,
-                    tensor_nonfinite,
                     index,
+                    *tensor_outputs,
+                    norm_type_bits,
                 ),
                 traced,
                 **segment_meta,
             )
             first_slot += count
     _launch(
-        kernels._total_power_kernel,
+        kernels._total_norm_kernel,
         (1,),
-        (tensor_power, tensor_nonfinite, num_tensors, power_sum, found_inf),
+        (
+            tensor_scale,
+            tensor_power,
+            tensor_nonfinite,
+            num_tensors,
+            raw_norm,
+            found_inf,
+            norm_type_bits,
+        ),
         traced,
         **segment_meta,
     )
     if per_tensor:
-        per_tensor_power = tensor_power
+        per_tensor_norms = tensor_norms
     else:
-        per_tensor_power = torch.empty(0, dtype=torch.float64, device=device)
-    return power_sum, found_inf, per_tensor_power
+        per_tensor_norms = torch.empty(0, **float64)
+    return raw_norm, found_inf, per_tensor_norms
 
 
 @triton_op("fusedclip::triton_finalize", mutates_args=())
 def triton_finalize(
-    power_sum: torch.Tensor,
-    norm_type: float,
+    raw_norm: torch.Tensor,
     max_norm: float | None,
     inv_scale: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total_norm, clip_coef), both 0-dim of out_dtype, from one program in float64."""
-    device = power_sum.device
+    """(total_norm of out_dtype, clip_coef float64), both 0-dim, from one program in float64:
+    total_norm = raw_norm * |inv_scale|, clip_coef = inv_scale * min(1, max_norm / (total_norm +
+    1e-6))."""
+    device = raw_norm.device
     _check_device(device)
-    if power_sum.numel() != 1:
-        raise RuntimeError(f"power_sum must hold one element, got {power_sum.numel()}")
-    if not norm_type > 0.0:
-        raise RuntimeError(f"norm_type must be > 0 (or inf), got {norm_type}")
+    if raw_norm.numel() != 1 or raw_norm.dtype != torch.float64:
+        raise RuntimeError(
+            f"raw_norm must be one float64 element (reduce's raw_norm), got {raw_norm.numel()} "
+            f"of {raw_norm.dtype}"
+        )
     if out_dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"out_dtype must be float32 or float64, got {out_dtype}")
     if inv_scale is not None:
         _check_scalar_tensor(inv_scale, "inv_scale", device)
-    total_norm = torch.empty((), dtype=out_dtype, device=device)
-    clip_coef = torch.empty((), dtype=out_dtype, device=device)
-    _launch(
-        kernels._finalize_kernel,
-        (1,),
-        (
-            power_sum,
-            power_sum if inv_scale is None else inv_scale,
-            total_norm,
-            clip_coef,
-            _float64_bits(norm_type),
-            _float64_bits(0.0 if max_norm is None else max_norm),
-        ),
-        not _has_addresses([power_sum] if inv_scale is None else [power_sum, inv_scale]),
-        NORM_KIND=_norm_kind(norm_type),
-        HAS_MAX_NORM=max_norm is not None,
-        HAS_INV_SCALE=inv_scale is not None,
-        num_warps=1,
-    )
+    with _on_device(device):
+        total_norm = torch.empty((), dtype=out_dtype, device=device)
+        clip_coef = torch.empty((), dtype=torch.float64, device=device)
+        _launch(
+            kernels._finalize_kernel,
+            (1,),
+            (
+                raw_norm,
+                raw_norm if inv_scale is None else inv_scale,
+                total_norm,
+                clip_coef,
+                _float64_bits(0.0 if max_norm is None else max_norm),
+            ),
+            not _has_addresses([raw_norm] if inv_scale is None else [raw_norm, inv_scale]),
+            HAS_MAX_NORM=max_norm is not None,
+            HAS_INV_SCALE=inv_scale is not None,
+            num_warps=1,
+        )
     return total_norm, clip_coef
 
 
@@ -360,9 +473,10 @@ def triton_finalize(
 def triton_scale_(
     tensors: list[torch.Tensor], clip_coef: torch.Tensor, clip_value: float | None
 ) -> None:
-    """In place: g = clamp(g * clip_coef, -clip_value, clip_value); the product in float32 (float64
-    for float64 tensors). Programs read clip_coef on the device and write nothing when it is 1 and
-    there is no clip_value.
+    """In place: g = clamp(g * clip_coef, -clip_value, clip_value); the product in float32 for 16-
+    and 32-bit tensors, in float64 for float64 tensors and for coefficients outside float32's
+    normal range (needs_float64_product). Programs read clip_coef on the device and write nothing
+    when it is 1 and there is no clip_value.
     """
     _check_gradient_list(tensors, "tensors")
     device = tensors[0].device
@@ -377,31 +491,38 @@ def triton_scale_(
         num_warps=NUM_WARPS,
     )
     traced = not _has_addresses([*tensors, clip_coef])
-    if not traced:
-        tables = _tables_for(tensors, device)
-        for group in tables.groups:
-            _launch(
-                kernels._scale_table_kernel,
-                (group.num_chunks,),
-                (group.chunk_table, tables.addresses, tables.numels, clip_coef, clip_value_bits),
-                traced,
-                DTYPE=_TRITON_DTYPES[group.dtype],
-                FLOAT64_PRODUCT=group.dtype == torch.float64,
-                ALIGNED=group.aligned,
-                **write_meta,
-            )
-    else:
-        for tensor in tensors:
-            count = _num_chunks(tensor.numel())
-            if count:
+    with _on_device(device):
+        if not traced:
+            tables = _tables_for(tensors, device)
+            for group in tables.groups:
                 _launch(
-                    kernels._scale_tensor_kernel,
-                    (count,),
-                    (tensor, tensor.numel(), clip_coef, clip_value_bits),
+                    kernels._scale_table_kernel,
+                    (group.num_chunks,),
+                    (
+                        group.chunk_table,
+                        tables.addresses,
+                        tables.numels,
+                        clip_coef,
+                        clip_value_bits,
+                    ),
                     traced,
-                    FLOAT64_PRODUCT=tensor.dtype == torch.float64,
+                    DTYPE=_TRITON_DTYPES[group.dtype],
+                    FLOAT64_TENSOR=group.dtype == torch.float64,
+                    ALIGNED=group.aligned,
                     **write_meta,
                 )
+        else:
+            for tensor in tensors:
+                count = _num_chunks(tensor.numel())
+                if count:
+                    _launch(
+                        kernels._scale_tensor_kernel,
+                        (count,),
+                        (tensor, tensor.numel(), clip_coef, clip_value_bits),
+                        traced,
+                        FLOAT64_TENSOR=tensor.dtype == torch.float64,
+                        **write_meta,
+                    )
 
 
 def _keep_opaque(mode, op, types, args, kwargs):

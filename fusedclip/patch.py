@@ -1,0 +1,148 @@
+"""`fusedclip.patch()`: make every caller of torch.nn.utils' clipping functions run fusedclip.
+
+Replaces `clip_grad_norm_`, `clip_grad_value_`, `get_total_norm` and `clip_grads_with_norm_`
+in `torch.nn.utils` and `torch.nn.utils.clip_grad` (where torch keeps the last two as
+`_get_total_norm` and `_clip_grads_with_norm_`), so `torch.nn.utils.clip_grad_norm_(...)`
+calls made later run fusedclip. A framework that did `from torch.nn.utils import clip_grad_norm_`
+before the patch holds torch's function in its own module globals: every already-imported
+module's global bound to one of torch's four functions (under any name) is rebound too.
+
+Undoing restores exactly what was patched: every module global that holds one of the patch's
+stand-ins goes back to torch's function, including globals of modules imported while patched
+(they bound the stand-in). Only the stand-ins are touched: a module that imported fusedclip's
+own `clip_grad_norm_` keeps it, and a global rebound by someone else meanwhile is left alone.
+Attributes outside module globals (a class attribute, a `functools.partial`) are not followed.
+
+Patches nest: each `patch()` returns a handle; torch's functions come back when the last
+handle is undone (or at once with `unpatch()`).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import types
+from collections.abc import Callable
+
+import torch.nn.utils
+import torch.nn.utils.clip_grad
+
+from fusedclip import api
+
+# The public names in torch.nn.utils and the fusedclip drop-in that stands in for each.
+REPLACED_FUNCTIONS: dict[str, Callable] = {
+    "clip_grad_norm_": api.clip_grad_norm_,
+    "clip_grad_value_": api.clip_grad_value_,
+    "get_total_norm": api.get_total_norm,
+    "clip_grads_with_norm_": api.clip_grads_with_norm_,
+}
+
+_lock = threading.Lock()
+# id(torch function) -> (torch function, its stand-in) while patched.
+_stand_ins: dict[int, tuple[Callable, Callable]] = {}
+
+
+def _make_stand_in(drop_in: Callable) -> Callable:
+    """A distinct function object per patch, so undoing finds exactly what the patch bound."""
+
+    @functools.wraps(drop_in)
+    def stand_in(*args, **kwargs):
+        return drop_in(*args, **kwargs)
+
+    stand_in.__fusedclip_patch__ = True
+    return stand_in
+
+
+def _modules() -> list[types.ModuleType]:
+    """Every imported module but fusedclip's own (torch.nn.utils and its clip_grad among them)."""
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if isinstance(module, types.ModuleType)
+        and name != "fusedclip"
+        and not name.startswith("fusedclip.")
+    ]
+
+
+def _rebind(replacements: dict[int, Callable]) -> None:
+    """In every module's globals, replace each value whose id is a key (and that is the very
+    object the key was taken from) by its replacement."""
+    for module in _modules():
+        # vars(), not getattr: a lazy module's __getattr__ would import things.
+        namespace = vars(module)
+        for name, value in list(namespace.items()):
+            replacement = replacements.get(id(value))
+            if replacement is not None:
+                namespace[name] = replacement
+
+
+def _apply() -> None:
+    for name, drop_in in REPLACED_FUNCTIONS.items():
+        torch_function = getattr(torch.nn.utils, name)
+        if getattr(torch_function, "__fusedclip_patch__", False):
+            raise RuntimeError(
+                f"torch.nn.utils.{name} is already a fusedclip stand-in from an earlier patch "
+                "that was not undone through fusedclip; call fusedclip.unpatch() first"
+            )
+        _stand_ins[id(torch_function)] = (torch_function, _make_stand_in(drop_in))
+    _rebind({key: stand_in for key, (_, stand_in) in _stand_ins.items()})
+
+
+def _restore() -> None:
+    _rebind({id(stand_in): torch_function for torch_function, stand_in in _stand_ins.values()})
+    _stand_ins.clear()
+
+
+def is_patched() -> bool:
+    """Whether torch.nn.utils' clipping functions are fusedclip's now."""
+    return bool(_stand_ins)
+
+
+class Patch:
+    """What `patch()` returns: `undo()` (or leaving a `with` block) removes this patch."""
+
+    def __init__(self) -> None:
+        self._undone = False
+
+    def undo(self) -> None:
+        """Remove this patch; torch's functions come back once no other patch is open. A second
+        call does nothing."""
+        with _lock:
+            if self._undone:
+                return
+            self._undone = True
+            _open_handles.remove(self)
+            if not _open_handles:
+                _restore()
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.undo()
+
+
+_open_handles: list[Patch] = []
+
+
+def patch() -> Patch:
+    """Make torch.nn.utils' four clipping functions, and every module global already bound to
+    them, fusedclip's drop-ins. Returns a handle: `handle.undo()`, or use it as a context manager
+    (`with fusedclip.patch(): trainer.fit(...)`)."""
+    with _lock:
+        if not _open_handles:
+            _apply()
+        handle = Patch()
+        _open_handles.append(handle)
+        return handle
+
+
+def unpatch() -> None:
+    """Undo every open patch at once and restore torch's functions everywhere they were bound."""
+    with _lock:
+        for handle in _open_handles:
+            handle._undone = True
+        _open_handles.clear()
+        if _stand_ins:
+            _restore()

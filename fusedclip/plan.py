@@ -1,0 +1,312 @@
+"""Planning: from the caller's tensors to what each device's backend runs, with every refusal decided
+here, before any kernel reads or writes a byte.
+
+One entry point, `prepare`. It checks each tensor (type, dtype, layout, inference mode, a
+parameter passed where its gradient belongs), applies the aliasing rule, replaces DTensors by
+their local shards, groups the tensors by device and picks each device's backend.
+
+The aliasing rule: tensors that are the same memory (same storage, offset, sizes, strides and
+dtype; or dense views of one dtype over the same bytes, such as g and g.view(-1)) count and are
+scaled once; a call that writes refuses tensors that overlap partially, each
+other or themselves (an `expand`), with a ValueError naming them. A call that only reads measures
+every tensor as given (an expanded tensor counts each of its elements, as torch does).
+
+The common case (plain contiguous tensors on one device, none aliasing another) is planned by the
+C++ extension in one pass (`fusedclip._C.plan_dense`) when it is built; everything else, and
+everything under torch.compile, by the general path below. Both give the same plans and errors.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fusedclip import dispatch, distributed
+from fusedclip.layout import is_dense
+from fusedclip.norms import SUPPORTED_DTYPES
+
+_SUPPORTED_DTYPES = frozenset(SUPPORTED_DTYPES)
+
+
+class DeviceGroup(NamedTuple):
+    device: torch.device
+    backend: dispatch.Backend
+    dense: list[torch.Tensor]  # handed to the kernels as they are
+    strided: list[torch.Tensor]  # gaps (or, when only read, overlaps): through a contiguous copy
+    sparse: list[torch.Tensor]  # COO: through their coalesced values
+    order: list[int]  # positions in the planned list, dense then strided then sparse
+
+
+class Plan(NamedTuple):
+    groups: list[DeviceGroup]
+    out_dtype: torch.dtype
+    count: int
+    # Ranks holding the same elements as each tensor (replicated DTensor shards); None: all 1.
+    copies: list[int] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].device
+
+
+def prepare(
+    tensors: list,
+    name: str,
+    backend: str | None,
+    process_group=None,
+    *,
+    writes: bool,
+    measured: bool = True,
+    of_parameters: bool = False,
+    gradients_only: bool = False,
+):
+    """(plan or None when there is nothing to do, process group).
+
+    `tensors` are the gradients, or with `of_parameters` the parameters whose `.grad` to take
+    (None skipped). `name` is how messages call them; `writes`: the call modifies the gradients;
+    `measured=False`: no norm is taken (no count of the ranks holding a shard);
+    `gradients_only`: refuse parameters (leaves that require grad) among the gradients.
+    """
+    plan = _dense_plan(tensors, backend, writes, of_parameters, gradients_only)
+    if plan is not None:
+        return plan, process_group
+    dispatch.requested_backend(backend)  # an empty list must reject a bad backend too
+    if of_parameters:
+        tensors = _gradients(tensors, name)
+        name = f"{name}' gradients"
+    _check_tensors(tensors, name, writes, gradients_only)
+    if not tensors:
+        return None, process_group
+    copies = None
+    if distributed.has_dtensor(tensors):
+        if measured:
+            tensors, copies, process_group = distributed.localize(tensors, process_group)
+        else:
+            tensors = distributed.local_shards(tensors)
+    tensors, copies = _drop_repeats(tensors, copies, name, writes)
+    return _group(tensors, backend, copies), process_group
+
+
+def _gradients(parameters: list, name: str) -> list:
+    gradients = []
+    for index, parameter in enumerate(parameters):
+        if not isinstance(parameter, torch.Tensor):
+            raise TypeError(
+                f"{name}[{index}] is a {type(parameter).__name__}, not a tensor (a parameter "
+                "whose .grad to clip)"
+            )
+        if parameter.grad is not None:
+            gradients.append(parameter.grad)
+    return gradients
+
+
+def _dense_plan(
+    tensors: list, backend: str | None, writes: bool, of_parameters: bool, gradients_only: bool
+):
+    """The common case's plan from the C++ planner, or None to take the general path."""
+    if not tensors or torch.compiler.is_compiling() or _C_PLAN_DENSE is None:
+        return None
+    found = _C_PLAN_DENSE(tensors, of_parameters, _refuses_inference(writes), gradients_only)
+    if found is None:
+        return None
+    tensors, device, any_float64 = found
+    if not tensors:
+        return None
+    group = DeviceGroup(
+        device, dispatch.select(device, backend), tensors, [], [], list(range(len(tensors)))
+    )
+    return Plan([group], torch.float64 if any_float64 else torch.float32, len(tensors))
+
+
+def _load_dense_planner():
+    from fusedclip import ops
+
+    if ops.EXTENSION_ERROR is not None:
+        return None
+    from fusedclip import _C
+
+    return getattr(_C, "plan_dense", None)
+
+
+_C_PLAN_DENSE = _load_dense_planner()
+
+
+def _refuses_inference(writes: bool) -> bool:
+    """Whether inference tensors must be refused: torch lets them be modified only inside
+    inference mode. (Under torch.compile the mode is not traceable; the graph enforces it.)"""
+    if not writes or torch.compiler.is_compiling():
+        return False
+    return not torch.is_inference_mode_enabled()
+
+
+def _check_tensors(tensors: list, name: str, writes: bool, gradients_only: bool) -> None:
+    refuse_inference = _refuses_inference(writes)
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            if tensor is None:
+                raise TypeError(
+                    f"{name}[{index}] is None: a parameter without a gradient? Pass only the "
+                    "gradients that exist ([p.grad for p in params if p.grad is not None]), or "
+                    "use clip_grad_norm_(params, ...), which skips them"
+                )
+            raise TypeError(f"{name}[{index}] is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name}[{index}] has dtype {tensor.dtype}; gradients must be float32, float16, "
+                "bfloat16 or float64 (clipping integer or complex gradients is not defined)"
+            )
+        if tensor.layout not in (torch.strided, torch.sparse_coo):
+            raise TypeError(
+                f"{name}[{index}] has layout {tensor.layout}; use strided or sparse_coo"
+            )
+        if gradients_only and tensor.requires_grad and tensor.is_leaf:
+            raise TypeError(
+                f"{name}[{index}] is a parameter (a leaf tensor that requires grad), not a "
+                "gradient: pass the gradients ([p.grad for p in model.parameters() if p.grad "
+                "is not None]) or use clip_grad_norm_(model.parameters(), ...)"
+            )
+        if refuse_inference and tensor.is_inference():
+            raise ValueError(
+                f"{name}[{index}] is an inference tensor, which torch allows to be modified only "
+                "inside torch.inference_mode(): call there, or pass a clone made outside it"
+            )
+
+
+def _memory_key(tensor: torch.Tensor) -> tuple:
+    """Equal for tensors that are the same memory: the same view, or dense tensors of one dtype
+    over the same bytes (g and g.view(-1))."""
+    storage = tensor.untyped_storage().data_ptr()
+    if is_dense(tensor):
+        return (storage, tensor.storage_offset(), tensor.numel(), tensor.dtype)
+    return (
+        storage,
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte offsets in the storage that the tensor's elements touch."""
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    if tensor.numel() == 0:
+        return first, first
+    last_element = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+    return first, first + (last_element + 1) * size
+
+
+def _element_offsets(tensor: torch.Tensor) -> torch.Tensor:
+    """Storage offset (in bytes) of every element, flat; for the rare exact overlap test."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for dim, (n, s) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
+        shape = [1] * tensor.dim()
+        shape[dim] = n
+        offsets = offsets + torch.arange(n, dtype=torch.int64).view(shape) * s
+    start = tensor.storage_offset()
+    return ((offsets.reshape(-1) + start) * tensor.element_size()).unique()
+
+
+def _overlaps_itself(tensor: torch.Tensor) -> bool:
+    if tensor.is_sparse or tensor.numel() <= 1 or is_dense(tensor):
+        return False
+    if any(n > 1 and s == 0 for n, s in zip(tensor.shape, tensor.stride(), strict=True)):
+        return True
+    return _element_offsets(tensor).numel() < tensor.numel()
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors whose byte spans intersect really share an element."""
+    if is_dense(a) and is_dense(b):
+        return True  # a dense tensor fills its span: any intersection is shared memory
+    # Element i covers bytes [offset_i, offset_i + size): compare bytes, exact for mixed dtypes.
+    bytes_a = (_element_offsets(a).view(-1, 1) + torch.arange(a.element_size())).reshape(-1)
+    bytes_b = (_element_offsets(b).view(-1, 1) + torch.arange(b.element_size())).reshape(-1)
+    return bool(torch.isin(bytes_a, bytes_b).any())
+
+
+def _drop_repeats(tensors: list, copies: list[int] | None, name: str, writes: bool):
+    """The aliasing rule (module docstring). Tensors are the local ones (no DTensor here)."""
+    if torch.compiler.is_compiling():
+        # Storages are not traceable; dynamo itself guards on how its inputs alias. Repeats are
+        # dropped by identity, which dynamo evaluates at trace time without an id() guard.
+        kept, kept_copies = [], []
+        for index, tensor in enumerate(tensors):
+            if not any(tensor is other for other in kept):
+                kept.append(tensor)
+                kept_copies.append(1 if copies is None else copies[index])
+        return kept, (None if copies is None else kept_copies)
+    kept, kept_copies = [], []
+    seen: set[tuple] = set()
+    # storage -> (first byte, last byte, the tensor, its index in `tensors`) of each kept tensor
+    spans: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}
+    for index, tensor in enumerate(tensors):
+        if tensor.is_sparse:
+            if any(tensor is other for other in kept):
+                continue
+        else:
+            key = _memory_key(tensor)
+            if key in seen:
+                continue
+            if writes and _overlaps_itself(tensor):
+                raise ValueError(
+                    f"{name}[{index}] overlaps itself in memory (an expanded or strided view whose "
+                    f"elements share storage, shape {tuple(tensor.shape)}, strides "
+                    f"{tuple(tensor.stride())}): it cannot be scaled in place; pass a "
+                    "contiguous copy (tensor.contiguous()) and copy the result back yourself"
+                )
+            first, last = _byte_span(tensor)
+            if writes and last > first:
+                for other_first, other_last, other, other_index in spans.get(key[0], ()):
+                    if first < other_last and other_first < last:
+                        if _share_elements(tensor, other):
+                            raise ValueError(
+                                f"{name}[{other_index}] and {name}[{index}] "
+                                "overlap in memory without being the same view: scaling both "
+                                "in place would scale the shared elements twice; pass each "
+                                "gradient once (the same tensor listed twice is fine)"
+                            )
+            spans.setdefault(key[0], []).append((first, last, tensor, index))
+            seen.add(key)
+        kept.append(tensor)
+        kept_copies.append(1 if copies is None else copies[index])
+    return kept, (None if copies is None else kept_copies)
+
+
+def _group(tensors: list[torch.Tensor], backend: str | None, copies: list[int] | None) -> Plan:
+    """Groups the tensors by device (first-seen order) and picks each device's backend."""
+    by_device: dict[torch.device, tuple[list, list, list, list, list, list]] = {}
+    any_double = False
+    for index, tensor in enumerate(tensors):
+        lists = by_device.get(tensor.device)
+        if lists is None:
+            lists = by_device[tensor.device] = ([], [], [], [], [], [])
+        dense, dense_order, strided, strided_order, sparse, sparse_order = lists
+        if tensor.is_sparse:
+            sparse.append(tensor)
+            sparse_order.append(index)
+        elif is_dense(tensor):
+            dense.append(tensor)
+            dense_order.append(index)
+        else:
+            strided.append(tensor)
+            strided_order.append(index)
+        any_double = any_double or tensor.dtype == torch.float64
+    groups = [
+        DeviceGroup(
+            device,
+            dispatch.select(device, backend),
+            dense,
+            strided,
+            sparse,
+            dense_order + strided_order + sparse_order,
+        )
+        for device, (dense, dense_order, strided, strided_order, sparse, sparse_order) in (
+            by_device.items()
+        )
+    ]
+    if copies is not None and all(count == 1 for count in copies):
+        copies = None
+    return Plan(groups, torch.float64 if any_double else torch.float32, len(tensors), copies)

@@ -1,0 +1,192 @@
+"""fusedclip.patch(): torch.nn.utils' clipping functions, and module globals bound to them, run
+fusedclip while patched and are torch's again, exactly, after undo."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.utils
+import torch.nn.utils.clip_grad
+
+import fusedclip
+
+# The module, not the function fusedclip.patch that the package exports under the same name.
+patch_module = importlib.import_module("fusedclip.patch")
+
+NAMES = tuple(patch_module.REPLACED_FUNCTIONS)
+# torch's functions, kept out of module globals (the patch would rebind a global bound to them).
+TORCH_FUNCTIONS = types.MappingProxyType({name: getattr(torch.nn.utils, name) for name in NAMES})
+# Where torch.nn.utils.clip_grad keeps them (the last two under private names).
+CLIP_GRAD_NAMES = {
+    "clip_grad_norm_": "clip_grad_norm_",
+    "clip_grad_value_": "clip_grad_value_",
+    "get_total_norm": "_get_total_norm",
+    "clip_grads_with_norm_": "_clip_grads_with_norm_",
+}
+
+
+@pytest.fixture(autouse=True)
+def _always_unpatched():
+    fusedclip.unpatch()
+    yield
+    fusedclip.unpatch()
+    for name in NAMES:
+        assert getattr(torch.nn.utils, name) is TORCH_FUNCTIONS[name], name
+
+
+def _framework_module(name: str = "fake_framework") -> types.ModuleType:
+    """A module that imported torch's functions by name, as many frameworks do."""
+    module = types.ModuleType(name)
+    exec(
+        "from torch.nn.utils import clip_grad_norm_, clip_grad_value_\n"
+        "from torch.nn.utils import get_total_norm as total_norm\n"
+        "from torch.nn.utils.clip_grad import _clip_grads_with_norm_ as with_norm\n"
+        "def clip(parameters, max_norm):\n"
+        "    return clip_grad_norm_(parameters, max_norm)\n",
+        module.__dict__,
+    )
+    sys.modules[name] = module
+    return module
+
+
+def _calls_recorded(monkeypatch) -> list[str]:
+    """Records which fusedclip drop-in ran: patches made after this call wrap recording ones."""
+    calls = []
+    for name, drop_in in patch_module.REPLACED_FUNCTIONS.items():
+
+        def recording(*args, _name=name, _drop_in=drop_in, **kwargs):
+            calls.append(_name)
+            return _drop_in(*args, **kwargs)
+
+        monkeypatch.setitem(patch_module.REPLACED_FUNCTIONS, name, recording)
+    return calls
+
+
+def _parameters(seed: int) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    parameters = [torch.nn.Parameter(torch.randn(n, generator=generator)) for n in (5, 300, 1)]
+    for parameter in parameters:
+        parameter.grad = 10 * torch.randn(parameter.shape, generator=generator)
+    return parameters
+
+
+def test_patch_replaces_the_functions_in_both_torch_modules_and_undo_restores_them():
+    handle = fusedclip.patch()
+    for name in NAMES:
+        stand_in = getattr(torch.nn.utils, name)
+        assert stand_in is not TORCH_FUNCTIONS[name], name
+        assert getattr(torch.nn.utils.clip_grad, CLIP_GRAD_NAMES[name]) is stand_in, name
+        assert stand_in.__wrapped__ is patch_module.REPLACED_FUNCTIONS[name]
+    assert patch_module.is_patched()
+    handle.undo()
+    for name in NAMES:
+        assert getattr(torch.nn.utils, name) is TORCH_FUNCTIONS[name], name
+        assert getattr(torch.nn.utils.clip_grad, CLIP_GRAD_NAMES[name]) is TORCH_FUNCTIONS[name]
+    assert not patch_module.is_patched()
+
+
+def test_patched_calls_run_fusedclip_and_give_torchs_results(monkeypatch):
+    calls = _calls_recorded(monkeypatch)
+    expected = _parameters(1)
+    torch_norm = TORCH_FUNCTIONS["clip_grad_norm_"](expected, 1.0)
+    with fusedclip.patch():
+        actual = _parameters(1)
+        norm = torch.nn.utils.clip_grad_norm_(actual, 1.0)
+        torch.nn.utils.clip_grad.clip_grad_value_(actual, 0.05)
+        measured = torch.nn.utils.get_total_norm([p.grad for p in actual])
+        torch.nn.utils.clip_grads_with_norm_(actual, 0.01, measured)
+    assert calls == list(NAMES)
+    torch.testing.assert_close(norm, torch_norm)
+    TORCH_FUNCTIONS["clip_grad_value_"](expected, 0.05)
+    torch_measured = TORCH_FUNCTIONS["get_total_norm"]([p.grad for p in expected])
+    torch.testing.assert_close(measured, torch_measured)
+    TORCH_FUNCTIONS["clip_grads_with_norm_"](expected, 0.01, torch_measured)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_a_module_that_imported_the_functions_before_the_patch_sees_fusedclip(monkeypatch):
+    framework = _framework_module()
+    try:
+        calls = _calls_recorded(monkeypatch)
+        with fusedclip.patch():
+            framework.clip(_parameters(2), 1.0)
+            framework.clip_grad_value_(_parameters(2), 1.0)
+            framework.total_norm([torch.ones(3)])
+            framework.with_norm(_parameters(2), 1.0, torch.tensor(2.0))
+        assert calls == list(NAMES)
+        # Undone exactly: the module's own names are torch's functions again.
+        assert framework.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
+        assert framework.clip_grad_value_ is TORCH_FUNCTIONS["clip_grad_value_"]
+        assert framework.total_norm is TORCH_FUNCTIONS["get_total_norm"]
+        assert framework.with_norm is TORCH_FUNCTIONS["clip_grads_with_norm_"]
+        calls.clear()
+        framework.clip(_parameters(2), 1.0)
+        assert calls == []
+    finally:
+        del sys.modules["fake_framework"]
+
+
+def test_a_module_imported_while_patched_is_restored_too():
+    with fusedclip.patch():
+        framework = _framework_module("fake_framework_late")
+        assert framework.clip_grad_norm_ is torch.nn.utils.clip_grad_norm_
+        assert framework.clip_grad_norm_ is not TORCH_FUNCTIONS["clip_grad_norm_"]
+    try:
+        assert framework.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
+        assert framework.total_norm is TORCH_FUNCTIONS["get_total_norm"]
+    finally:
+        del sys.modules["fake_framework_late"]
+
+
+def test_undo_leaves_fusedclips_own_functions_and_foreign_rebindings_alone():
+    module = types.ModuleType("fake_user_code")
+    module.fused = fusedclip.clip_grad_norm_
+    sys.modules["fake_user_code"] = module
+    try:
+        handle = fusedclip.patch()
+        # Someone else replaces the function while patched: undo must not clobber that.
+        sentinel = object()
+        module.replaced = sentinel
+        handle.undo()
+        assert module.fused is fusedclip.clip_grad_norm_
+        assert module.replaced is sentinel
+    finally:
+        del sys.modules["fake_user_code"]
+
+
+def test_patches_nest_and_unpatch_undoes_all():
+    outer = fusedclip.patch()
+    inner = fusedclip.patch()
+    stand_in = torch.nn.utils.clip_grad_norm_
+    inner.undo()
+    assert torch.nn.utils.clip_grad_norm_ is stand_in, "the outer patch is still open"
+    inner.undo()  # a second undo does nothing
+    assert torch.nn.utils.clip_grad_norm_ is stand_in
+    outer.undo()
+    assert torch.nn.utils.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
+
+    fusedclip.patch()
+    with fusedclip.patch():
+        fusedclip.unpatch()
+        assert torch.nn.utils.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
+    assert torch.nn.utils.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
+
+
+def test_the_context_manager_undoes_on_an_exception():
+    with pytest.raises(ZeroDivisionError), fusedclip.patch():
+        assert torch.nn.utils.clip_grad_norm_ is not TORCH_FUNCTIONS["clip_grad_norm_"]
+        1 / 0  # noqa: B018
+    assert torch.nn.utils.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
+
+
+def test_torchs_deprecated_clip_grad_norm_runs_fusedclip_while_patched(monkeypatch):
+    # torch.nn.utils.clip_grad_norm (no underscore) calls its module's clip_grad_norm_ global.
+    calls = _calls_recorded(monkeypatch)
+    with fusedclip.patch(), pytest.warns(FutureWarning):
+        torch.nn.utils.clip_grad_norm(_parameters(3), 1.0)
+    assert calls == ["clip_grad_norm_"]

@@ -1,0 +1,278 @@
+"""fusedclip.plan: the aliasing rule, validate-before-mutate, and the C++ fast path pinned to the
+general path (same plans, same errors, same results)."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close
+
+import fusedclip
+from fusedclip import plan
+
+needs_fast_path = pytest.mark.skipif(
+    plan._C_PLAN_DENSE is None, reason="the C++ extension (fusedclip._C.plan_dense) is not built"
+)
+
+
+@pytest.fixture
+def general_path_only(monkeypatch):
+    monkeypatch.setattr(plan, "_C_PLAN_DENSE", None)
+
+
+def _facts(prepared):
+    the_plan, _ = prepared
+    if the_plan is None:
+        return None
+    return (
+        the_plan.out_dtype,
+        the_plan.count,
+        the_plan.copies,
+        [
+            (g.device, g.backend.name, [id(t) for t in g.dense], g.strided, g.sparse, g.order)
+            for g in the_plan.groups
+        ],
+    )
+
+
+def _prepare_both_ways(monkeypatch, items, **kwargs):
+    """(fast path's result or error, general path's result or error) of plan.prepare."""
+    outcomes = []
+    for planner in (plan._C_PLAN_DENSE, None):
+        with monkeypatch.context() as patch:
+            patch.setattr(plan, "_C_PLAN_DENSE", planner)
+            try:
+                outcomes.append(_facts(plan.prepare(list(items), "tensors", None, **kwargs)))
+            except (TypeError, ValueError) as error:
+                outcomes.append((type(error), str(error)))
+    return outcomes
+
+
+def _parameters(*grads):
+    parameters = []
+    for grad in grads:
+        parameter = torch.nn.Parameter(torch.zeros_like(grad))
+        parameter.grad = grad
+        parameters.append(parameter)
+    return parameters
+
+
+COMMON_GRADIENTS = [
+    pytest.param(lambda: [torch.randn(3, 4)], id="one"),
+    pytest.param(
+        lambda: [
+            torch.randn(3, 4),
+            torch.randn(5, dtype=torch.float64),
+            torch.randn(2, 2, dtype=torch.bfloat16),
+            torch.randn(0),
+            torch.randn(7, dtype=torch.float16),
+        ],
+        id="mixed-dtypes-and-empty",
+    ),
+    pytest.param(
+        lambda: [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)],
+        id="channels-last",
+    ),
+    pytest.param(lambda: [torch.randn(4, 3).t()], id="transposed"),
+    pytest.param(lambda: list(torch.randn(12).split(4)), id="adjacent-views-of-one-storage"),
+]
+
+
+@needs_fast_path
+@pytest.mark.parametrize("make", COMMON_GRADIENTS)
+@pytest.mark.parametrize("writes", [True, False], ids=["writes", "reads"])
+def test_fast_path_plans_the_common_case_as_the_general_path(monkeypatch, make, writes):
+    grads = make()
+    fast, general = _prepare_both_ways(monkeypatch, grads, writes=writes)
+    assert fast == general
+    assert plan._C_PLAN_DENSE(grads, False, writes, False) is not None, "not the fast path"
+    parameters = _parameters(*grads) + [torch.nn.Parameter(torch.zeros(2))]  # one without grad
+    fast, general = _prepare_both_ways(monkeypatch, parameters, writes=writes, of_parameters=True)
+    assert fast[:2] == general[:2]  # dtype, count; the gradients are the same tensors:
+    assert [g[2] for g in fast[3]] == [g[2] for g in general[3]]
+
+
+def _deferred_cases():
+    shared = torch.randn(4, 4)
+    with torch.inference_mode():
+        inference = torch.randn(3)
+    leaf = torch.nn.Parameter(torch.randn(3))
+    return [
+        pytest.param([shared, shared], {}, id="listed-twice"),
+        pytest.param([shared, shared.view(-1)], {}, id="same-memory-other-shape"),
+        pytest.param([shared, shared[1:3]], {"writes": True}, id="partial-overlap"),
+        pytest.param([torch.ones(3).expand(2, 3)], {"writes": True}, id="expanded"),
+        pytest.param([torch.randn(6)[::2]], {}, id="gaps"),
+        pytest.param([torch.randn(3, 3).to_sparse()], {}, id="sparse"),
+        pytest.param([torch.ones(3, dtype=torch.int32)], {}, id="int"),
+        pytest.param([torch.randn(3).as_subclass(torch.nn.Buffer)], {}, id="subclass"),
+        pytest.param([torch.randn(3), None], {}, id="none"),
+        pytest.param([inference], {"writes": True}, id="inference-tensor-written"),
+        pytest.param([leaf], {"gradients_only": True}, id="parameter-as-gradient"),
+        pytest.param([torch.randn(3)._neg_view()], {}, id="negative-bit-view"),
+    ]
+
+
+@needs_fast_path
+@pytest.mark.parametrize(("items", "kwargs"), _deferred_cases())
+def test_fast_path_defers_the_rest_and_the_errors_are_the_general_paths(monkeypatch, items, kwargs):
+    kwargs = {"writes": False, **kwargs}
+    refuse_inference = kwargs["writes"]
+    assert (
+        plan._C_PLAN_DENSE(items, False, refuse_inference, kwargs.get("gradients_only", False))
+        is None
+    )
+    fast, general = _prepare_both_ways(monkeypatch, items, **kwargs)
+    assert fast == general
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(
+            lambda g: fusedclip.fused_clip_([g, g, g.view(-1)], max_norm=1.0).total_norm,
+            id="fused_clip_",
+        ),
+        pytest.param(
+            lambda g: fusedclip.clip_grad_norm_(_parameters(g, g.view(-1)), max_norm=1.0),
+            id="clip_grad_norm_",
+        ),
+    ],
+)
+def test_same_memory_listed_twice_counts_and_is_scaled_once(call):
+    grad = torch.randn(4, 4) * 10
+    expected = grad.double()
+    expected_norm = torch.linalg.vector_norm(expected)
+    norm = call(grad)
+    assert_close(norm, expected_norm, rtol=1e-6, what="norm of the repeated gradient")
+    assert_close(grad, expected / (expected_norm + 1e-6), rtol=1e-6, what="scaled once")
+
+
+def _snapshot(tensors):
+    return [t.clone() for t in tensors]
+
+
+def _unchanged(tensors, snapshot):
+    return all(torch.equal(t, s) for t, s in zip(tensors, snapshot, strict=True))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda ts: fusedclip.fused_clip_(ts, max_norm=0.1), id="fused_clip_"),
+        pytest.param(
+            lambda ts: fusedclip.clip_grad_norm_(_parameters(*ts), 0.1), id="clip_grad_norm_"
+        ),
+        pytest.param(
+            lambda ts: fusedclip.clip_grad_value_(_parameters(*ts), 0.1), id="clip_grad_value_"
+        ),
+    ],
+)
+def test_overlapping_gradients_are_refused_before_anything_is_written(call):
+    dense = torch.ones(4)
+    expanded = torch.ones(3).expand(2, 3)  # the issue's reproduction
+    with pytest.raises(ValueError, match=r"\[1\] overlaps itself in memory"):
+        call([dense, expanded])
+    assert torch.equal(dense, torch.ones(4)), "the dense gradient was written before the refusal"
+    storage = torch.randn(4, 4)
+    tensors = [torch.randn(5), storage, storage[1:3]]
+    snapshot = _snapshot(tensors)
+    with pytest.raises(ValueError, match=r"\[1\] and .*\[2\] overlap in memory"):
+        call(tensors)
+    assert _unchanged(tensors, snapshot)
+
+
+def test_interleaved_views_do_not_overlap_and_are_clipped():
+    storage = torch.randn(10) * 5
+    expected = storage.clone()
+    norm = fusedclip.fused_clip_([storage[::2], storage[1::2]], max_norm=1.0).total_norm
+    expected_norm = torch.linalg.vector_norm(expected, dtype=torch.float64)
+    assert_close(norm, expected_norm, rtol=1e-6, what="norm of interleaved views")
+    assert_close(storage, expected * (1.0 / (expected_norm.item() + 1e-6)), rtol=1e-5)
+
+
+def test_a_read_only_call_measures_an_expanded_tensor_as_torch_does():
+    tensors = [torch.randn(3).expand(4, 3), torch.randn(2)]
+    ours = fusedclip.get_total_norm(tensors, norm_type=3.0)
+    theirs = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type=3.0)
+    assert_close(ours, theirs, rtol=1e-6, what="norm of an expanded tensor")
+
+
+def test_inference_tensors_are_refused_outside_inference_mode_before_any_write():
+    dense = torch.ones(4) * 3
+    with torch.inference_mode():
+        inference_dense = torch.ones(4) * 3
+        inference_strided = (torch.ones(4, 2) * 3)[:, 0]
+    for tensors in ([dense, inference_dense], [dense, inference_strided]):
+        with pytest.raises(ValueError, match=r"inference tensor.*torch.inference_mode\(\)"):
+            fusedclip.fused_clip_(tensors, max_norm=1.0)
+        assert torch.equal(dense, torch.ones(4) * 3)
+    with torch.inference_mode():
+        fusedclip.fused_clip_([inference_dense, inference_strided], max_norm=1.0)
+    assert_close(
+        torch.linalg.vector_norm(torch.cat([inference_dense, inference_strided])),
+        torch.tensor(1.0),
+        rtol=1e-5,
+        what="clipped inside inference mode",
+    )
+
+
+def test_mistakes_users_make_get_errors_that_name_the_argument_and_the_fix():
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"tensors\[0\] is a parameter.*p.grad"):
+        fusedclip.fused_clip_(model.parameters(), max_norm=1.0)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    with pytest.raises(TypeError, match=r"tensors\[1\] is None: a parameter without a gradient"):
+        fusedclip.fused_clip_([model.weight.grad, None], max_norm=1.0)
+    with pytest.raises(TypeError, match=r"clip_value must be a non-negative number, got None"):
+        fusedclip.clip_grad_value_(model.parameters(), None)
+    with pytest.raises(TypeError, match=r"max_norm must be .* got None; to measure .*get_total"):
+        fusedclip.clip_grad_norm_(model.parameters(), None)
+
+
+def test_an_empty_generator_warns_as_torch_does():
+    for clip in (torch.nn.utils.clip_grad_norm_, fusedclip.clip_grad_norm_):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clip((p for p in []), 1.0)
+        assert [str(w.message) for w in caught] == [
+            "`parameters` is an empty generator, no gradient clipping will occur."
+        ]
+
+
+def test_clip_grads_with_norm_takes_total_norm_at_the_gradients_precision():
+    grad = torch.full((3,), 2.0, dtype=torch.float64)
+    fusedclip.clip_grads_with_norm_(_parameters(grad), 1.0, 1e30)
+    assert torch.equal(grad, torch.full((3,), 2.0 * (1.0 / (1e30 + 1e-6)), dtype=torch.float64))
+    untouched = torch.full((3,), 7.0)
+    fusedclip.clip_grads_with_norm_(_parameters(untouched), 1e30, 1e30)
+    assert torch.equal(untouched, torch.full((3,), 7.0)), "max_norm == total_norm must not write"
+    tensors = [torch.randn(3)]
+    snapshot = _snapshot(tensors)
+    with pytest.raises(ValueError, match=r"total_norm must be a number or a one-element"):
+        fusedclip.clip_grads_with_norm_(_parameters(*tensors), 1.0, torch.tensor([1.0, 2.0]))
+    assert _unchanged(tensors, snapshot)
+
+
+def test_calls_from_several_threads_are_each_right():
+    sets = [[torch.randn(4096) * (i + 1) for _ in range(8)] for i in range(8)]
+    expected = [torch.linalg.vector_norm(torch.cat(grads).double()).float() for grads in sets]
+    results = [None] * len(sets)
+
+    def work(index):
+        for _ in range(5):
+            grads = [g.clone() for g in sets[index]]
+            results[index] = fusedclip.fused_clip_(grads, max_norm=1.0).total_norm
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, (result, want) in enumerate(zip(results, expected, strict=True)):
+        assert_close(result, want, rtol=1e-6, what=f"thread {index}")
