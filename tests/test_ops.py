@@ -23,6 +23,7 @@ from tolerances import (
     INTERPRETED_MULTI_CHUNK_SIZE,
     INTERPRETED_SIZES,
     MULTI_CHUNK_SIZE,
+    PARALLEL_SIZE,
     RAW_NORM_RTOL,
     SIZES,
 )
@@ -212,7 +213,7 @@ def test_reduce_large_p_and_extreme_values_against_exact_oracle(device, backend,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reduce_flags_nonfinite_anywhere(device, backend, bad_value, where, dtype):
     ops = dispatch.select(torch.device(device), backend)
-    size = 70001 if is_interpreted(device, backend) else (1 << 20) + 7
+    size = INTERPRETED_MULTI_CHUNK_SIZE if is_interpreted(device, backend) else PARALLEL_SIZE
     tensors = random_gradients([0, size, 3], [dtype], device)
     position = {"first": 0, "last": size - 1, "tail": size - 3, "second_chunk": size // 2 + 1}[
         where
@@ -244,7 +245,10 @@ def test_reduce_flags_nonfinite_anywhere(device, backend, bad_value, where, dtyp
 def test_reduce_is_deterministic(device, backend, dtypes, norm_type):
     """Same bits twice, and with 1 and 2 threads (the CPU splits the chunks between them)."""
     ops = dispatch.select(torch.device(device), backend)
-    sizes = [70001, 5, 4095] if is_interpreted(device, backend) else [(1 << 21) + 3, 5, 4095, 65537]
+    if is_interpreted(device, backend):
+        sizes = [INTERPRETED_MULTI_CHUNK_SIZE, 5, 4095]
+    else:
+        sizes = [PARALLEL_SIZE, 5, 4095, 65537]
     tensors = random_gradients(sizes, dtypes, device, scale=1e30)  # |g|^p leaves float64
     threads = torch.get_num_threads()
     try:
@@ -434,6 +438,41 @@ def test_ops_reject_bad_inputs(device, backend):
         ops.reduce([torch.zeros(3, dtype=torch.int32, device=device)], 2.0, False)
     with pytest.raises((RuntimeError, ValueError), match="(?i)tensors"):
         ops.reduce([], 2.0, False)
+
+
+# The C++ CPU write pass refuses tensors that share memory (the API never passes any): scaled in
+# parallel, they raced (issue #14 items 2 and 12).
+CHECKS_DISJOINT = [p for p in backend_params(include_reference=False) if p.values[1] == "cpu"]
+
+
+@pytest.mark.parametrize(("device", "backend"), CHECKS_DISJOINT)
+@pytest.mark.parametrize("overlap", ["same-memory", "view", "partial"])
+def test_write_ops_refuse_tensors_that_share_memory(device, backend, overlap):
+    ops = dispatch.select(torch.device(device), backend)
+    base = torch.randn(300000, device=device)
+    others = random_gradients([5, 100], [torch.float32], device)
+    shared = {
+        "same-memory": [base, base],
+        "view": [base, base.view(600, 500)],
+        "partial": [base[:200000], base[100000:]],
+    }[overlap]
+    tensors = [others[0], shared[0], others[1], shared[1]]
+    originals = [t.clone() for t in tensors]
+    coef = torch.tensor(0.5, device=device)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[3\] share memory"):
+        ops.scale_(tensors, coef, None)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[3\] share memory"):
+        ops.clip_(tensors, 2.0, 1e-3, None, None, torch.float32, False)
+    # Alone the pair is in address order, which the check takes without sorting.
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] and tensors\[1\] share memory"):
+        ops.scale_(shared, coef, None)
+    for index, (tensor, original) in enumerate(zip(tensors, originals, strict=True)):
+        assert torch.equal(tensor, original), f"tensor {index} changed before the refusal"
+    # Disjoint slices of one storage are separate gradients.
+    halves = [base[:150000], base[150000:]]
+    expected = base.clone().to(torch.float64) * 0.5
+    ops.scale_(halves, coef, None)
+    assert_grads_close(base, expected, what="disjoint slices")
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))

@@ -15,6 +15,9 @@ INTERPRETED_SIZES = [0, 1, 3, 4095, 70001]
 # interpreter: for tests that need several chunks of one tensor but not a large input.
 MULTI_CHUNK_SIZE = 3 * 65536 + 5
 INTERPRETED_MULTI_CHUNK_SIZE = 70001
+# Large enough that the CPU kernels split the chunks between threads (at::parallel_for gives a task
+# at least 262144 elements), and odd.
+PARALLEL_SIZE = (1 << 21) + 3
 
 # reduce's raw_norm and per_tensor_norms against an exact or float64 oracle (csrc/README.md):
 # a few float64 ulp times log2 of the element count, for every p and every backend.

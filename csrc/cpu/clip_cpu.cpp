@@ -571,12 +571,9 @@ bool any_float64(at::TensorList tensors) {
                      [](const at::Tensor& t) { return t.scalar_type() == at::kDouble; });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors, double norm_type,
-                                                          bool per_tensor) {
-  check_gradient_list(tensors, "tensors");
-  check_norm_type(norm_type);
-  check_cpu(tensors[0].device(), "reduce");
-
+// The read pass on checked arguments (reduce_cpu and clip_cpu check them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_tensors(at::TensorList tensors,
+                                                              double norm_type, bool per_tensor) {
   const NormKind kind = norm_kind(norm_type);
   const bool scaled = needs_scaled_sum(norm_type, any_float64(tensors));
   const ChunkPlan plan = make_chunk_plan(tensors);
@@ -659,6 +656,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors
   return {raw_norm, found_inf, per_tensor_norms};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors, double norm_type,
+                                                          bool per_tensor) {
+  check_gradient_list(tensors, "tensors");
+  check_norm_type(norm_type);
+  check_cpu(tensors[0].device(), "reduce");
+  return reduce_tensors(tensors, norm_type, per_tensor);
+}
+
 std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
                                                 std::optional<double> max_norm,
                                                 const std::optional<at::Tensor>& inv_scale,
@@ -683,14 +688,8 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
   return {total_norm, clip_coef};
 }
 
-void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
-               std::optional<double> clip_value) {
-  check_gradient_list(tensors, "tensors");
-  check_cpu(tensors[0].device(), "scale_");
-  check_scalar_tensor(clip_coef, "clip_coef", tensors[0].device());
-  check_clip_value(clip_value);
-
-  const double coef = read_scalar(clip_coef);
+// The write pass on checked arguments (scale_cpu and clip_cpu check them).
+void scale_tensors(at::TensorList tensors, double coef, std::optional<double> clip_value) {
   if (coef == 1.0 && !clip_value.has_value()) return;  // nothing to write
   const bool clamp = clip_value.has_value();
   const double bound = clip_value.value_or(0.0);
@@ -711,16 +710,34 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
   });
 }
 
+void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
+               std::optional<double> clip_value) {
+  check_gradient_list(tensors, "tensors");
+  check_disjoint(tensors, "tensors");
+  check_cpu(tensors[0].device(), "scale_");
+  check_scalar_tensor(clip_coef, "clip_coef", tensors[0].device());
+  check_clip_value(clip_value);
+  scale_tensors(tensors, read_scalar(clip_coef), clip_value);
+}
+
 // The three passes in order; on the CPU there is no launch to save, so `launch` is only checked.
+// Every argument is checked before the read pass (finalize_cpu checks its own), so a call that
+// raises has written nothing and read nothing in vain.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(
     at::TensorList tensors, double norm_type, std::optional<double> max_norm,
     const std::optional<at::Tensor>& inv_scale, std::optional<double> clip_value,
     at::ScalarType out_dtype, bool per_tensor, c10::string_view launch) {
   parse_launch(launch);
-  check_clip_value(clip_value);  // the rest is checked by the passes, all before scale_cpu writes
-  auto [raw_norm, found_inf, per_tensor_norms] = reduce_cpu(tensors, norm_type, per_tensor);
+  check_gradient_list(tensors, "tensors");
+  check_disjoint(tensors, "tensors");
+  check_cpu(tensors[0].device(), "clip_");
+  check_norm_type(norm_type);
+  check_clip_value(clip_value);
+  check_out_dtype(out_dtype);
+  if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", tensors[0].device());
+  auto [raw_norm, found_inf, per_tensor_norms] = reduce_tensors(tensors, norm_type, per_tensor);
   auto [total_norm, clip_coef] = finalize_cpu(raw_norm, max_norm, inv_scale, out_dtype);
-  scale_cpu(tensors, clip_coef, clip_value);
+  scale_tensors(tensors, *clip_coef.const_data_ptr<double>(), clip_value);
   return {total_norm, found_inf, clip_coef, per_tensor_norms};
 }
 

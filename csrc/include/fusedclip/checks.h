@@ -5,9 +5,12 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace fusedclip {
 
@@ -41,6 +44,41 @@ inline void check_gradient_list(at::TensorList tensors, const char* name) {
                 "] is not a strided (dense) tensor");
     TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", text(i),
                 "] is not dense and non-overlapping; pass a contiguous copy");
+  }
+}
+
+// The write pass scales every listed tensor in place, chunks in parallel: two tensors that share
+// memory would be scaled twice, by two threads at once. The Python layer lists the same memory
+// once and refuses partial overlaps (fusedclip/plan.py); this keeps a direct op call as safe.
+// Call after check_gradient_list (each tensor dense, so it spans numel * element_size bytes).
+inline void check_disjoint(at::TensorList tensors, const char* name) {
+  if (tensors.size() < 2) return;
+  struct Span {
+    uintptr_t begin;
+    uintptr_t end;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(tensors.size());
+  bool ascending = true;  // gradients often sit in memory in list order: then no sort is needed
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    if (t.numel() == 0) continue;
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    ascending = ascending && (spans.empty() || spans.back().begin <= begin);
+    spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), i});
+  }
+  if (!ascending) {
+    std::sort(spans.begin(), spans.end(),
+              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  }
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const Span& before = spans[k - 1];
+    const Span& after = spans[k];
+    TORCH_CHECK(after.begin >= before.end, name, "[", text(std::min(before.index, after.index)),
+                "] and ", name, "[", text(std::max(before.index, after.index)),
+                "] share memory, so scaling in place would scale it twice; list each gradient "
+                "once (the fusedclip API drops repeats)");
   }
 }
 
