@@ -326,6 +326,16 @@ class GradMonitor:
             self.found_inf = torch.zeros(self.capacity, dtype=torch.float32, device=device)
             self.norm_ema = torch.full((), math.nan, dtype=torch.float64, device=device)
         per_tensor = getattr(result, "per_tensor_norms", None)
+        if (
+            per_tensor is not None
+            and self.names is not None
+            and len(self.names) != per_tensor.numel()
+        ):
+            raise ValueError(
+                f"GradMonitor(names=...) has {len(self.names)} names but the result has "
+                f"{per_tensor.numel()} per-tensor norms: pass one name per gradient that exists, "
+                "e.g. names=[n for n, p in model.named_parameters() if p.grad is not None]"
+            )
         if per_tensor is not None and self.per_tensor is None:
             self.per_tensor = torch.zeros(
                 self.capacity, per_tensor.numel(), dtype=torch.float64, device=norm.device

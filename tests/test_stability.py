@@ -390,3 +390,16 @@ def test_grad_monitor_statistics_match_direct_computation():
     per_tensor = torch.tensor([p for _, _, _, p in window], dtype=torch.float64).nanmean(dim=0)
     top = torch.argsort(per_tensor, descending=True)[:2].tolist()
     assert [name for name, _ in summary["largest_norms"]] == [names[i] for i in top]
+
+
+def test_grad_monitor_names_must_match_the_gradients():
+    grads = [torch.randn(3), torch.randn(4), torch.randn(5)]
+    result = fusedclip.measure(grads, per_tensor=True)
+    monitor = GradMonitor(capacity=4, names=["weight", "bias"])
+    with pytest.raises(ValueError, match=r"has 2 names but the result has 3 per-tensor norms"):
+        monitor.record(result)
+    named = GradMonitor(capacity=4, names=["a", "b", "c"])
+    named.record(result)
+    top = named.summary(top_k=1)["largest_norms"]
+    norms = result.per_tensor_norms
+    assert top == [("abc"[int(norms.argmax())], pytest.approx(float(norms.max()), rel=1e-6))]
