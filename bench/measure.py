@@ -110,11 +110,13 @@ def time_interleaved(
     budget: Budget,
     graph: set[str] | frozenset[str] = frozenset(),
     on_round: Callable[[int], None] | None = None,
+    host_clock: bool = False,
 ) -> Timing:
     """µs of each run, each sample after `restore` (outside the timed region), providers taking
     turns within every round so that a change of machine speed hits them all alike. Providers
     named in `graph` are captured in a CUDA graph and replayed (those that cannot be captured run
-    eagerly, and the Timing says so)."""
+    eagerly, and the Timing says so). `host_clock` times the call's wall clock on a GPU too: the
+    host's cost of the call (the device is synchronized before each sample, outside it)."""
     started = time.perf_counter()
     calls: dict[str, Callable[[], object]] = {}
     replayed: dict[str, bool] = {}
@@ -133,7 +135,7 @@ def time_interleaved(
     round_start = time.perf_counter()
     stopped_by = "max_samples"
     for index in range(budget.max_samples):
-        if device == "cuda":
+        if device == "cuda" and not host_clock:
             events = {}
             for name, call in calls.items():
                 restore()
@@ -151,6 +153,7 @@ def time_interleaved(
         else:
             for name, call in calls.items():
                 restore()
+                synchronize(device)
                 start_s = time.perf_counter()
                 call()
                 samples[name].append((time.perf_counter() - start_s) * 1e6)
