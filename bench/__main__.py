@@ -27,7 +27,7 @@ from bench import measure, models, providers, report, stats, workloads
 # Row budgets (seconds of sampling per row) and sample counts per profile and device: `make bench`
 # on a quiet 2-core CPU stays under 6 minutes, the GPU's short profile under 3.
 BUDGETS = {
-    ("cpu", "full"): measure.Budget(seconds=3.0, min_samples=7, max_samples=60),
+    ("cpu", "full"): measure.Budget(seconds=2.5, min_samples=5, max_samples=60),
     ("cpu", "quick"): measure.Budget(seconds=1.5, min_samples=5, max_samples=30),
     ("cpu", "tiny"): measure.Budget(seconds=0.2, min_samples=3, max_samples=5),
     ("cuda", "full"): measure.Budget(seconds=2.0, min_samples=15, max_samples=400),
