@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"--ops: unknown {sorted(unknown_ops)}; choose from {','.join(providers.OPS)}"
         )
-    chosen = _chosen_workloads(args, device)
+    try:
+        chosen = _chosen_workloads(args, device)
+    except (ValueError, ImportError) as error:
+        raise SystemExit(f"fusedclip-bench: {error}") from error
     budget = _budget(args, device)
     compile_limit = (
         -1 if args.no_compile else (args.compile_max_tensors or COMPILE_MAX_TENSORS[device])
