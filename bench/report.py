@@ -121,14 +121,14 @@ def ratio(baseline_row: dict, row: dict) -> stats.Ratio:
 
 
 def _spread(row: dict) -> str:
-    """ "IQR ±x%": half the interquartile range over the median."""
-    s = summary(row)
-    return f"±{50 * s.relative_iqr:.0f}%"
+    """±x%: half the interquartile range over the median."""
+    half_iqr = 50 * summary(row).relative_iqr
+    return f"±{half_iqr:.1f}%" if half_iqr < 9.95 else f"±{half_iqr:.0f}%"
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
     header = (
-        f"{'workload':<20} {'op':<13} {'provider':<17} {'MB':>7} {'median us':>10} {'IQR':>5} "
+        f"{'workload':<20} {'op':<13} {'provider':<17} {'MB':>7} {'median us':>10} {'±½IQR':>6} "
         f"{'GB/s':>7} {'floor':>6} {'vs torch [95% interval]':>24} {'rel err':>8}"
     )
     print(header, file=file)
@@ -146,7 +146,7 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
             flag = " noisy" if summary(row).noisy else ""
             print(
                 f"{row['workload']:<20} {row['op']:<13} {row['provider']:<17} {row['bytes'] / 1e6:>7.1f} "
-                f"{row['median_us']:>10.1f} {_spread(row):>5} {row['gbps']:>7.1f} "
+                f"{row['median_us']:>10.1f} {_spread(row):>6} {row['gbps']:>7.1f} "
                 f"{row['floor_fraction']:>6.0%} {versus:>24} {error:>8}{flag}",
                 file=file,
             )
@@ -304,9 +304,9 @@ def plot(result: dict, path: str) -> str | None:
 
 
 def newest_results(results_dir: str = RESULTS_DIR, prefix: str = "") -> list[dict]:
-    """The newest results file per device type: main results (rows) or, with prefix "host-",
-    host results (calls)."""
-    key_field = "calls" if prefix == "host-" else "rows"
+    """The newest results file per device type: main results (rows), or with prefix "host-"
+    bench.host's (calls), or with "train-" bench.train's (steps)."""
+    key_field = {"host-": "calls", "train-": "steps"}.get(prefix, "rows")
     newest: dict[str, tuple[str, dict]] = {}
     for path in glob.glob(os.path.join(results_dir, f"{prefix}*.json")):
         with open(path) as handle:
@@ -323,7 +323,7 @@ def _with_path(result: dict, path: str) -> dict:
     return result | {"path": os.path.relpath(os.path.abspath(path), REPOSITORY)}
 
 
-README_OPS = ("unscale_clip", "clip", "clip_value", "clip_step", "norm")
+README_OPS = ("unscale_clip", "clip_value", "clip_step", "norm")  # every op is in the JSON
 
 
 def _us(row: dict) -> str:
@@ -344,7 +344,7 @@ def readme_table(result: dict, ops=README_OPS) -> str:
         )
         + f"(`{result['path']}`)",
         "",
-        "| workload | op | MB | torch µs | fusedclip µs (backend) | vs torch [95%] |"
+        "| workload | op | MB | torch µs ±½IQR | fusedclip µs ±½IQR (backend) | vs torch [95%] |"
         + (" vs compiled [95%] |" if compiled else "")
         + " % of floor |",
         "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if compiled else "") + " ---: |",
@@ -377,7 +377,7 @@ def readme_table(result: dict, ops=README_OPS) -> str:
         if compiled:
             peer = group.get("torch-compile")
             cells.append(_ratio_text(ratio(peer, best)) if peer else "-")
-        cells.append(f"{floor / s.median:.0f}% [{floor / s.q3:.0f}–{floor / s.q1:.0f}]")
+        cells.append(f"{floor / s.median:.0f}% [{floor / s.q3:.0f}–{floor / s.q1:.0f}] (IQR)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -393,7 +393,7 @@ def host_readme_table(result: dict) -> str:
         f"**{result['device']}** — host cost per call, {result['elements_per_tensor']} float32 "
         f"elements per gradient, commit `{result['commit']}` (`{result['path']}`)",
         "",
-        "| gradients | op | torch µs | fusedclip µs (IQR) | ns per gradient | target µs | vs torch [95%] |",
+        "| gradients | op | torch µs ±½IQR | fusedclip µs ±½IQR | ns per gradient | target µs | vs torch [95%] |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for call in result["calls"]:
@@ -414,25 +414,86 @@ def host_readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def train_readme_table(result: dict) -> str:
+    """Markdown of a bench.train file: step time, the share after backward, the speed-up."""
+    lines = [
+        f"**{result['device']}** — whole training steps, commit `{result['commit']}` (`{result['path']}`)",
+        "",
+        "| model | dtype | mode | variant | step ms ±½IQR | after backward ms | share | vs torch [95%] | loss diff |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["steps"]:
+        step, after = row["step_ms"], row["after_backward_ms"]
+        versus = row["vs_torch"]
+        lines.append(
+            f"| {row['model']} | {row['dtype']} | {row['mode']} | {row['variant']} | "
+            f"{step['median']:.1f} ±{50 * (step['q3'] - step['q1']) / step['median']:.0f}% | "
+            f"{after['median']:.1f} ±{50 * (after['q3'] - after['q1']) / after['median']:.0f}% | "
+            f"{row['clip_share']:.0%} | "
+            + (
+                _ratio_text(stats.Ratio(versus["median"], versus["low"], versus["high"]))
+                if row["variant"] != "torch"
+                else "-"
+            )
+            + f" | {row['loss_max_rel_diff']:.0e} |"
+        )
+    return "\n".join(lines)
+
+
+def readme_tables(results: list[dict]) -> str:
+    parts = []
+    for result in results:
+        if "calls" in result:
+            parts.append(host_readme_table(result))
+        elif "steps" in result:
+            parts.append(train_readme_table(result))
+        else:
+            parts.append(readme_table(result))
+    return "\n\n".join(parts)
+
+
+README_BEGIN = "<!-- tables: python -m bench.report --update-readme -->"
+README_END = "<!-- end of tables -->"
+
+
+def update_readme(tables: str, path: str = os.path.join(REPOSITORY, "README.md")) -> None:
+    """Replaces the generated block of the README's Results section with `tables`."""
+    with open(path) as handle:
+        text = handle.read()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{path} has no {README_BEGIN} ... {README_END} block")
+    text = text[: begin + len(README_BEGIN)] + "\n\n" + tables + "\n\n" + text[end:]
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
     parser.add_argument("--readme", action="store_true", help="print the README results tables")
     parser.add_argument(
-        "files", nargs="*", help="results files (default: the newest of each device)"
+        "--update-readme", action="store_true", help="write them into README.md's Results section"
+    )
+    parser.add_argument(
+        "files", nargs="*", help="results files (default: the newest of each kind and device)"
     )
     args = parser.parse_args(argv)
-    if not args.readme:
-        parser.error("nothing to do: pass --readme")
+    if not (args.readme or args.update_readme):
+        parser.error("nothing to do: pass --readme or --update-readme")
     if args.files:
         results = []
         for path in args.files:
             with open(path) as handle:
                 results.append(_with_path(json.load(handle), path))
     else:
-        results = newest_results() + newest_results(prefix="host-")
-    for result in results:
-        print(host_readme_table(result) if "calls" in result else readme_table(result))
-        print()
+        results = (
+            newest_results() + newest_results(prefix="host-") + newest_results(prefix="train-")
+        )
+    tables = readme_tables(results)
+    if args.update_readme:
+        update_readme(tables)
+    else:
+        print(tables)
 
 
 if __name__ == "__main__":

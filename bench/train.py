@@ -313,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-samples", type=int, default=5)
     parser.add_argument("--max-samples", type=int, default=100)
     parser.add_argument("--check-steps", type=int, default=3, help="steps whose losses must agree")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="default: as python -m bench")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [
         getattr(torch, d)
