@@ -210,6 +210,7 @@ def _plot_workload(axes, result: dict, workload: str, colours: dict[str, str]) -
     speed, floor = axes
     width = 0.8 / max(len(pairs), 1)
     hatches = ["", "//", "..", "xx"]
+    extent: list[float] = []
     for index, (mine, peer) in enumerate(pairs):
         xs, values, errors = [], [], [[], []]
         for position, op in enumerate(ops):
@@ -220,6 +221,7 @@ def _plot_workload(axes, result: dict, workload: str, colours: dict[str, str]) -
                 values.append(r.median)
                 errors[0].append(r.median - r.low)
                 errors[1].append(r.high - r.median)
+                extent += [r.low, r.high]
         label = f"{mine.removeprefix('fusedclip-')} vs {peer}" if len(ours) > 1 else f"vs {peer}"
         speed.bar(
             xs,
@@ -236,6 +238,13 @@ def _plot_workload(axes, result: dict, workload: str, colours: dict[str, str]) -
             speed.annotate(f"{value:.2g}", (x, value), ha="center", va="bottom", fontsize=6)
     speed.axhline(1.0, color="black", linewidth=0.8)
     speed.set_yscale("log")
+    low = min(min(extent, default=1.0), 1.0) / 1.25  # every interval and the line at 1 in view
+    high = max(max(extent, default=1.0), 1.0) * 1.25
+    speed.set_ylim(low, high)
+    ticks = [0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20, 50, 100]
+    speed.set_yticks([t for t in ticks if low <= t <= high], minor=False)
+    speed.set_yticks([], minor=True)
+    speed.set_yticklabels([f"{t:g}" for t in ticks if low <= t <= high])
     speed.set_xticks(range(len(ops)), ops, fontsize=8)
     speed.set_ylabel("peer time / fusedclip time\n(> 1: fusedclip faster)", fontsize=8)
     speed.set_title(f"{workload}: fusedclip's speed-up against each peer, 95% interval", fontsize=9)
