@@ -11,6 +11,8 @@ CUDA events around one call (or one CUDA-graph replay) on a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,8 +134,28 @@ def time_interleaved(
             except RuntimeError:  # a path that cannot be captured is timed eagerly
                 torch.cuda.synchronize()
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    with _collector_off():
+        stopped_by = _sample(device, calls, restore, budget, on_round, host_clock, samples)
+    return Timing(samples, stopped_by, replayed, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _collector_off():
+    """As timeit does: the garbage collector off while sampling. A collection that lands in one
+    provider's call would charge it for objects every provider made (thousands of gradients)."""
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _sample(device, calls, restore, budget, on_round, host_clock, samples) -> str:
+    """Appends one sample per provider per round to `samples`; returns why it stopped."""
     round_start = time.perf_counter()
-    stopped_by = "max_samples"
     for index in range(budget.max_samples):
         if device == "cuda" and not host_clock:
             events = {}
@@ -161,9 +183,7 @@ def time_interleaved(
             on_round(index + 1)
         if index + 1 >= budget.min_samples:
             if _converged(samples, budget.target):
-                stopped_by = "converged"
-                break
+                return "converged"
             if time.perf_counter() - round_start > budget.seconds:
-                stopped_by = "budget"
-                break
-    return Timing(samples, stopped_by, replayed, time.perf_counter() - started)
+                return "budget"
+    return "max_samples"
