@@ -35,8 +35,9 @@ BUDGETS = {
     ("cuda", "tiny"): measure.Budget(seconds=0.2, min_samples=3, max_samples=10),
 }
 # torch.compile of a gradient set with more tensors than this is left out by default: inductor
-# takes about 0.3 s per tensor on a 2-core CPU, minutes for thousands of tensors.
-COMPILE_MAX_TENSORS = {"cpu": 64, "cuda": 600}
+# takes about 0.3 s per tensor on a 2-core CPU, minutes for thousands of tensors; on a GPU each
+# compile of a model-sized set costs tens of seconds of a run that must fit a short GPU loan.
+COMPILE_MAX_TENSORS = {"cpu": 64, "cuda": 16}
 GRAPH_MIN_TENSORS = 500  # on a GPU, sets this large are launch-bound: time CUDA-graph replays
 COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30, "tiny": 8 << 20}
 
