@@ -317,7 +317,10 @@ def newest_results(results_dir: str = RESULTS_DIR, prefix: str = "") -> list[dic
     bench.host's (calls), or with "train-" bench.train's (steps)."""
     key_field = {"host-": "calls", "train-": "steps"}.get(prefix, "rows")
     newest: dict[str, tuple[str, dict]] = {}
-    for path in glob.glob(os.path.join(results_dir, f"{prefix}*.json")):
+    # Also one folder down: make gpu-check writes into bench/results/gpu-<device>-<commit>/.
+    paths = glob.glob(os.path.join(results_dir, f"{prefix}*.json"))
+    paths += glob.glob(os.path.join(results_dir, "*", f"{prefix}*.json"))
+    for path in paths:
         with open(path) as handle:
             result = json.load(handle)
         if key_field not in result:

@@ -80,3 +80,51 @@ def test_stats_ratio_claims_a_speed_up_only_when_the_interval_excludes_one():
     same = stats.ratio(baseline, just_as_fast)
     assert same.verdict == "same" and same.text().startswith("~")
     assert stats.ratio(twice_as_fast, baseline).verdict == "slower"
+
+
+def test_ctrl_c_keeps_what_was_measured(tmp_path):
+    """The harness writes its results file after every row: an interrupt after the first rows
+    leaves them on disk, marked interrupted, and the table of what was measured is printed."""
+    import glob
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "bench", "--device", "cpu", "--profile", "tiny"]
+    command += [
+        "--no-compile",
+        "--no-progress",
+        "--no-plot",
+        "--budget",
+        "0.05",
+        "--out",
+        str(tmp_path),
+    ]
+    process = subprocess.Popen(
+        command, cwd=repository, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    rows = 0
+    while rows == 0 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        for path in glob.glob(str(tmp_path / "*.json")):
+            try:
+                with open(path) as handle:
+                    rows = len(json.load(handle)["rows"])
+            except (OSError, ValueError):  # not there yet
+                pass
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    with open(path) as handle:
+        result = json.load(handle)
+    assert result["interrupted"] and not result["complete"]
+    assert len(result["rows"]) >= rows > 0
+    assert "the run was interrupted" in output
+    assert result["rows"][0]["workload"] in output
