@@ -15,6 +15,9 @@ The sanitizers come last: their run time on a new machine is the least certain, 
 sanitizer still leaves in its log every error it found.
 <dir> is $FUSEDCLIP_GPU_CHECK_DIR, default bench/results/gpu-<device>-<commit>/. Set
 FUSEDCLIP_COMMIT to the commit being checked when the checkout's .git does not travel with it.
+On a lent machine that returns only a few files, pack the folder afterwards, e.g.
+  FUSEDCLIP_COMMIT=abc1234 FUSEDCLIP_GPU_CHECK_DIR=/tmp/gpu-check python3 -m bench.gpu_check;
+  tar -C /tmp -czf "$OUT/gpu-check.tgz" gpu-check
 
 `--dry-run` runs the same steps on a CPU-only machine (the CPU backend and the Triton
 interpreter, tiny sizes, no sanitizer, the build checked rather than redone), so that the one
