@@ -248,6 +248,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="stop a row once every median's 95%% interval is within this fraction (default 0.02)",
     )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="stop timing after this many seconds and report the rows measured so far "
+        "(a run that must fit a short GPU loan)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument(
         "--compile-max-tensors",
@@ -354,18 +361,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     progress = _Progress(len(chosen) * len(ops), copy_gbps, enabled=not args.no_progress)
     status = 0
+    started = time.perf_counter()
+
+    def past_deadline() -> bool:
+        if args.deadline is None or time.perf_counter() - started <= args.deadline:
+            return False
+        result["stopped_at_deadline"] = args.deadline
+        return True
+
     try:
         for workload in chosen:
+            if past_deadline():
+                break
             compile_peer = 0 <= len(workload.shapes) <= compile_limit
             for rows in run_workload(
                 device, workload, ops, provider_table, budget, progress, compile_peer
             ):
                 result["rows"] += rows
                 report.write_json(result, out_dir)  # after every row: Ctrl-C keeps it
+                if past_deadline():
+                    break
+        # The end of the run's copy bandwidth, against its start: did the machine change speed?
         end_gbps = measure.copy_bandwidth(device, copy_bytes)
         result["copy_gbps_end"] = end_gbps
         result["bandwidth_drift"] = stats.bandwidth_drift(copy_gbps, end_gbps)
-        result["complete"] = True
+        result["complete"] = "stopped_at_deadline" not in result
     except KeyboardInterrupt:
         result["interrupted"] = True
         status = 130

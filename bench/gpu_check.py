@@ -92,7 +92,7 @@ def steps(dry_run: bool, out_dir: str) -> list[Step]:
             60,
         )
         sanitizer_note = "skipped (dry run: no sanitizer on a CPU)"
-        bench_args = ["--device", "cpu", "--profile", "tiny", "--no-compile"]
+        bench_args = ["--device", "cpu", "--profile", "tiny", "--no-compile", "--deadline", "90"]
         host_args = [
             "--device",
             "cpu",
@@ -118,6 +118,7 @@ def steps(dry_run: bool, out_dir: str) -> list[Step]:
         sanitizer_note = ""
         bench_args = [
             "--device", "cuda", "--profile", "quick", "--budget", "0.5", "--compile-max-tensors", "8",
+            "--deadline", "150",
         ]  # fmt: skip
         host_args = ["--device", "cuda", "--budget", "1.0"]
     pytest_timeout = ["--timeout=60"] if _has_module("pytest_timeout") else []

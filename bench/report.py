@@ -176,6 +176,11 @@ def warnings(result: dict) -> list[str]:
         )
     if result.get("interrupted"):
         found.append("the run was interrupted: only the rows above were measured")
+    if result.get("stopped_at_deadline") is not None:
+        found.append(
+            f"the run reached its --deadline of {result['stopped_at_deadline']:.0f} s: "
+            "only the rows above were measured"
+        )
     return found
 
 

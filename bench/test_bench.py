@@ -128,3 +128,17 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path):
     assert len(result["rows"]) >= rows > 0
     assert "the run was interrupted" in output
     assert result["rows"][0]["workload"] in output
+
+
+def test_deadline_stops_the_run_and_says_so(tmp_path):
+    import json
+
+    from bench.__main__ import main
+
+    arguments = ["--device", "cpu", "--profile", "tiny", "--no-compile", "--no-progress"]
+    arguments += ["--no-plot", "--budget", "0.05", "--deadline", "0", "--out", str(tmp_path)]
+    assert main(arguments) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["stopped_at_deadline"] == 0 and not result["complete"]
+    assert result["rows"] == []  # the deadline had passed before the first gradient set
