@@ -66,7 +66,7 @@ def _clip_value_error(case: providers.Case) -> float:
     return abs(providers.reference_norm(case.grads) - expected) / expected
 
 
-def _rows_of_op(device, workload, op, case, runs, errors, timing, copy_gbps, extra):
+def _rows_of_op(workload, op, errors, timing, copy_gbps, extra):
     summaries = {name: stats.summarize(values) for name, values in timing.samples.items()}
     floor_us = providers.FLOOR_PASSES[op] * workload.bytes / (copy_gbps * 1e3)
     rows = []
@@ -106,7 +106,7 @@ def _rows_of_op(device, workload, op, case, runs, errors, timing, copy_gbps, ext
 
 def run_workload(device, workload, ops, provider_table, budget, progress, compile_peer: bool):
     """Yields the rows of each op of one workload: every provider that implements the op."""
-    needs_optimizer = any(op in ops for op in ("clip_step", "amp_unscale_clip")) and all(
+    needs_optimizer = any(op in ops for op in providers.OPTIMIZER_OPS) and all(
         dtype == torch.float32 for _, dtype in workload.shapes
     )
     if device == "cuda" and needs_optimizer:
@@ -119,7 +119,7 @@ def run_workload(device, workload, ops, provider_table, budget, progress, compil
         table[providers.TORCH_COMPILE] = providers.torch_compile_provider()
     graph = device == "cuda" and len(workload.shapes) >= GRAPH_MIN_TENSORS
     for op in ops:
-        if op in ("clip_step", "amp_unscale_clip") and case.optimizer is None:
+        if op in providers.OPTIMIZER_OPS and case.optimizer is None:
             progress.update(1)
             continue
         progress.set_description(f"{workload.name} {op}")
@@ -144,8 +144,8 @@ def run_workload(device, workload, ops, provider_table, budget, progress, compil
                 )
                 failed.add(name)
         runs = {name: run for name, run in runs.items() if name not in failed}
-        # The optimizer's step is not graph-safe here.
-        graphed = set(runs) if graph and op not in ("clip_step", "amp_unscale_clip") else set()
+        # The optimizer's step and the scaler's bookkeeping are not graph-safe here.
+        graphed = set(runs) if graph and op not in providers.OPTIMIZER_OPS else set()
         timing = measure.time_interleaved(
             device,
             {name: (lambda run=run, case=case: run(case)) for name, run in runs.items()},
@@ -155,9 +155,7 @@ def run_workload(device, workload, ops, provider_table, budget, progress, compil
             on_round=lambda count: progress.set_postfix_str(f"{count} rounds", refresh=False),
         )
         progress.update(1)
-        yield _rows_of_op(
-            device, workload, op, case, runs, errors, timing, progress.copy_gbps, extra
-        )
+        yield _rows_of_op(workload, op, errors, timing, progress.copy_gbps, extra)
     case = None  # the gradients and their copy go before the next set is made
     if device == "cuda":
         torch.cuda.empty_cache()

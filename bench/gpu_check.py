@@ -315,11 +315,11 @@ def targets(out_dir: str) -> list[tuple[str, bool, str]]:
             for r in rows
             if r.get("norm_rel_err") is not None
             and r["provider"].startswith("fusedclip")
-            and r["norm_rel_err"] > 1e-5
+            and r["norm_rel_err"] > report.NORM_CHECK_RTOL
         ]
         found.append(
             (
-                "every fusedclip norm within 1e-5 of float64",
+                f"every fusedclip norm within {report.NORM_CHECK_RTOL:g} of float64",
                 not bad,
                 f"{len(bad)} rows off" if bad else f"{len(rows)} rows",
             )

@@ -35,6 +35,7 @@ FLOOR_PASSES = {
     "clip_step": 8,
     "amp_unscale_clip": 3,
 }
+OPTIMIZER_OPS = ("clip_step", "amp_unscale_clip")  # need parameters, an optimizer, a scaler
 TORCH_BASELINE = "torch"
 TORCH_COMPILE = "torch-compile"
 

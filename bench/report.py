@@ -25,6 +25,9 @@ from bench import stats
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_BASELINE = "torch"  # providers.TORCH_BASELINE, without importing fusedclip here
+# A fusedclip row whose norm is further than this from the float64 norm is wrong, whatever its
+# speed (torch's own norm of bfloat16 gradients is rounded to bfloat16, so it is not held to it).
+NORM_CHECK_RTOL = 1e-5
 
 
 def device_name(device: str) -> str:
@@ -167,6 +170,19 @@ def warnings(result: dict) -> list[str]:
             f"{len(noisy)} of {len(result['rows'])} rows have an interquartile range above "
             f"{stats.NOISY_RELATIVE_IQR:.0%} of their median ({names}{', ...' if len(noisy) > 8 else ''}): "
             "the machine was busy; compare intervals, not medians"
+        )
+    wrong = [
+        r
+        for r in result["rows"]
+        if r["provider"].startswith("fusedclip")
+        and r.get("norm_rel_err") is not None
+        and r["norm_rel_err"] > NORM_CHECK_RTOL
+    ]
+    if wrong:
+        names = ", ".join(f"{r['workload']}/{r['op']}/{r['provider']}" for r in wrong[:8])
+        found.append(
+            f"{len(wrong)} fusedclip rows computed a norm more than {NORM_CHECK_RTOL:g} from the "
+            f"float64 norm ({names}): their times do not count"
         )
     drift = result.get("bandwidth_drift")
     if drift is not None and drift > stats.BANDWIDTH_DRIFT_LIMIT:
