@@ -13,7 +13,8 @@ least 30 s), each logged to <dir>/logs/<step>.log:
              3000-chunk set that crashed the sanitizer on the H100 (about 60 s)
 The sanitizers come last: their run time on a new machine is the least certain, and a timed-out
 sanitizer still leaves in its log every error it found.
-<dir> is $FUSEDCLIP_GPU_CHECK_DIR, default bench/results/gpu-<device>-<commit>/. Set
+<dir> is $FUSEDCLIP_GPU_CHECK_DIR, default bench/results/gpu-<device>-<commit>/ (a dry run's:
+beside `python -m bench`'s results, outside the source tree). Set
 FUSEDCLIP_COMMIT to the commit being checked when the checkout's .git does not travel with it.
 On a lent machine that returns only a few files, pack the folder afterwards, e.g.
   FUSEDCLIP_COMMIT=abc1234 FUSEDCLIP_GPU_CHECK_DIR=/tmp/gpu-check python3 -m bench.gpu_check;
@@ -441,7 +442,11 @@ def _default_dir(dry_run: bool) -> str:
 
     env = report.environment("cpu" if dry_run else "cuda")
     name = f"gpu-{report.slug(env['device'])}-{env['commit'].split('+')[0]}"
-    return os.path.join(report.RESULTS_DIR, name + ("-dry-run" if dry_run else ""))
+    if dry_run:  # a rehearsal's files are not results: outside the source tree
+        from bench.__main__ import default_out_dir
+
+        return os.path.join(default_out_dir(), name + "-dry-run")
+    return os.path.join(report.RESULTS_DIR, name)
 
 
 def _summary(plan: list[Step], met, out_dir: str, seconds: float, dry_run: bool) -> str:
