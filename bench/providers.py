@@ -46,7 +46,7 @@ class Case:
 
     grads: list[torch.Tensor]
     saved: list[torch.Tensor]
-    holders: list  # objects whose .grad is each gradient (parameters when there is an optimizer)
+    holders: list[torch.Tensor]  # whose .grad is each gradient (parameters with an optimizer)
     inv_scale: torch.Tensor
     found_inf: torch.Tensor
     norm: float  # float64 reference norm of the saved (loss-scaled) gradients
@@ -95,7 +95,7 @@ def make_case(tensors: list[torch.Tensor], with_optimizer: bool) -> Case:
     case = Case(
         grads=grads,
         saved=saved,
-        holders=[_GradHolder(g) for g in grads],
+        holders=[_grad_holder(g) for g in grads],
         inv_scale=torch.full((), 1.0 / LOSS_SCALE, device=device),
         found_inf=torch.zeros(1, device=device),
         norm=reference_norm(saved),
@@ -116,13 +116,13 @@ def make_case(tensors: list[torch.Tensor], with_optimizer: bool) -> Case:
     return case
 
 
-class _GradHolder:
-    """Stands in for a parameter: the drop-ins read only .grad (no parameter storage needed)."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self, grad):
-        self.grad = grad
+def _grad_holder(grad: torch.Tensor) -> torch.Tensor:
+    """Stands in for a parameter: a tensor of the gradient's shape on one element of storage (an
+    expanded scalar), whose .grad is the gradient. The drop-ins accept only tensors and read only
+    their .grad, so no parameter-sized memory is needed."""
+    holder = torch.empty((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+    holder.grad = grad
+    return holder
 
 
 def _torch_unscale(case: Case) -> None:
