@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/include/fusedclip/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 export MAX_JOBS ?= 2
 
-.PHONY: test bench demo lint build clean
+.PHONY: test bench demo lint build clean gpu-check gpu-check-dry-run
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,18 @@ bench: build
 
 demo: build
 	$(PY) -m bench.stability
+
+# One command for a short GPU loan (at most 9 minutes): build for sm_90 with every core, the CUDA
+# tests, compute-sanitizer, the GPU bench and host profiles, a one-screen summary; logs and results
+# go to $$FUSEDCLIP_GPU_CHECK_DIR (default bench/results/gpu-<device>-<commit>/). No venv, no
+# network: it runs with the machine's own python3 (GPU_PYTHON), or .venv's where there is one.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check
+
+gpu-check-dry-run:
+	$(GPU_PYTHON) -m bench.gpu_check --dry-run
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check fusedclip tests bench

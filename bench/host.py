@@ -1,26 +1,36 @@
 """`python -m bench.host`: what one call costs the host for many tiny gradients, fusedclip against
-torch: the cost an eager step on a small model pays per gradient, before and while its kernels run.
+torch: the cost an eager step on a small model pays per gradient, before and while its kernels
+run. The target (issue "Host cost of one call"): at most 10 µs + 100 ns per gradient.
 
-Each gradient has 256 float32 elements, so the kernels' own work is negligible. On a GPU the
-timed region is the call alone (launches are asynchronous; the device is synchronized before each
-sample, outside it): host time. On a CPU it also holds the (tiny) kernels. Providers alternate
-sample by sample. Every provider's result is checked against the float64 reference first.
-Results go to bench/results/host-<device>-<commit>.json.
+Each gradient has 256 float32 elements, so the kernels' own work is negligible. Ops:
+clip_grad_norm_ (clip), clip_grad_value_ (clip_value), fused_clip_ with inv_scale against torch's
+unscale + clip_grad_norm_ (unscale_clip), and amp.unscale_clip_ against `scaler.unscale_` +
+clip_grad_norm_ (amp_unscale_clip). On a GPU the timed region is the call alone, on the wall clock
+(launches are asynchronous; the device is synchronized before each sample, outside it): host
+time. On a CPU it also holds the (tiny) kernels. Providers alternate sample by sample, each row
+sampled until its medians are pinned down or its budget is spent. Every provider's result is
+checked against the float64 norm first. Results go to --out/host-<device>-<commit>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
+import sys
 
 import torch
 
-from bench import measure, providers, report
+from bench import measure, providers, report, stats
 
-TENSOR_COUNTS = [16, 161, 1000]  # 161: ResNet-50's parameters
+TENSOR_COUNTS = [16, 161, 1000, 4000, 10000]  # 161: ResNet-50's parameters
 ELEMENTS = 256
-OPS = ("clip", "unscale_clip", "clip_value")
+OPS = ("clip", "clip_value", "unscale_clip", "amp_unscale_clip")
+TARGET_BASE_US = 10.0
+TARGET_PER_GRADIENT_US = 0.1
+
+
+def target_us(count: int) -> float:
+    return TARGET_BASE_US + TARGET_PER_GRADIENT_US * count
 
 
 def _check(case: providers.Case, op: str, name: str, run) -> None:
@@ -31,61 +41,108 @@ def _check(case: providers.Case, op: str, name: str, run) -> None:
         raise AssertionError(f"{name} {op}: {float(value)} against the reference {expected}")
 
 
-def run(device: str, repeats: int) -> list[dict]:
-    table = {name: ops for name, ops in providers.providers(device).items() if name != "torch-loop"}
+def run(device: str, budget: measure.Budget, counts: list[int], ops: tuple[str, ...]) -> list[dict]:
+    table = {
+        name: ops_of
+        for name, ops_of in providers.providers(device).items()
+        if name == providers.TORCH_BASELINE or name.startswith("fusedclip")
+    }
     rows = []
-    for count in TENSOR_COUNTS:
+    for count in counts:
         generator = torch.Generator().manual_seed(count)
         tensors = [torch.randn(ELEMENTS, generator=generator).to(device) for _ in range(count)]
-        case = providers.make_case(tensors, with_optimizer=False)
-
-        def restore(case=case):
-            case.restore()
-            measure.synchronize(device)
-
-        for op in OPS:
+        case = providers.make_case(tensors, with_optimizer="amp_unscale_clip" in ops)
+        for op in ops:
             runs = {}
-            for name, ops in table.items():
-                if op in ops:
-                    _check(case, op, name, ops[op])
-                    runs[name] = lambda run=ops[op], case=case: run(case)
-            samples = measure.time_interleaved(device, runs, restore, repeats)
-            medians = {name: statistics.median(times) for name, times in samples.items()}
-            rows.append({"tensors": count, "op": op, "median_us": medians})
+            for name, ops_of in table.items():
+                if op in ops_of:
+                    _check(case, op, name, ops_of[op])
+                    runs[name] = lambda run=ops_of[op], case=case: run(case)
+            timing = measure.time_interleaved(device, runs, case.restore, budget, host_clock=True)
+            summaries = {name: stats.summarize(values) for name, values in timing.samples.items()}
+            base = timing.samples[providers.TORCH_BASELINE]
+            rows.append(
+                {
+                    "tensors": count,
+                    "op": op,
+                    "target_us": target_us(count),
+                    "median_us": {name: s.median for name, s in summaries.items()},
+                    "summaries": {name: s.as_dict() for name, s in summaries.items()},
+                    "vs_torch": {
+                        name: stats.ratio(base, values).as_dict()
+                        for name, values in timing.samples.items()
+                        if name != providers.TORCH_BASELINE
+                    },
+                    "stopped_by": timing.stopped_by,
+                    "samples": timing.samples,
+                }
+            )
+            print_rows(rows[-1:], header=len(rows) == 1)
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    header = f"{'tensors':>7} {'op':<13} {'provider':<18} {'us/call':>9} {'us/tensor':>9} {'vs torch':>8}"
-    print(header)
-    print("-" * len(header))
+def print_rows(rows: list[dict], header: bool = True, file=sys.stdout) -> None:
+    if header:
+        line = (
+            f"{'tensors':>7} {'op':<17} {'provider':<15} {'us/call':>9} {'IQR':>5} "
+            f"{'ns/grad':>8} {'target us':>10} {'vs torch [95%]':>22}"
+        )
+        print(line, file=file)
+        print("-" * len(line), file=file)
     for row in rows:
-        baseline = row["median_us"][providers.TORCH_BASELINE]
-        for name, us in row["median_us"].items():
-            print(
-                f"{row['tensors']:>7} {row['op']:<13} {name:<18} {us:>9.1f} "
-                f"{us / row['tensors']:>9.3f} {baseline / us:>7.2f}x"
+        for name, s in row["summaries"].items():
+            spread = 50 * (s["q3"] - s["q1"]) / s["median"]
+            versus = row["vs_torch"].get(name)
+            versus_text = (
+                stats.Ratio(versus["median"], versus["low"], versus["high"]).text()
+                if versus
+                else "-"
             )
+            meets = ("ok" if s["median"] <= row["target_us"] else "MISS") if name != "torch" else ""
+            print(
+                f"{row['tensors']:>7} {row['op']:<17} {name:<15} {s['median']:>9.1f} "
+                f"{spread:>4.0f}% {1e3 * s['median'] / row['tensors']:>8.0f} "
+                f"{row['target_us']:>6.0f} {meets:<4}{versus_text:>22}",
+                file=file,
+            )
+        sys.stdout.flush()
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--out", default=report.RESULTS_DIR)
+    parser.add_argument("--counts", default=",".join(map(str, TENSOR_COUNTS)))
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of sampling per row")
+    parser.add_argument("--min-samples", type=int, default=9)
+    parser.add_argument(
+        "--repeats", type=int, default=200, help="at most this many samples per row"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default=None, help="default: as python -m bench")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(device, args.repeats)
+    ops = tuple(op for op in args.ops.split(",") if op)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise SystemExit(f"--ops: unknown {sorted(unknown)}; choose from {','.join(OPS)}")
+    budget = measure.Budget(args.budget, args.min_samples, max(args.repeats, args.min_samples))
+    rows = run(device, budget, [int(c) for c in args.counts.split(",")], ops)
     result = report.environment(device) | {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "repeats": args.repeats,
+        "budget": vars(budget),
         "elements_per_tensor": ELEMENTS,
+        "target": f"{TARGET_BASE_US:g} us + {1e3 * TARGET_PER_GRADIENT_US:g} ns per gradient",
         "calls": rows,
     }
-    print_table(rows)
-    path = report.write_json(result, args.out, prefix="host-")
+    from bench.__main__ import default_out_dir
+
+    path = report.write_json(result, args.out or default_out_dir(), prefix="host-")
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,6 +7,7 @@ clips), timed with CUDA events:
 - warm: the gradients were just restored, so what fits in L2 is there (as after a backward pass);
 - cold: L2 flushed before each sample;
 each replayed from a CUDA graph (kernel time and gaps only) and eager (host launch cost too).
+The modes take turns sample by sample; each median is kept with its quartiles and interval.
 Before timing, the two launches' outputs and gradients must agree bit for bit. Results go to
 bench/results/launch-<device>-<commit>.json.
 """
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 
 import torch
 
-from bench import measure, providers, report
+from bench import measure, providers, report, stats
 from fusedclip import ops
 
 SIZES_MB = [0.0625, 0.25, 1, 4, 8, 16, 24, 32, 40, 48, 64, 96, 128, 256, 1024]
@@ -64,13 +64,19 @@ def _time_case(case: providers.Case, flush: torch.Tensor, repeats: int) -> list[
                 flush.zero_()
 
         for graph in (True, False):
-            medians = {
-                name: statistics.median(
-                    measure.time_region("cuda", fn, restore, repeats, graph=graph)
-                )
-                for name, fn in runs.items()
-            }
-            rows.append({"condition": condition, "graph_replay": graph, "median_us": medians})
+            budget = measure.Budget(float("inf"), min_samples=repeats, max_samples=repeats)
+            timing = measure.time_interleaved(
+                "cuda", runs, restore, budget, graph=set(runs) if graph else set()
+            )
+            summaries = {name: stats.summarize(v) for name, v in timing.samples.items()}
+            rows.append(
+                {
+                    "condition": condition,
+                    "graph_replay": graph,
+                    "median_us": {name: s.median for name, s in summaries.items()},
+                    "summaries": {name: s.as_dict() for name, s in summaries.items()},
+                }
+            )
     return rows
 
 

@@ -1,7 +1,10 @@
 """Gradient sets to benchmark: real models' published layer shapes (no weights) and synthetic sets.
 
-Each workload is a list of (shape, dtype); `for_device` sizes the list to the device: tens to a
-few hundred MB on a CPU, at least 1 GB on a GPU where its memory allows.
+Each workload is a list of (shape, dtype); `for_device` sizes the list to the device and the
+profile: "full" (what `make bench` runs: tens to a few hundred MB on a CPU, at least 1 GB on a
+GPU where its memory allows), "quick" (the few rows that carry the targets; on a GPU the short
+profile of `make gpu-check`) and "tiny" (a few MB: the dry run that checks the harness end to
+end in seconds).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ class Workload:
         return sum(_numel(shape) * dtype.itemsize for shape, dtype in self.shapes)
 
     def make(self, device: str, seed: int = 0) -> list[torch.Tensor]:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        # Drawn on the device itself: a GPU's gradient sets of several GB would take a CPU
+        # tens of seconds to draw and copy.
+        generator = torch.Generator(device=device).manual_seed(seed)
         tensors = []
         for shape, dtype in self.shapes:
-            values = torch.randn(shape, generator=generator, dtype=torch.float32)
-            tensors.append(values.to(device=device, dtype=dtype))
+            values = torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
+            tensors.append(values.to(dtype))
         return tensors
 
 
@@ -98,8 +103,22 @@ def _all(dtype, shapes):
     return [(shape, dtype) for shape in shapes]
 
 
-def for_device(device: str, quick: bool = False) -> list[Workload]:
-    """The workloads for `device`, sized to it."""
+PROFILES = ("full", "quick", "tiny")
+
+
+def for_device(device: str, profile: str = "full") -> list[Workload]:
+    """The workloads for `device` and `profile` (one of PROFILES), sized to it."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    quick = profile == "quick"
+    if profile == "tiny":
+        return [
+            Workload("4x64K-fp32", _all(F32, [(64 << 10,)] * 4)),
+            Workload("300x1K", _all(F32, [(1 << 10,)] * 300)),
+            Workload(
+                "mixed-fp32-bf16-tiny", [((16 << 10,), F32 if i % 2 else BF16) for i in range(8)]
+            ),
+        ]
     if device == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info()
         workloads = [
@@ -115,8 +134,16 @@ def for_device(device: str, quick: bool = False) -> list[Workload]:
         llama_8b = Workload("llama-8b", _all(F32, llama(32, 4096, 14336, 128256)))
         if not quick and free_bytes > 4 * llama_8b.bytes:  # gradients, their copy, params, state
             workloads.insert(2, llama_8b)
-        if quick:
-            workloads = [w for w in workloads if w.name in ("gpt2-124m", "2000x16K", "huge-1x1G")]
+        if quick:  # the rows that carry the H200's targets, in about two minutes
+            names = (
+                "gpt2-124m",
+                "llama-1b",
+                "huge-1x1G",
+                "8x8M-fp32",
+                "2000x16K",
+                "mixed-fp32-bf16",
+            )
+            workloads = [w for w in workloads if w.name in names]
         return workloads
     workloads = [
         Workload("8x8M-fp32", _all(F32, [(8 << 20,)] * 8)),
