@@ -88,16 +88,21 @@ def prepare(
     return _group(tensors, backend, copies), process_group
 
 
+_NO_GRAD_ATTRIBUTE = object()
+
+
 def _gradients(parameters: list, name: str) -> list:
+    """The `.grad` of each parameter that has one; like torch, anything with a `.grad` will do."""
     gradients = []
     for index, parameter in enumerate(parameters):
-        if not isinstance(parameter, torch.Tensor):
+        grad = getattr(parameter, "grad", _NO_GRAD_ATTRIBUTE)
+        if grad is _NO_GRAD_ATTRIBUTE:
             raise TypeError(
-                f"{name}[{index}] is a {type(parameter).__name__}, not a tensor (a parameter "
-                "whose .grad to clip)"
+                f"{name}[{index}] is a {type(parameter).__name__} without a .grad: pass the "
+                "parameters (tensors) whose gradients to clip"
             )
-        if parameter.grad is not None:
-            gradients.append(parameter.grad)
+        if grad is not None:
+            gradients.append(grad)
     return gradients
 
 

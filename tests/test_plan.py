@@ -276,3 +276,19 @@ def test_calls_from_several_threads_are_each_right():
         thread.join()
     for index, (result, want) in enumerate(zip(results, expected, strict=True)):
         assert_close(result, want, rtol=1e-6, what=f"thread {index}")
+
+
+def test_parameters_are_anything_with_a_grad_as_in_torch():
+    class Holder:  # not a tensor: torch's clip_grad_norm_ only reads .grad
+        def __init__(self, grad):
+            self.grad = grad
+
+    grads = [torch.randn(5) * 4, torch.randn(3) * 4]
+    theirs = [g.clone() for g in grads]
+    ours = fusedclip.clip_grad_norm_([Holder(g) for g in grads] + [Holder(None)], 1.0)
+    expected = torch.nn.utils.clip_grad_norm_([Holder(g) for g in theirs] + [Holder(None)], 1.0)
+    assert_close(ours, expected, rtol=1e-6, what="norm of duck-typed parameters")
+    for mine, torchs in zip(grads, theirs, strict=True):
+        assert_close(mine, torchs, rtol=1e-6, what="duck-typed gradient")
+    with pytest.raises(TypeError, match=r"parameters' gradients\[0\]|parameters\[0\] is a int"):
+        fusedclip.clip_grad_norm_([3], 1.0)
