@@ -5,6 +5,8 @@
 // and on one device, none sharing memory with another) and answers None for anything else, which
 // the general path in plan.py then plans or refuses with its messages. It never raises for a
 // gradient it dislikes, so the two paths cannot disagree on an error.
+#include <fusedclip/checks.h>
+#include <fusedclip/python_plan.h>
 #include <torch/csrc/Device.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -12,9 +14,6 @@
 #include <cstdint>
 #include <utility>
 #include <vector>
-
-#include <fusedclip/checks.h>
-#include <fusedclip/python_plan.h>
 
 namespace fusedclip {
 namespace {

@@ -8,8 +8,8 @@ extern "C" {
 // Importing fusedclip._C runs the static registrations below; the module itself holds only the
 // planner's fast path (csrc/python_plan.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fusedclip::python_plan_methods()};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          fusedclip::python_plan_methods()};
   return PyModule_Create(&module_def);
 }
 }

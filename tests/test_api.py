@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import NORM_RTOL, assert_close, assert_grads_close, backend_params, is_interpreted
+from tolerances import INTERPRETED_SIZES, SIZES
 
 import fusedclip
 from fusedclip import reference
@@ -40,9 +41,7 @@ def reference_total_norm(grads, norm_type):
 
 
 def sizes_for(device, backend):
-    if is_interpreted(device, backend):
-        return [0, 1, 3, 4095, 70001]
-    return [0, 1, 3, 4095, 65537, (1 << 20) + 9]
+    return INTERPRETED_SIZES if is_interpreted(device, backend) else SIZES
 
 
 BACKENDS = backend_params()

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <fusedclip/checks.h>
 
 #include <array>
 #include <cstdint>
@@ -50,6 +51,14 @@ template <>
 inline constexpr at::ScalarType kScalarTypeOf<__nv_bfloat16> = at::kBFloat16;
 template <>
 inline constexpr at::ScalarType kScalarTypeOf<double> = at::kDouble;
+
+template <size_t... kGroups>
+constexpr bool groups_are_the_supported_dtypes(std::index_sequence<kGroups...>) {
+  return sizeof...(kGroups) == kSupportedDtypes.size() &&
+         ((kScalarTypeOf<GroupElementType<kGroups>> == kSupportedDtypes[kGroups]) && ...);
+}
+static_assert(groups_are_the_supported_dtypes(std::make_index_sequence<kNumDtypeGroups>{}),
+              "the dtype groups must be checks.h's kSupportedDtypes, in order");
 
 // The group of `dtype`; raises for a dtype no group holds.
 int dtype_group(at::ScalarType dtype);

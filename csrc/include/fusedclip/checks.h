@@ -6,6 +6,7 @@
 #include <c10/util/string_view.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -22,9 +23,14 @@ std::string text(Number value) {
   return std::to_string(value);
 }
 
+// The dtypes every backend supports, in the order of the CUDA dtype groups (multi_tensor.cuh
+// checks the match at compile time); fusedclip/norms.py SUPPORTED_DTYPES is the Python twin.
+inline constexpr std::array<at::ScalarType, 4> kSupportedDtypes = {at::kFloat, at::kHalf,
+                                                                   at::kBFloat16, at::kDouble};
+
 inline bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-         dtype == at::kDouble;
+  return std::find(kSupportedDtypes.begin(), kSupportedDtypes.end(), dtype) !=
+         kSupportedDtypes.end();
 }
 
 // Every kernel walks a tensor's storage span as one flat array, so the tensor must be dense and
