@@ -24,7 +24,8 @@ from fusedclip import api
 from fusedclip.api import ClipResult
 
 
-def _optimizer_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def optimizer_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients of `optimizer`'s parameters that have one, in param-group order."""
     return [
         param.grad
         for group in optimizer.param_groups
@@ -125,7 +126,7 @@ def unscale_clip_(
         ValueError: float16 gradients (as `scaler.unscale_`), or a bad argument.
     """
     _check_scaler_and_optimizer(scaler, optimizer, "unscale_clip_", scaler_optional=False)
-    grads = _optimizer_gradients(optimizer)
+    grads = optimizer_gradients(optimizer)
     if not scaler._enabled:
         return api.fused_clip_(
             grads,
@@ -226,7 +227,7 @@ def _step_measured(
     so a skip that is not an overflow does not back off the scale. Returns `result`.
     """
     scaling = scaler is not None and scaler._enabled
-    grads = _optimizer_gradients(optimizer)
+    grads = optimizer_gradients(optimizer)
     state = _scaler_state(scaler, optimizer, funcname) if scaling else None
     if scaling:
         _check_not_float16(grads)
@@ -284,7 +285,7 @@ def clip_step(
             scaler.step(optimizer)
         else:
             result = api.fused_clip_(
-                _optimizer_gradients(optimizer),
+                optimizer_gradients(optimizer),
                 max_norm=max_norm,
                 norm_type=norm_type,
                 per_tensor=per_tensor,

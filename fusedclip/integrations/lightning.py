@@ -36,16 +36,8 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import fusedclip
+from fusedclip.amp import optimizer_gradients
 from fusedclip.api import ClipResult
-
-
-def _gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [
-        param.grad
-        for group in optimizer.param_groups
-        for param in group["params"]
-        if param.grad is not None
-    ]
 
 
 class FusedMixedPrecision(MixedPrecision):
@@ -118,6 +110,6 @@ class FusedMixedPrecision(MixedPrecision):
             )
         else:
             self.last_result = fusedclip.fused_clip_(
-                _gradients(optimizer), max_norm=max_norm, clip_value=clip_value
+                optimizer_gradients(optimizer), max_norm=max_norm, clip_value=clip_value
             )
         return None
