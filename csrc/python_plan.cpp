@@ -63,6 +63,8 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
     const Py_ssize_t count = PyList_GET_SIZE(items);
     std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
     ranges.reserve(static_cast<size_t>(count));
+    // Empty tensors hold no bytes to compare: one listed twice is found by its object instead.
+    std::vector<std::pair<uintptr_t, uintptr_t>> empty_objects;
     std::optional<at::Device> device;
     bool any_float64 = false;
     for (Py_ssize_t i = 0; i < count; ++i) {
@@ -104,9 +106,12 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
       if (bytes > 0) {
         const auto begin = reinterpret_cast<uintptr_t>(tensor->const_data_ptr());
         ranges.emplace_back(begin, begin + static_cast<uintptr_t>(bytes));
+      } else {
+        const auto object = reinterpret_cast<uintptr_t>(tensor->unsafeGetTensorImpl());
+        empty_objects.emplace_back(object, object + 1);
       }
     }
-    if (any_overlap(ranges)) {  // repeats and overlaps are the general path's to decide
+    if (any_overlap(ranges) || any_overlap(empty_objects)) {  // the general path decides repeats
       drop();
       Py_RETURN_NONE;
     }

@@ -316,7 +316,9 @@ def _clip(
             raise _nonfinite_error(norm_type)
         if writes:
             _scale(the_plan, inputs, clip_coef, clip_value)
-    if per_tensor:
+    if not per_tensor:
+        per_tensor_norms = None  # clip_ hands back an empty tensor
+    else:
         if inv_scale_tensor is not None:
             per_tensor_norms = per_tensor_norms * inv_scale_tensor.to(torch.float64).abs()
         per_tensor_norms = per_tensor_norms.to(the_plan.out_dtype)

@@ -16,7 +16,8 @@ import torch
 NORM_EPS = 1e-6
 
 # Up to this p, |g|^p of any float32/float16/bfloat16 value summed over 2^60 elements stays a normal
-# float64, so kernels may sum it plainly; past it, or for float64 gradients with p > 1, they scale.
+# float64, so kernels may sum it plainly; past it, or for float64 gradients with any p but 1, they
+# scale (for p < 1 the sum fits, but its root can round past float64's max).
 MAX_UNSCALED_NORM_TYPE = 6.0
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -32,7 +33,7 @@ def is_inf_norm(norm_type: float) -> bool:
 
 def needs_scaled_sum(norm_type: float, any_float64: bool) -> bool:
     """Whether sum |g|^p can leave float64's normal range for some finite gradients."""
-    if math.isinf(norm_type) or norm_type <= 1.0:
+    if math.isinf(norm_type) or norm_type == 1.0:
         return False
     return any_float64 or norm_type > MAX_UNSCALED_NORM_TYPE
 

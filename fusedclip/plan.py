@@ -180,7 +180,10 @@ def _check_tensors(tensors: list, name: str, writes: bool, gradients_only: bool)
 
 def _memory_key(tensor: torch.Tensor) -> tuple:
     """Equal for tensors that are the same memory: the same view, or dense tensors of one dtype
-    over the same bytes (g and g.view(-1))."""
+    over the same bytes (g and g.view(-1)). Empty tensors hold no memory (their storages may all
+    be at address 0): the same tensor object, listed twice, is the only repeat."""
+    if tensor.numel() == 0:
+        return ("empty", id(tensor))
     storage = tensor.untyped_storage().data_ptr()
     if is_dense(tensor):
         return (storage, tensor.storage_offset(), tensor.numel(), tensor.dtype)

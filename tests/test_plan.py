@@ -97,11 +97,13 @@ def test_fast_path_plans_the_common_case_as_the_general_path(monkeypatch, make, 
 
 def _deferred_cases():
     shared = torch.randn(4, 4)
+    empty = torch.ones(0)
     with torch.inference_mode():
         inference = torch.randn(3)
     leaf = torch.nn.Parameter(torch.randn(3))
     return [
         pytest.param([shared, shared], {}, id="listed-twice"),
+        pytest.param([empty, torch.randn(2), empty], {}, id="empty-listed-twice"),
         pytest.param([shared, shared.view(-1)], {}, id="same-memory-other-shape"),
         pytest.param([shared, shared[1:3]], {"writes": True}, id="partial-overlap"),
         pytest.param([torch.ones(3).expand(2, 3)], {"writes": True}, id="expanded"),

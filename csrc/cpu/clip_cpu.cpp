@@ -364,7 +364,7 @@ FUSEDCLIP_TARGET_CLONES ScaledSum reduce_chunk_scaled(const void* data_ptr, int6
 }
 
 // Only asked when a plain chunk's partial is not finite: |x|^p can overflow (float64 gradients
-// with p <= 1), so the partial alone cannot tell overflow from an inf/NaN element.
+// with p = 1), so the partial alone cannot tell overflow from an inf/NaN element.
 template <at::ScalarType kDtype>
 bool chunk_has_nonfinite(const void* data_ptr, int64_t numel) {
   using Traits = DtypeTraits<kDtype>;
@@ -452,7 +452,7 @@ ReduceChunkFn reduce_chunk_fn(at::ScalarType dtype, NormKind kind) {
   });
 }
 
-// needs_scaled_sum is false for p <= 1 and p = inf: the scaled path sums squares or general powers.
+// needs_scaled_sum is false for p = 1 and p = inf: the scaled path sums squares or general powers.
 ScaledChunkFn scaled_chunk_fn(at::ScalarType dtype, NormKind kind) {
   return for_dtype(dtype, "reduce", [kind]<at::ScalarType kDtype>() -> ScaledChunkFn {
     return kind == NormKind::kTwo ? &reduce_chunk_scaled<kDtype, NormKind::kTwo>

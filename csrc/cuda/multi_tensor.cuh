@@ -100,7 +100,7 @@ struct MultiTensorLayout {
   MultiTensorTable table;
   // Dtype group g owns chunks [group_first_chunk[g], group_first_chunk[g + 1]).
   std::array<int64_t, kNumDtypeGroups + 1> group_first_chunk;
-  // Whether any tensor (even an empty one) is float64: then norms with p > 1 use a scaled sum
+  // Whether any tensor (even an empty one) is float64: then norms with p != 1 use a scaled sum
   // (fusedclip::needs_scaled_sum).
   bool any_float64;
 

@@ -139,7 +139,7 @@ __device__ __forceinline__ double load_scalar(const void* value, bool is_double)
 template <NormKind kKind>
 struct PowerSum {
   static constexpr int kWords = 1;
-  // Without a scaled sum, float64 gradients come only with p <= 1 or p = inf: a sum of finite
+  // Without a scaled sum, float64 gradients come only with p = 1 or p = inf: a sum of finite
   // float64 |g|^p can overflow (a max cannot), so their elements are tested one by one. For 16-
   // and 32-bit gradients the chunk's sum is finite exactly when its elements are (norm.h,
   // kMaxUnscaledNormType).

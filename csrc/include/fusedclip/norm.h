@@ -28,7 +28,8 @@ constexpr double kNormEps = 1e-6;
 
 // Up to this p, |g|^p of any float32/float16/bfloat16 value, summed over 2^60 elements, stays a
 // normal float64 (2^(128 p + 60) < 2^1024 and 2^(-149 p) > 2^-1022), so a plain float64 sum is
-// safe and accurate. Past it, or for float64 gradients with p > 1, sums are scaled.
+// safe and accurate. Past it, or for float64 gradients with any p but 1, sums are scaled (for
+// p < 1 the sum is fine but its root, sum^(1/p), can round past DBL_MAX: [DBL_MAX] at p = 0.5).
 constexpr double kMaxUnscaledNormType = 6.0;
 
 enum class NormKind { kOne, kTwo, kInf, kGeneral };
@@ -41,9 +42,9 @@ FUSEDCLIP_HOST_DEVICE NormKind norm_kind(double norm_type) {
 }
 
 // Whether sum |g|^p can leave float64's normal range for some finite gradients: then the kernels
-// accumulate a ScaledSum instead of a plain float64 sum. Never for p <= 1 or p = inf.
+// accumulate a ScaledSum instead of a plain float64 sum. Never for p = 1 or p = inf.
 FUSEDCLIP_HOST_DEVICE bool needs_scaled_sum(double norm_type, bool any_float64) {
-  if (isinf(norm_type) || norm_type <= 1.0) return false;
+  if (isinf(norm_type) || norm_type == 1.0) return false;
   return any_float64 || norm_type > kMaxUnscaledNormType;
 }
 
