@@ -76,8 +76,19 @@ MAGNITUDES = ["ordinary"] * 4 + ["wide", "huge", "tiny", "zeros"]
 FINITE_SPECIALS = ["+0", "-0", "subnormal", "-subnormal", "max", "-max"]
 NONFINITE_SPECIALS = ["inf", "-inf", "nan"]
 # Views of a base of their own: dense, or with gaps; none overlaps another gradient.
-SEPARATE_VIEWS = ["flat"] * 4 + ["reshape", "transpose", "step", "step_offset", "step2d"]
-DENSE_VIEWS = ["flat", "reshape", "transpose"]  # all the same memory for one base
+SEPARATE_VIEWS = ["flat"] * 4 + [
+    "reshape",  # base.view(a, b)
+    "transpose",  # base.view(a, b).t(): dense, not contiguous
+    "permute",  # base.view(a, 1, b).permute(2, 0, 1)
+    "scalar",  # a 0-dim tensor (base.view(()) of a one-element base)
+    "odd_stride",  # base.as_strided((1, n), (7, 1)): a size-1 dim whose stride means nothing
+    "offset",  # base[1:]: dense, starting one element past the allocation (misaligned loads)
+    "inner",  # base[3:-2]
+    "step",  # base[::2]: gaps
+    "step_offset",  # base[1::3]
+    "step2d",  # base.view(a, b)[:, ::2]
+]
+DENSE_VIEWS = ["flat", "reshape", "transpose", "permute", "scalar", "odd_stride"]  # the whole base
 ALIASING_VIEWS = SEPARATE_VIEWS + [
     "same",  # the very tensor object of an earlier entry of this base
     "expand",  # base[:1].expand(3): overlaps itself
@@ -191,6 +202,16 @@ def _view(base: torch.Tensor, kind: str) -> torch.Tensor:
         return base.view(a, b)
     if kind == "transpose":
         return base.view(a, b).t()
+    if kind == "permute":
+        return base.view(a, 1, b).permute(2, 0, 1)
+    if kind == "scalar" and numel == 1:
+        return base.view(())
+    if kind == "odd_stride":
+        return base.as_strided((1, numel), (7, 1))
+    if kind == "offset" and numel >= 2:
+        return base[1:]
+    if kind == "inner" and numel >= 6:
+        return base[3:-2]
     if kind == "step" and numel >= 2:
         return base[::2]
     if kind == "step_offset" and numel >= 2:
@@ -397,6 +418,7 @@ class Call(NamedTuple):
     inv_scale: object
     total_norm: object  # clip_grads_with_norm_'s argument
     per_tensor: bool
+    error_if_nonfinite: bool  # clip_grad_norm_ and get_total_norm: the split (synced) path
 
 
 def _number_or_tensor(values):
@@ -429,6 +451,7 @@ def calls(draw):
     norm_type = draw(st.sampled_from(NORM_TYPES))
     max_norm = clip_value = inv_scale = total_norm = None
     per_tensor = False
+    error_if_nonfinite = api in ("clip_grad_norm_", "get_total_norm") and draw(st.booleans())
     if api in ("fused_clip_", "measure", "clip_grad_norm_", "clip_grads_with_norm_"):
         max_norm = draw(_number_or_tensor(EXTREMES))
         if api in ("fused_clip_", "measure"):
@@ -442,7 +465,9 @@ def calls(draw):
         inv_scale = draw(_optional(_number_or_tensor(EXTREMES)))
     if api == "clip_grads_with_norm_":
         total_norm = draw(_number_or_tensor([0.0, 1e-30, 0.7, 3.0, 1e30, 1e39, math.inf]))
-    return Call(api, norm_type, max_norm, clip_value, inv_scale, total_norm, per_tensor)
+    return Call(
+        api, norm_type, max_norm, clip_value, inv_scale, total_norm, per_tensor, error_if_nonfinite
+    )
 
 
 def writes(call: Call) -> bool:
@@ -487,11 +512,19 @@ def run_call(call: Call, entries: list[torch.Tensor], backend: str):
             )
         )
     if call.api == "get_total_norm":
-        return fusedclip.get_total_norm(entries, call.norm_type, backend=backend), None, None, None
+        total = fusedclip.get_total_norm(
+            entries, call.norm_type, call.error_if_nonfinite, backend=backend
+        )
+        return total, None, None, None
     parameters = _parameters(entries)
     if call.api == "clip_grad_norm_":
         total = fusedclip.clip_grad_norm_(
-            parameters, call.max_norm, call.norm_type, inv_scale=call.inv_scale, backend=backend
+            parameters,
+            call.max_norm,
+            call.norm_type,
+            call.error_if_nonfinite,
+            inv_scale=call.inv_scale,
+            backend=backend,
         )
         return total, None, None, None
     if call.api == "clip_grad_value_":
@@ -504,7 +537,7 @@ def run_call(call: Call, entries: list[torch.Tensor], backend: str):
 
 
 class Expected(NamedTuple):
-    refusal: str | None
+    refusal: tuple[type, str] | None  # the error the call must raise, and why
     total_norm: float
     found_inf: float
     clip_coef: float  # what each written element is multiplied by
@@ -515,7 +548,7 @@ class Expected(NamedTuple):
 
 def expect(call: Call, gradients: Materialized) -> Expected:
     unique = unique_memory(gradients)
-    refusal = unique.overlap if writes(call) else None
+    refusal = (ValueError, unique.overlap) if writes(call) and unique.overlap else None
     kept = unique.kept
     values = [gradients.entries[i].detach().to(torch.float64).reshape(-1).numpy() for i in kept]
     joined = np.concatenate(values) if values else np.zeros(0)
@@ -531,13 +564,17 @@ def expect(call: Call, gradients: Materialized) -> Expected:
     else:
         coef = oracle_coefficient(total_norm, _as_float(call.max_norm), inv_scale)
     any_float64 = any(gradients.entries[i].dtype == torch.float64 for i in kept)
+    out_dtype = torch.float64 if any_float64 else torch.float32
+    returned_norm = torch.tensor(total_norm, dtype=torch.float64).to(out_dtype)
+    if refusal is None and call.error_if_nonfinite and not torch.isfinite(returned_norm):
+        refusal = (RuntimeError, f"a norm of {returned_norm.item()} with error_if_nonfinite")
     return Expected(
         refusal,
         total_norm,
         float(not np.isfinite(joined).all()),
         coef,
         per_tensor,
-        torch.float64 if any_float64 else torch.float32,
+        out_dtype,
         kept,
     )
 
@@ -550,9 +587,9 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
     event(f"found_inf={expected.found_inf}, clipped={expected.clip_coef < 1}")
     before = snapshot(gradients.bases)
     if expected.refusal is not None:
-        with pytest.raises(ValueError):
+        with pytest.raises(expected.refusal[0]):
             run_call(call, gradients.entries, backend)
-        assert_unchanged(before, gradients.bases, f"refused ({expected.refusal})")
+        assert_unchanged(before, gradients.bases, f"refused ({expected.refusal[1]})")
         return
     originals = [e.detach().to(torch.float64).reshape(-1).numpy().copy() for e in gradients.entries]
     result = run_call(call, gradients.entries, backend)
@@ -591,6 +628,8 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
             NORM_RTOL[expected.out_dtype],
             "clip_coef",
         )
+    if call.api in ("fused_clip_", "measure") and not call.per_tensor:
+        assert per_tensor_norms is None, "per_tensor_norms returned without per_tensor=True"
     if per_tensor_norms is not None and gradients.entries and not skip_norms:
         assert per_tensor_norms.numel() == len(expected.kept), (
             "one per-tensor norm per unique gradient"
@@ -839,3 +878,31 @@ def test_refusals_change_nothing(device, backend):
         check_refusal(*corruption, *gradients, position, backend)
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bugs the properties found, each as its smallest input (failing until fixed)
+
+
+@pytest.mark.parametrize(("device", "backend"), NATIVE)
+def test_bug_per_tensor_norms_is_none_unless_asked_for_when_writing(device, backend):
+    """ClipResult: per_tensor_norms is None unless per_tensor=True. A writing fused_clip_ (the
+    backend's one-op clip_ path) returned an empty tensor instead on the cpu backend."""
+    gradient = torch.ones(3)
+    result = fusedclip.fused_clip_([gradient], max_norm=1.0, backend=backend)
+    assert result.per_tensor_norms is None, f"got {result.per_tensor_norms!r}"
+
+
+@pytest.mark.parametrize(("device", "backend"), NATIVE)
+@pytest.mark.parametrize("max_norm", [None, 1.0], ids=["reads", "writes"])
+def test_bug_an_empty_gradient_listed_twice_counts_once(device, backend, max_norm):
+    """The aliasing rule: the same tensor listed twice counts once, so it has one per-tensor
+    norm, as a non-empty one does ([g, g] gives one). A zero-size tensor listed twice got two."""
+    empty = torch.ones(0)
+    result = fusedclip.fused_clip_(
+        [empty, empty], max_norm=max_norm, per_tensor=True, backend=backend
+    )
+    nonempty = torch.ones(3)
+    same_nonempty = fusedclip.fused_clip_([nonempty, nonempty], per_tensor=True, backend=backend)
+    assert same_nonempty.per_tensor_norms.numel() == 1
+    assert result.per_tensor_norms.numel() == 1, f"got {result.per_tensor_norms!r}"
