@@ -63,6 +63,7 @@ class BaseSpec(NamedTuple):
     numel: int
     dtype: torch.dtype
     magnitude: str  # how the values are drawn, see _fill
+    exponent: int  # "ordinary" values are about 10^exponent
     seed: int
     specials: tuple  # (position in [0, 1), value name) pairs written over the drawn values
 
@@ -72,6 +73,7 @@ class EntrySpec(NamedTuple):
     view: str  # see _view
 
 
+ORDINARY_EXPONENTS = [-300, -30, -12, -6, -3, 0, 0, 0, 3, 6, 12, 30, 300]
 MAGNITUDES = ["ordinary"] * 4 + ["wide", "huge", "tiny", "zeros"]
 FINITE_SPECIALS = ["+0", "-0", "subnormal", "-subnormal", "max", "-max"]
 NONFINITE_SPECIALS = ["inf", "-inf", "nan"]
@@ -105,16 +107,19 @@ REINTERPRET = {
 
 
 @st.composite
-def base_specs(draw, sizes, dtypes, nonfinite):
+def base_specs(draw, sizes, dtypes, nonfinite, exponent, mixed):
     numel = draw(st.sampled_from(sizes))
     dtype = draw(st.sampled_from(dtypes))
-    magnitude = draw(st.sampled_from(MAGNITUDES))
+    magnitude = draw(st.sampled_from(MAGNITUDES)) if mixed else "ordinary"
     seed = draw(st.integers(0, 2**31 - 1))
-    names = FINITE_SPECIALS + (NONFINITE_SPECIALS if nonfinite else [])
+    # A set of one magnitude gets no value near the max, which would dominate its norm.
+    names = (FINITE_SPECIALS if mixed else FINITE_SPECIALS[:4]) + (
+        NONFINITE_SPECIALS if nonfinite else []
+    )
     specials = draw(
         st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from(names)), max_size=3)
     )
-    return BaseSpec(numel, dtype, magnitude, seed, tuple(specials))
+    return BaseSpec(numel, dtype, magnitude, exponent, seed, tuple(specials))
 
 
 @st.composite
@@ -127,6 +132,10 @@ def gradient_sets(draw, max_tensors=40, sizes=SIZES, dtypes=DTYPES, valid=False)
     count = draw(st.integers(0, max_tensors))
     aliasing = not valid and draw(st.integers(0, 2)) == 0
     nonfinite = not valid and draw(st.integers(0, 7)) == 0
+    # Half the sets are of one magnitude (tiny to huge norms, so that max_norm, the 1e-6 and the
+    # coefficient's range all matter); the others mix magnitudes from subnormal to the max.
+    mixed = draw(st.booleans())
+    exponent = draw(st.sampled_from(ORDINARY_EXPONENTS))
     bases, entries = [], []
     for _ in range(count):
         if aliasing and bases and draw(st.integers(0, 3)) == 0:
@@ -139,7 +148,7 @@ def gradient_sets(draw, max_tensors=40, sizes=SIZES, dtypes=DTYPES, valid=False)
             if repeated.view in DENSE_VIEWS:
                 view = draw(st.sampled_from(["same"] + DENSE_VIEWS))
         else:
-            bases.append(draw(base_specs(sizes, dtypes, nonfinite)))
+            bases.append(draw(base_specs(sizes, dtypes, nonfinite, exponent, mixed)))
             base = len(bases) - 1
             view = draw(st.sampled_from(ALIASING_VIEWS if aliasing else SEPARATE_VIEWS))
         entries.append(EntrySpec(base, view))
@@ -168,7 +177,11 @@ def _fill(spec: BaseSpec) -> torch.Tensor:
     normal = torch.randn(spec.numel, generator=generator, dtype=torch.float64)
     uniform = torch.rand(spec.numel, generator=generator, dtype=torch.float64)
     if spec.magnitude == "ordinary":
-        values = normal * 10.0 ** (6 * uniform[:1] - 3)
+        # about 10^exponent, within what the dtype holds
+        largest = math.floor(math.log10(info.max)) - 2
+        smallest = math.ceil(math.log10(info.smallest_normal)) + 2
+        exponent = min(max(spec.exponent, smallest), largest)
+        values = normal * 10.0 ** (exponent + 2 * uniform[:1] - 1)
     elif spec.magnitude == "wide":
         # log-uniform over the whole normal range of the dtype, random signs
         low, high = math.log2(info.smallest_normal), math.log2(info.max)
@@ -445,6 +458,27 @@ APIS = [
 ]
 
 
+# max_norm as a multiple of the set's norm (resolved once the set exists): around the edge
+# where the coefficient leaves 1.
+RELATIVE_MAX_NORMS = st.sampled_from([0.5, 1 - 2**-20, 1.0, 1 + 2**-20, 2.0]).map(
+    lambda factor: ("relative", factor)
+)
+
+
+def resolve_max_norm(call: Call, gradients: Materialized) -> Call:
+    """A relative max_norm made absolute: its factor times the set's norm (a finite, nonzero one)."""
+    if not isinstance(call.max_norm, tuple):
+        return call
+    factor = call.max_norm[1]
+    kept = unique_memory(gradients).kept
+    values = [gradients.entries[i].detach().to(torch.float64).reshape(-1).numpy() for i in kept]
+    norm = oracle_norm(np.concatenate(values) if values else np.zeros(0), call.norm_type)
+    inv_scale = _as_float(call.inv_scale)
+    norm = _times(norm, 1.0 if inv_scale is None else abs(inv_scale))
+    max_norm = factor * norm if math.isfinite(norm) and norm > 0 else factor
+    return call._replace(max_norm=max_norm)
+
+
 @st.composite
 def calls(draw):
     api = draw(st.sampled_from(APIS))
@@ -453,7 +487,7 @@ def calls(draw):
     per_tensor = False
     error_if_nonfinite = api in ("clip_grad_norm_", "get_total_norm") and draw(st.booleans())
     if api in ("fused_clip_", "measure", "clip_grad_norm_", "clip_grads_with_norm_"):
-        max_norm = draw(_number_or_tensor(EXTREMES))
+        max_norm = draw(st.one_of(_number_or_tensor(EXTREMES), RELATIVE_MAX_NORMS))
         if api in ("fused_clip_", "measure"):
             max_norm = draw(st.sampled_from([None, max_norm]))
             per_tensor = draw(st.booleans())
@@ -582,6 +616,7 @@ def expect(call: Call, gradients: Materialized) -> Expected:
 def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], backend: str) -> None:
     interpreted = is_interpreted("cpu", backend)
     gradients = materialize(bases, entries)
+    call = resolve_max_norm(call, gradients)
     expected = expect(call, gradients)
     event(f"{call.api}, {'refused' if expected.refusal else 'accepted'}")
     event(f"found_inf={expected.found_inf}, clipped={expected.clip_coef < 1}")
