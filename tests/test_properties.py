@@ -89,6 +89,7 @@ SEPARATE_VIEWS = ["flat"] * 4 + [
     "step",  # base[::2]: gaps
     "step_offset",  # base[1::3]
     "step2d",  # base.view(a, b)[:, ::2]
+    "sparse",  # a COO tensor of a copy of the base's values, with repeated indices (uncoalesced)
 ]
 DENSE_VIEWS = ["flat", "reshape", "transpose", "permute", "scalar", "odd_stride"]  # the whole base
 ALIASING_VIEWS = SEPARATE_VIEWS + [
@@ -211,6 +212,10 @@ def _view(base: torch.Tensor, kind: str) -> torch.Tensor:
     """The view `kind` of a 1-D base; a plain base where that view does not exist for its size."""
     numel = base.numel()
     a, b = _factor(numel)
+    if kind == "sparse":
+        dense_size = numel // 2 + 1
+        positions = torch.arange(numel) * 5 % dense_size
+        return torch.sparse_coo_tensor(positions.view(1, -1), base.clone(), (dense_size,))
     if kind == "reshape":
         return base.view(a, b)
     if kind == "transpose":
@@ -247,6 +252,19 @@ class Materialized(NamedTuple):
     entries: list[torch.Tensor]
     entry_bases: list[int]
 
+    @property
+    def held(self) -> list[torch.Tensor]:
+        """Every tensor whose bytes the call may write: the bases and the sparse entries."""
+        sparse = {id(entry): entry for entry in self.entries if entry.is_sparse}
+        return self.bases + list(sparse.values())
+
+
+def values64(tensor: torch.Tensor) -> np.ndarray:
+    """A gradient's values in float64, flat (a sparse one as its dense form: duplicates summed)."""
+    if tensor.is_sparse:
+        tensor = tensor.to_dense()
+    return tensor.detach().to(torch.float64).reshape(-1).numpy().copy()
+
 
 def materialize(bases: list[BaseSpec], entries: list[EntrySpec]) -> Materialized:
     tensors = [_fill(spec) for spec in bases]
@@ -275,7 +293,9 @@ def element_bytes(view: torch.Tensor) -> np.ndarray:
 
 def memory_key(view: torch.Tensor, base: int) -> tuple:
     """README: the same memory is the same storage, offset, sizes, strides and dtype, or a dense
-    view of one dtype over the same bytes (g and g.view(-1))."""
+    view of one dtype over the same bytes (g and g.view(-1)). A sparse tensor is itself."""
+    if view.is_sparse:
+        return ("sparse", id(view))
     offsets = np.sort(element_bytes(view))
     size = view.element_size()
     first = int(offsets[0]) if offsets.size else view.storage_offset() * size
@@ -304,6 +324,8 @@ def unique_memory(gradients: Materialized) -> Unique:
     }
     for index in kept:
         view = gradients.entries[index]
+        if view.is_sparse:
+            continue  # its own memory
         offsets = element_bytes(view)
         if np.unique(offsets).size < offsets.size:
             overlap = overlap or f"entry {index} overlaps itself"
@@ -410,13 +432,24 @@ def _subnormal(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return (magnitudes > 0) & (magnitudes < torch.finfo(dtype).smallest_normal)
 
 
-def snapshot(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [bits(tensor) for tensor in tensors]
+def raw(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Everything a tensor holds, bit for bit (a sparse one: its indices and values)."""
+    if tensor.is_sparse:
+        return [tensor._indices().clone(), bits(tensor._values())]
+    return [bits(tensor)]
 
 
-def assert_unchanged(before: list[torch.Tensor], tensors: list[torch.Tensor], what: str) -> None:
+def snapshot(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    return [raw(tensor) for tensor in tensors]
+
+
+def assert_unchanged(before: list, tensors: list[torch.Tensor], what: str) -> None:
     for index, (old, tensor) in enumerate(zip(before, tensors, strict=True)):
-        assert torch.equal(old, bits(tensor)), f"{what}: base {index} changed"
+        now = raw(tensor)
+        same = len(old) == len(now) and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(old, now, strict=True)
+        )
+        assert same, f"{what}: tensor {index} changed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +504,7 @@ def resolve_max_norm(call: Call, gradients: Materialized) -> Call:
         return call
     factor = call.max_norm[1]
     kept = unique_memory(gradients).kept
-    values = [gradients.entries[i].detach().to(torch.float64).reshape(-1).numpy() for i in kept]
+    values = [values64(gradients.entries[i]) for i in kept]
     norm = oracle_norm(np.concatenate(values) if values else np.zeros(0), call.norm_type)
     inv_scale = _as_float(call.inv_scale)
     norm = _times(norm, 1.0 if inv_scale is None else abs(inv_scale))
@@ -584,7 +617,7 @@ def expect(call: Call, gradients: Materialized) -> Expected:
     unique = unique_memory(gradients)
     refusal = (ValueError, unique.overlap) if writes(call) and unique.overlap else None
     kept = unique.kept
-    values = [gradients.entries[i].detach().to(torch.float64).reshape(-1).numpy() for i in kept]
+    values = [values64(gradients.entries[i]) for i in kept]
     joined = np.concatenate(values) if values else np.zeros(0)
     inv_scale = _as_float(call.inv_scale)
     unscale = 1.0 if inv_scale is None else abs(inv_scale)
@@ -620,21 +653,23 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
     expected = expect(call, gradients)
     event(f"{call.api}, {'refused' if expected.refusal else 'accepted'}")
     event(f"found_inf={expected.found_inf}, clipped={expected.clip_coef < 1}")
-    before = snapshot(gradients.bases)
+    before = snapshot(gradients.held)
     if expected.refusal is not None:
         with pytest.raises(expected.refusal[0]):
             run_call(call, gradients.entries, backend)
-        assert_unchanged(before, gradients.bases, f"refused ({expected.refusal[1]})")
+        assert_unchanged(before, gradients.held, f"refused ({expected.refusal[1]})")
         return
-    originals = [e.detach().to(torch.float64).reshape(-1).numpy().copy() for e in gradients.entries]
+    originals = [values64(entry) for entry in gradients.entries]
     result = run_call(call, gradients.entries, backend)
     # Same input, same bits: a second run on a fresh copy of the same set.
     twin = materialize(bases, entries)
     twin_result = run_call(call, twin.entries, backend)
     for first, second in zip(
-        gradients.bases + list(result), twin.bases + list(twin_result), strict=True
+        gradients.held + list(result), twin.held + list(twin_result), strict=True
     ):
         if first is not None:
+            if first.is_sparse:
+                first, second = first.to_dense(), second.to_dense()
             assert torch.equal(bits(first), bits(second)), "not deterministic"
     total_norm, found_inf, clip_coef, per_tensor_norms = result
     # The Triton interpreter flushes or mangles subnormals (an upstream bug): where the set holds
@@ -677,7 +712,7 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
             "per_tensor_norms",
         )
     if not writes(call) or not gradients.entries:
-        assert_unchanged(before, gradients.bases, "a call that only reads")
+        assert_unchanged(before, gradients.held, "a call that only reads")
         return
     clip_value = _as_float(call.clip_value)
     # The coefficient the kernels use comes from their own norm (within NORM_RTOL of the
@@ -686,6 +721,12 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
     for index, view in enumerate(gradients.entries):
         dtype = view.dtype
         exact = oracle_written(originals[index], expected.clip_coef, clip_value)
+        if view.is_sparse:
+            # only the stored elements are scaled: the others stay zeros
+            stored = np.zeros(exact.size, dtype=bool)
+            stored[view._indices()[0].numpy()] = True
+            exact[~stored] = 0.0
+            view = view.to_dense()
         skip = None
         if interpreted:
             if dtype == torch.bfloat16:
@@ -698,11 +739,11 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
     for base_index, base in enumerate(gradients.bases):
         covered = np.zeros(base.numel() * base.element_size(), dtype=bool)
         for index in expected.kept:
-            if gradients.entry_bases[index] == base_index:
-                view = gradients.entries[index]
+            view = gradients.entries[index]
+            if gradients.entry_bases[index] == base_index and not view.is_sparse:
                 offsets = element_bytes(view)
                 covered[(offsets[:, None] + np.arange(view.element_size())).reshape(-1)] = True
-        old = before[base_index].contiguous().view(torch.uint8).numpy()
+        old = before[base_index][0].contiguous().view(torch.uint8).numpy()
         new = bits(base).view(torch.uint8).numpy()
         assert np.array_equal(old[~covered], new[~covered]), (
             f"base {base_index}: bytes outside every gradient changed"
@@ -892,7 +933,7 @@ def check_refusal(kind, api, bases, entries, position, backend) -> None:
     bad, extras = _bad_gradient(kind, gradients.entries)
     at = int(position * (len(gradients.entries) + 1))
     listed = gradients.entries[:at] + bad + gradients.entries[at:]
-    tensors = gradients.bases + extras
+    tensors = gradients.held + extras
     before = snapshot(tensors)
     with pytest.raises(CORRUPTIONS[kind].error):
         run_corrupted(kind, api, listed, backend)
