@@ -36,7 +36,10 @@ NORM_TYPES = [0.5, 1.0, 2.0, 3.0, 10.0, 100.0, math.inf]
 SIZES = [0, 1, 2, 3, 7, 9, 15, 17, 31, 33, 63, 65, 127, 129, 255, 257, 1023, 1025, 4095, 4097]
 INTERPRETED_SIZES = [size for size in SIZES if size <= 65]
 # Magnitudes from zero to extreme, for max_norm, clip_value and inv_scale alike.
-EXTREMES = [0.0, 1e-300, 1e-40, 1e-20, 1e-6, 0.5, 1.0, 2.0, 1e6, 1e20, 1e38, 1e300]
+EXTREMES = [0.0, -0.0, 1e-300, 1e-40, 1e-20, 1e-6, 0.5, 1.0, 2.0, 1e6, 1e20, 1e38, 1e300]
+# inv_scale is a scale, not a bound: a negative one is not refused (it flips the signs)
+INV_SCALES = EXTREMES + [-0.5, -1e-30, 2.0**-24, 65536.0]
+INV_SCALE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 def _examples(default: int, interpreted: bool = False) -> int:
@@ -260,9 +263,10 @@ class Materialized(NamedTuple):
 
 
 def values64(tensor: torch.Tensor) -> np.ndarray:
-    """A gradient's values in float64, flat (a sparse one as its dense form: duplicates summed)."""
+    """A gradient's values in float64, flat. A sparse one: the dense form of its coalesced values
+    (README: the norm is over those; duplicates are summed in the gradient's dtype)."""
     if tensor.is_sparse:
-        tensor = tensor.to_dense()
+        tensor = tensor.coalesce().to_dense()
     return tensor.detach().to(torch.float64).reshape(-1).numpy().copy()
 
 
@@ -467,9 +471,9 @@ class Call(NamedTuple):
     error_if_nonfinite: bool  # clip_grad_norm_ and get_total_norm: the split (synced) path
 
 
-def _number_or_tensor(values):
-    """A value from `values`, as a float or as a float32/float64 0-dim tensor."""
-    return st.tuples(st.sampled_from(values), st.sampled_from(["float", "float64", "float32"])).map(
+def _number_or_tensor(values, tensor_dtypes=("float64", "float32")):
+    """A value from `values`, as a float or as a 0-dim tensor of one of `tensor_dtypes`."""
+    return st.tuples(st.sampled_from(values), st.sampled_from(("float",) + tensor_dtypes)).map(
         lambda pair: (
             pair[0] if pair[1] == "float" else torch.tensor(pair[0], dtype=getattr(torch, pair[1]))
         )
@@ -529,7 +533,7 @@ def calls(draw):
         if api == "fused_clip_":
             clip_value = draw(st.sampled_from([None, clip_value]))
     if api in ("fused_clip_", "measure", "clip_grad_norm_", "clip_grad_value_"):
-        inv_scale = draw(_optional(_number_or_tensor(EXTREMES)))
+        inv_scale = draw(_optional(_number_or_tensor(INV_SCALES, INV_SCALE_DTYPES)))
     if api == "clip_grads_with_norm_":
         total_norm = draw(_number_or_tensor([0.0, 1e-30, 0.7, 3.0, 1e30, 1e39, math.inf]))
     return Call(
@@ -718,6 +722,8 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
     # The coefficient the kernels use comes from their own norm (within NORM_RTOL of the
     # oracle's); the written values follow the oracle's coefficient within 2 ulp, except where the
     # norm itself is at the limit of its tolerance (ignored: the norm check above covers it).
+    coef = expected.clip_coef
+    keeps_signs = coef > 0 and math.isfinite(coef) and (clip_value is None or clip_value > 0)
     for index, view in enumerate(gradients.entries):
         dtype = view.dtype
         exact = oracle_written(originals[index], expected.clip_coef, clip_value)
@@ -735,6 +741,13 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
         assert_rounded_close(
             view, exact, dtype, 2 * ULP[dtype], f"gradient {index} ({dtype})", skip
         )
+        if keeps_signs and not interpreted and not gradients.entries[index].is_sparse:
+            # A positive factor and a positive bound keep every sign, of zeros too (not checked for
+            # sparse gradients: to_dense adds their values to +0).
+            got = values64(view)
+            signed = ~np.isnan(got) & ~np.isnan(originals[index])
+            flipped = np.signbit(got) != np.signbit(originals[index])
+            assert not (flipped & signed).any(), f"gradient {index} ({dtype}): a sign changed"
     # Bytes of the bases that no gradient covers (the gaps of a stepped view) stay as they were.
     for base_index, base in enumerate(gradients.bases):
         covered = np.zeros(base.numel() * base.element_size(), dtype=bool)
