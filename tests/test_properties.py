@@ -34,7 +34,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 NORM_TYPES = [0.5, 1.0, 2.0, 3.0, 10.0, 100.0, math.inf]
 # 0, 1, and 2^k +- 1: tails that no vector width divides, and sizes around the chunk boundaries.
 SIZES = [0, 1, 2, 3, 7, 9, 15, 17, 31, 33, 63, 65, 127, 129, 255, 257, 1023, 1025, 4095, 4097]
-INTERPRETED_SIZES = [size for size in SIZES if size <= 65]
+INTERPRETED_SIZES = [size for size in SIZES if size <= 129]
 # Magnitudes from zero to extreme, for max_norm, clip_value and inv_scale alike.
 EXTREMES = [0.0, -0.0, 1e-300, 1e-40, 1e-20, 1e-6, 0.5, 1.0, 2.0, 1e6, 1e20, 1e38, 1e300]
 # inv_scale is a scale, not a bound: a negative one is not refused (it flips the signs)
@@ -399,7 +399,7 @@ def _overflow_magnitude(dtype: torch.dtype) -> float:
 
 
 def assert_rounded_close(
-    actual: torch.Tensor, exact: np.ndarray, dtype: torch.dtype, rtol: float, what: str, skip=None
+    actual: torch.Tensor, exact: np.ndarray, dtype: torch.dtype, rtol: float, what: str
 ) -> None:
     """`actual` (of `dtype`) against the float64 values `exact` rounded once to `dtype`, within
     rtol of its magnitude (plus the dtype's smallest normal). A result that overflows to inf on
@@ -421,8 +421,6 @@ def assert_rounded_close(
         finite = np.isfinite(expected) & np.isfinite(got)
         bad |= finite & (error > rtol * np.abs(expected) + tiny)
         bad |= ~finite & ~np.isnan(exact) & (got != expected)
-    if skip is not None:
-        bad &= ~skip
     if bad.any():
         where = np.flatnonzero(bad)[:5]
         rows = [
@@ -676,10 +674,13 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
                 first, second = first.to_dense(), second.to_dense()
             assert torch.equal(bits(first), bits(second)), "not deterministic"
     total_norm, found_inf, clip_coef, per_tensor_norms = result
-    # The Triton interpreter flushes or mangles subnormals (an upstream bug): where the set holds
-    # any, its norm says nothing about the kernels; the GPU runs check them.
+    # The Triton interpreter (triton 3.8) flushes bfloat16 subnormals to zero when it widens them
+    # (an upstream bug): where the set holds any, its norm says nothing about the kernels; the GPU
+    # runs check them.
     any_subnormal = any(
-        _subnormal(originals[i], gradients.entries[i].dtype).any() for i in expected.kept
+        _subnormal(originals[i], torch.bfloat16).any()
+        for i in expected.kept
+        if gradients.entries[i].dtype == torch.bfloat16
     )
     skip_norms = interpreted and any_subnormal
     if total_norm is not None and gradients.entries:
@@ -733,14 +734,9 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
             stored[view._indices()[0].numpy()] = True
             exact[~stored] = 0.0
             view = view.to_dense()
-        skip = None
-        if interpreted:
-            if dtype == torch.bfloat16:
-                continue  # the interpreter rounds float32 -> bfloat16 by truncation
-            skip = _subnormal(exact, dtype) | _subnormal(originals[index], dtype)
-        assert_rounded_close(
-            view, exact, dtype, 2 * ULP[dtype], f"gradient {index} ({dtype})", skip
-        )
+        if interpreted and dtype == torch.bfloat16:
+            continue  # the interpreter rounds float32 -> bfloat16 by truncation
+        assert_rounded_close(view, exact, dtype, 2 * ULP[dtype], f"gradient {index} ({dtype})")
         if keeps_signs and not interpreted and not gradients.entries[index].is_sparse:
             # A positive factor and a positive bound keep every sign, of zeros too (not checked for
             # sparse gradients: to_dense adds their values to +0).
@@ -780,7 +776,7 @@ def test_every_call_matches_the_oracle(device, backend, gradients, call):
 
 
 @pytest.mark.parametrize(("device", "backend"), INTERPRETED)
-@_profile(_examples(12, interpreted=True))
+@_profile(_examples(25, interpreted=True))
 @given(gradients=gradient_sets(max_tensors=6, sizes=INTERPRETED_SIZES), call=calls())
 def test_every_call_matches_the_oracle_interpreted(device, backend, gradients, call):
     """The same, small and few: the Triton interpreter runs a kernel per element in Python."""
@@ -995,3 +991,15 @@ def test_bug_an_empty_gradient_listed_twice_counts_once(device, backend, max_nor
     same_nonempty = fusedclip.fused_clip_([nonempty, nonempty], per_tensor=True, backend=backend)
     assert same_nonempty.per_tensor_norms.numel() == 1
     assert result.per_tensor_norms.numel() == 1, f"got {result.per_tensor_norms!r}"
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("norm_type", [0.5, 1.0, 2.0, 3.0])
+def test_bug_norm_of_the_largest_float64_is_finite_for_p_below_one(device, backend, norm_type):
+    """The norm of [DBL_MAX] is DBL_MAX, finite in float64: finite and accurate for every p. With
+    p = 0.5 the triton backend (interpreter, main at a04a804) returned inf: (sum |g|^p)^(1/p)
+    taken unscaled rounds sqrt(DBL_MAX)^2 above the range."""
+    largest = torch.finfo(torch.float64).max
+    gradient = torch.tensor([largest], dtype=torch.float64)
+    total_norm = fusedclip.get_total_norm([gradient], norm_type, backend=backend)
+    assert_rounded_close(total_norm, [largest], torch.float64, NORM_RTOL[torch.float64], "norm")
