@@ -769,14 +769,14 @@ INTERPRETED = [param for param in BACKENDS if is_interpreted(*param.values)]
 
 
 @pytest.mark.parametrize(("device", "backend"), NATIVE)
-@_profile(_examples(150))
+@_profile(_examples(250))
 @given(gradients=gradient_sets(), call=calls())
 def test_every_call_matches_the_oracle(device, backend, gradients, call):
     check_call(call, *gradients, backend)
 
 
 @pytest.mark.parametrize(("device", "backend"), INTERPRETED)
-@_profile(_examples(25, interpreted=True))
+@_profile(_examples(30, interpreted=True))
 @given(gradients=gradient_sets(max_tensors=6, sizes=INTERPRETED_SIZES), call=calls())
 def test_every_call_matches_the_oracle_interpreted(device, backend, gradients, call):
     """The same, small and few: the Triton interpreter runs a kernel per element in Python."""
@@ -957,7 +957,7 @@ def test_refusals_change_nothing(device, backend):
     else:
         sets = gradient_sets(valid=True)
 
-    @_profile(_examples(6 if interpreted else 100, interpreted=interpreted))
+    @_profile(_examples(20 if interpreted else 150, interpreted=interpreted))
     @given(gradients=sets, corruption=corrupted_calls(), position=st.floats(0, 1, exclude_max=True))
     def check(gradients, corruption, position):
         check_refusal(*corruption, *gradients, position, backend)
