@@ -845,7 +845,7 @@ CORRUPTIONS = {
 }
 
 
-def _bad_gradient(kind: str, gradients: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+def _bad_gradient(kind: str) -> tuple[list[torch.Tensor], list]:
     """(the bad gradients to insert, extra tensors whose bytes must not change either)."""
     if kind == "integer gradient":
         bad = torch.arange(5, dtype=torch.int32)
@@ -939,7 +939,7 @@ def corrupted_calls(draw):
 
 def check_refusal(kind, api, bases, entries, position, backend) -> None:
     gradients = materialize(bases, entries)
-    bad, extras = _bad_gradient(kind, gradients.entries)
+    bad, extras = _bad_gradient(kind)
     at = int(position * (len(gradients.entries) + 1))
     listed = gradients.entries[:at] + bad + gradients.entries[at:]
     tensors = gradients.held + extras
