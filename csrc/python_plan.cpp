@@ -63,8 +63,9 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
     const Py_ssize_t count = PyList_GET_SIZE(items);
     std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
     ranges.reserve(static_cast<size_t>(count));
-    // Empty tensors hold no bytes to compare: one listed twice is found by its object instead.
-    std::vector<std::pair<uintptr_t, uintptr_t>> empty_objects;
+    // Empty tensors hold no bytes to compare (their storages may all sit at address 0): two
+    // views of one storage are found by the storage object instead.
+    std::vector<std::pair<uintptr_t, uintptr_t>> empty_storages;
     std::optional<at::Device> device;
     bool any_float64 = false;
     for (Py_ssize_t i = 0; i < count; ++i) {
@@ -107,11 +108,11 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
         const auto begin = reinterpret_cast<uintptr_t>(tensor->const_data_ptr());
         ranges.emplace_back(begin, begin + static_cast<uintptr_t>(bytes));
       } else {
-        const auto object = reinterpret_cast<uintptr_t>(tensor->unsafeGetTensorImpl());
-        empty_objects.emplace_back(object, object + 1);
+        const auto storage = reinterpret_cast<uintptr_t>(tensor->storage().unsafeGetStorageImpl());
+        empty_storages.emplace_back(storage, storage + 1);
       }
     }
-    if (any_overlap(ranges) || any_overlap(empty_objects)) {  // the general path decides repeats
+    if (any_overlap(ranges) || any_overlap(empty_storages)) {  // the general path decides repeats
       drop();
       Py_RETURN_NONE;
     }

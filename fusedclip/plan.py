@@ -180,10 +180,11 @@ def _check_tensors(tensors: list, name: str, writes: bool, gradients_only: bool)
 
 def _memory_key(tensor: torch.Tensor) -> tuple:
     """Equal for tensors that are the same memory: the same view, or dense tensors of one dtype
-    over the same bytes (g and g.view(-1)). Empty tensors hold no memory (their storages may all
-    be at address 0): the same tensor object, listed twice, is the only repeat."""
+    over the same bytes (g and g.view(-1)). Empty tensors hold no bytes and their storages may
+    all sit at address 0: they are told apart by the storage object itself."""
     if tensor.numel() == 0:
-        return ("empty", id(tensor))
+        storage_object = tensor.untyped_storage()._cdata
+        return ("empty", storage_object, tensor.storage_offset(), tensor.dtype)
     storage = tensor.untyped_storage().data_ptr()
     if is_dense(tensor):
         return (storage, tensor.storage_offset(), tensor.numel(), tensor.dtype)

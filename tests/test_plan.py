@@ -104,6 +104,7 @@ def _deferred_cases():
     return [
         pytest.param([shared, shared], {}, id="listed-twice"),
         pytest.param([empty, torch.randn(2), empty], {}, id="empty-listed-twice"),
+        pytest.param([empty, empty.view(0, 1)], {}, id="empty-and-its-view"),
         pytest.param([shared, shared.view(-1)], {}, id="same-memory-other-shape"),
         pytest.param([shared, shared[1:3]], {"writes": True}, id="partial-overlap"),
         pytest.param([torch.ones(3).expand(2, 3)], {"writes": True}, id="expanded"),
@@ -294,3 +295,14 @@ def test_parameters_are_anything_with_a_grad_as_in_torch():
         assert_close(mine, torchs, rtol=1e-6, what="duck-typed gradient")
     with pytest.raises(TypeError, match=r"parameters' gradients\[0\]|parameters\[0\] is a int"):
         fusedclip.clip_grad_norm_([3], 1.0)
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["fast-path", "general-path"])
+def test_empty_tensors_repeat_only_as_views_of_one_storage(monkeypatch, general):
+    if general:
+        monkeypatch.setattr(plan, "_C_PLAN_DENSE", None)
+    empty = torch.ones(0)
+    same = fusedclip.measure([empty, empty, empty.view(0, 1), torch.ones(2)], per_tensor=True)
+    assert same.per_tensor_norms.tolist() == [0.0, torch.tensor(2.0).sqrt().item()]
+    distinct = fusedclip.measure([torch.ones(0), torch.ones(0)], per_tensor=True)
+    assert distinct.per_tensor_norms.tolist() == [0.0, 0.0]
