@@ -237,22 +237,18 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _drop_repeats(tensors: list, copies: list[int] | None, name: str, writes: bool):
-    """The aliasing rule (module docstring). Tensors are the local ones (no DTensor here)."""
-    if torch.compiler.is_compiling():
-        # Storages are not traceable; dynamo itself guards on how its inputs alias. Repeats are
-        # dropped by identity, which dynamo evaluates at trace time without an id() guard.
-        kept, kept_copies = [], []
-        for index, tensor in enumerate(tensors):
-            if not any(tensor is other for other in kept):
-                kept.append(tensor)
-                kept_copies.append(1 if copies is None else copies[index])
-        return kept, (None if copies is None else kept_copies)
+    """The aliasing rule (module docstring). Tensors are the local ones (no DTensor here).
+
+    Under torch.compile storages are not traceable (dynamo itself guards on how its inputs
+    alias): repeats are dropped by identity, which dynamo evaluates at trace time without an id()
+    guard, as they are for sparse tensors."""
+    by_identity = torch.compiler.is_compiling()
     kept, kept_copies = [], []
     seen: set[tuple] = set()
     # storage -> (first byte, last byte, the tensor, its index in `tensors`) of each kept tensor
     spans: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}
     for index, tensor in enumerate(tensors):
-        if tensor.is_sparse:
+        if by_identity or tensor.is_sparse:
             if any(tensor is other for other in kept):
                 continue
         else:
