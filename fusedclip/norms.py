@@ -32,7 +32,7 @@ def is_inf_norm(norm_type: float) -> bool:
 
 
 def needs_scaled_sum(norm_type: float, any_float64: bool) -> bool:
-    """Whether sum |g|^p can leave float64's normal range for some finite gradients."""
+    """Whether sum |g|^p, or its root, can leave float64's normal range for finite gradients."""
     if math.isinf(norm_type) or norm_type == 1.0:
         return False
     return any_float64 or norm_type > MAX_UNSCALED_NORM_TYPE

@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from fusedclip.norms import clip_coefficient, combine_norms, is_inf_norm, nan_max
+from fusedclip.norms import clip_coefficient, combine_norms
 
 
 def tensor_norm(tensor: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """The p-norm of one tensor in float64 (max |g| for p = inf), NaN-propagating.
-
-    Scaled by max |g| before the power, so it is finite whenever the norm fits float64.
-    """
-    magnitudes = tensor.detach().reshape(-1).to(torch.float64).abs()
-    largest = nan_max(magnitudes)
-    if is_inf_norm(norm_type):
-        return largest
-    ordinary = torch.isfinite(largest) & (largest > 0)
-    scale = torch.where(ordinary, largest, torch.ones_like(largest))
-    norm = scale * (magnitudes / scale).pow(norm_type).sum().pow(1.0 / norm_type)
-    return torch.where(ordinary, norm, largest)
+    """The p-norm of one tensor in float64 (max |g| for p = inf), NaN-propagating: the norm of its
+    elements' magnitudes, combined as any norms are (scaled by the max before the power, so it is
+    finite whenever the norm fits float64)."""
+    return combine_norms(tensor.detach().reshape(-1).to(torch.float64).abs(), norm_type)
 
 
 def reduce(
