@@ -28,15 +28,6 @@ bool is_plain_dense(const at::Tensor& tensor, const at::Device& device, bool ref
          !(refuse_parameters && tensor.requires_grad() && tensor.is_leaf());
 }
 
-// Whether any two of the [begin, end) byte ranges intersect (sorts them).
-bool any_overlap(std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    if (ranges[i].first < ranges[i - 1].second) return true;
-  }
-  return false;
-}
-
 // plan_dense(items, of_parameters, refuse_inference, refuse_parameters)
 //   -> (tensors, device, any_float64) or None
 // items: a list of tensors (the gradients), or with of_parameters the parameters whose .grad to
@@ -61,11 +52,11 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
   };
   try {
     const Py_ssize_t count = PyList_GET_SIZE(items);
-    std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+    std::vector<ByteSpan> ranges;
     ranges.reserve(static_cast<size_t>(count));
     // Empty tensors hold no bytes to compare (their storages may all sit at address 0): two
     // views of one storage are found by the storage object instead.
-    std::vector<std::pair<uintptr_t, uintptr_t>> empty_storages;
+    std::vector<ByteSpan> empty_storages;
     std::optional<at::Device> device;
     bool any_float64 = false;
     for (Py_ssize_t i = 0; i < count; ++i) {
@@ -106,13 +97,14 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
       const int64_t bytes = tensor->numel() * static_cast<int64_t>(tensor->element_size());
       if (bytes > 0) {
         const auto begin = reinterpret_cast<uintptr_t>(tensor->const_data_ptr());
-        ranges.emplace_back(begin, begin + static_cast<uintptr_t>(bytes));
+        ranges.push_back({begin, begin + static_cast<uintptr_t>(bytes), static_cast<size_t>(i)});
       } else {
         const auto storage = reinterpret_cast<uintptr_t>(tensor->storage().unsafeGetStorageImpl());
-        empty_storages.emplace_back(storage, storage + 1);
+        empty_storages.push_back({storage, storage + 1, static_cast<size_t>(i)});
       }
     }
-    if (any_overlap(ranges) || any_overlap(empty_storages)) {  // the general path decides repeats
+    if (first_overlap(ranges) ||
+        first_overlap(empty_storages)) {  // the general path decides repeats
       drop();
       Py_RETURN_NONE;
     }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fusedclip {
@@ -57,35 +58,44 @@ inline void check_gradient_list(at::TensorList tensors, const char* name) {
 // memory would be scaled twice, by two threads at once. The Python layer lists the same memory
 // once and refuses partial overlaps (fusedclip/plan.py); this keeps a direct op call as safe.
 // Call after check_gradient_list (each tensor dense, so it spans numel * element_size bytes).
+// A tensor's bytes [begin, end) and its position in the caller's list.
+struct ByteSpan {
+  uintptr_t begin;
+  uintptr_t end;
+  size_t index;
+};
+
+// The indices of two spans that intersect, or nullopt when all are disjoint. Sorts `spans` by
+// begin, unless they are in that order already (gradients often sit in memory in list order).
+inline std::optional<std::pair<size_t, size_t>> first_overlap(std::vector<ByteSpan>& spans) {
+  const auto by_begin = [](const ByteSpan& a, const ByteSpan& b) { return a.begin < b.begin; };
+  if (!std::is_sorted(spans.begin(), spans.end(), by_begin)) {
+    std::sort(spans.begin(), spans.end(), by_begin);
+  }
+  for (size_t k = 1; k < spans.size(); ++k) {
+    if (spans[k].begin < spans[k - 1].end) {
+      return std::make_pair(std::min(spans[k - 1].index, spans[k].index),
+                            std::max(spans[k - 1].index, spans[k].index));
+    }
+  }
+  return std::nullopt;
+}
+
 inline void check_disjoint(at::TensorList tensors, const char* name) {
   if (tensors.size() < 2) return;
-  struct Span {
-    uintptr_t begin;
-    uintptr_t end;
-    size_t index;
-  };
-  std::vector<Span> spans;
+  std::vector<ByteSpan> spans;
   spans.reserve(tensors.size());
-  bool ascending = true;  // gradients often sit in memory in list order: then no sort is needed
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
     if (t.numel() == 0) continue;
     const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-    ascending = ascending && (spans.empty() || spans.back().begin <= begin);
     spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), i});
   }
-  if (!ascending) {
-    std::sort(spans.begin(), spans.end(),
-              [](const Span& a, const Span& b) { return a.begin < b.begin; });
-  }
-  for (size_t k = 1; k < spans.size(); ++k) {
-    const Span& before = spans[k - 1];
-    const Span& after = spans[k];
-    TORCH_CHECK(after.begin >= before.end, name, "[", text(std::min(before.index, after.index)),
-                "] and ", name, "[", text(std::max(before.index, after.index)),
-                "] share memory, so scaling in place would scale it twice; list each gradient "
-                "once (the fusedclip API drops repeats)");
-  }
+  const auto overlap = first_overlap(spans);
+  TORCH_CHECK(!overlap.has_value(), name, "[", text(overlap ? overlap->first : 0), "] and ", name,
+              "[", text(overlap ? overlap->second : 0),
+              "] share memory, so scaling in place would scale it twice; list each gradient "
+              "once (the fusedclip API drops repeats)");
 }
 
 inline void check_norm_type(double norm_type) {
