@@ -6,7 +6,7 @@
 // the general path in plan.py then plans or refuses with its messages. It never raises for a
 // gradient it dislikes, so the two paths cannot disagree on an error.
 #include <fusedclip/checks.h>
-#include <fusedclip/python_plan.h>
+#include <fusedclip/python_module.h>
 #include <torch/csrc/Device.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -20,15 +20,16 @@ namespace {
 
 // Whether `tensor` is a gradient the kernels may take as it is, given the call's rules.
 bool is_plain_dense(const at::Tensor& tensor, const at::Device& device, bool refuse_inference,
-                    bool refuse_parameters) {
+                    bool refuse_parameters, bool refuse_float16) {
   return tensor.defined() && tensor.layout() == at::kStrided &&
-         is_supported_dtype(tensor.scalar_type()) && tensor.device() == device &&
+         is_supported_dtype(tensor.scalar_type()) &&
+         !(refuse_float16 && tensor.scalar_type() == at::kHalf) && tensor.device() == device &&
          tensor.is_non_overlapping_and_dense() && !tensor.is_neg() &&
          !(refuse_inference && tensor.is_inference()) &&
          !(refuse_parameters && tensor.requires_grad() && tensor.is_leaf());
 }
 
-// plan_dense(items, of_parameters, refuse_inference, refuse_parameters)
+// plan_dense(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16)
 //   -> (tensors, device, any_float64) or None
 // items: a list of tensors (the gradients), or with of_parameters the parameters whose .grad to
 // take (None grads skipped). tensors: the gradients, in order (the list itself when not gathering).
@@ -37,8 +38,9 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
   int of_parameters = 0;
   int refuse_inference = 0;
   int refuse_parameters = 0;
-  if (!PyArg_ParseTuple(args, "O!ppp", &PyList_Type, &items, &of_parameters, &refuse_inference,
-                        &refuse_parameters)) {
+  int refuse_float16 = 0;
+  if (!PyArg_ParseTuple(args, "O!pppp", &PyList_Type, &items, &of_parameters, &refuse_inference,
+                        &refuse_parameters, &refuse_float16)) {
     return nullptr;
   }
   PyObject* tensors = items;
@@ -89,7 +91,7 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
         tensor = &grad;
       }
       if (!device.has_value()) device = tensor->device();
-      if (!is_plain_dense(*tensor, *device, refuse_inference, refuse_parameters)) {
+      if (!is_plain_dense(*tensor, *device, refuse_inference, refuse_parameters, refuse_float16)) {
         drop();
         Py_RETURN_NONE;
       }
@@ -128,7 +130,8 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"plan_dense", plan_dense, METH_VARARGS,
-     "plan_dense(items, of_parameters, refuse_inference, refuse_parameters): the common case "
+     "plan_dense(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16): "
+     "the common case "
      "of fusedclip.plan in one pass, or None (see csrc/python_plan.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -1,15 +1,24 @@
 // The one place where the fusedclip op schemas live. Backend files add kernels with
 // TORCH_LIBRARY_IMPL(fusedclip, <DispatchKey>, m); csrc/README.md states each op's contract.
 #include <Python.h>
-#include <fusedclip/python_plan.h>
+#include <fusedclip/python_module.h>
 #include <torch/library.h>
 
+#include <vector>
+
 extern "C" {
-// Importing fusedclip._C runs the static registrations below; the module itself holds only the
-// planner's fast path (csrc/python_plan.cpp).
+// Importing fusedclip._C runs the static registrations below; the module itself holds the
+// planner's fast path (csrc/python_plan.cpp) and the unboxed op calls (csrc/python_ops.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          fusedclip::python_plan_methods()};
+  static std::vector<PyMethodDef> methods = [] {
+    std::vector<PyMethodDef> all;
+    for (PyMethodDef* table : {fusedclip::python_plan_methods(), fusedclip::python_op_methods()}) {
+      for (; table->ml_name != nullptr; ++table) all.push_back(*table);
+    }
+    all.push_back({nullptr, nullptr, 0, nullptr});
+    return all;
+  }();
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods.data()};
   return PyModule_Create(&module_def);
 }
 }

@@ -15,6 +15,7 @@ flagged), without a sync for fused optimizers and without backing off the scale.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,15 @@ from torch.amp.grad_scaler import GradScaler, OptState
 
 from fusedclip import api
 from fusedclip.api import ClipResult
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list:
+    """Every parameter of `optimizer`, in param-group order (one group's own list as it is: the
+    planner only reads it)."""
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return groups[0]["params"]
+    return list(itertools.chain.from_iterable(group["params"] for group in groups))
 
 
 def optimizer_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -106,7 +116,7 @@ def _record_found_inf(state: dict, found_inf: torch.Tensor | None, stage: OptSta
 def unscale_clip_(
     scaler: GradScaler,
     optimizer: torch.optim.Optimizer,
-    max_norm: float,
+    max_norm: float | None,
     norm_type: float | str = 2.0,
     *,
     clip_value: float | None = None,
@@ -115,6 +125,7 @@ def unscale_clip_(
     backend: str | None = None,
 ) -> ClipResult:
     """`scaler.unscale_(optimizer)` then `clip_grad_norm_` (then a value clamp), fused.
+    `max_norm=None` unscales (and clamps by `clip_value`) without a norm clip.
 
     Returns the ClipResult of the unscaled gradients. The scaler records `found_inf` for the
     optimizer and marks it unscaled, so `scaler.step(optimizer)` skips the step on overflow and
@@ -126,31 +137,26 @@ def unscale_clip_(
         ValueError: float16 gradients (as `scaler.unscale_`), or a bad argument.
     """
     _check_scaler_and_optimizer(scaler, optimizer, "unscale_clip_", scaler_optional=False)
-    grads = optimizer_gradients(optimizer)
-    if not scaler._enabled:
-        return api.fused_clip_(
-            grads,
-            max_norm=max_norm,
-            norm_type=norm_type,
-            clip_value=clip_value,
-            per_tensor=per_tensor,
-            process_group=process_group,
-            backend=backend,
-        )
-    state = _scaler_state(scaler, optimizer, "unscale_")
-    _check_not_float16(grads)
-    result = api.fused_clip_(
-        grads,
-        max_norm=max_norm,
+    state = _scaler_state(scaler, optimizer, "unscale_") if scaler._enabled else None
+    # The planner gathers the gradients (in C++ for the common case) and refuses float16 ones
+    # as scaler.unscale_ does, before anything is written.
+    result = api._clip(
+        _parameters(optimizer),
+        "the optimizer's parameters",
         norm_type=norm_type,
+        max_norm=max_norm,
         clip_value=clip_value,
-        inv_scale=_inv_scale(scaler),
+        inv_scale=_inv_scale(scaler) if state is not None else None,
         per_tensor=per_tensor,
         process_group=process_group,
         backend=backend,
+        of_parameters=True,
+        refuse_float16=state is not None,
     )
-    _record_found_inf(state, result.found_inf if grads else None, OptState.UNSCALED)
-    return result
+    if state is not None:
+        # No gradient: nothing is recorded, so scaler.step says "No inf checks were recorded".
+        _record_found_inf(state, None if result is None else result.found_inf, OptState.UNSCALED)
+    return api._or_empty(result, per_tensor)
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:

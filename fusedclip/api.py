@@ -133,6 +133,8 @@ class _KernelInputs(NamedTuple):
 def _kernel_inputs(group: plan.DeviceGroup) -> _KernelInputs:
     """Dense gradients as they are; strided ones as contiguous copies; sparse ones as their
     coalesced values (the tensor's own values when it is coalesced already)."""
+    if not group.strided and not group.sparse:
+        return _KernelInputs(group.dense, [])
     tensors = list(group.dense)
     write_backs = []
     for tensor in group.strided:
@@ -235,7 +237,10 @@ def _nonfinite_error(norm_type: float) -> RuntimeError:
     )
 
 
-def _empty_result(per_tensor: bool) -> ClipResult:
+def _or_empty(result: ClipResult | None, per_tensor: bool) -> ClipResult:
+    """`_clip`'s result, or for a call without gradients what torch returns then: a norm of 0."""
+    if result is not None:
+        return result
     zero = torch.tensor(0.0)
     one = torch.tensor(1.0, dtype=torch.float64)
     return ClipResult(zero, torch.tensor(0.0), one, torch.empty(0) if per_tensor else None)
@@ -264,12 +269,15 @@ def _clip(
     apply: bool = True,
     of_parameters: bool = False,
     gradients_only: bool = False,
-) -> ClipResult:
-    """Checks every argument, measures, then (when `apply`) scales the gradients in place.
+    refuse_float16: bool = False,
+) -> ClipResult | None:
+    """Checks every argument, measures, then (when `apply`) scales the gradients in place; None
+    when there is no gradient.
 
     `items` are the gradients, or with `of_parameters` the parameters whose `.grad` to take.
     `apply=False` only computes what the write pass would do, for callers that fold it into
-    another kernel. `name` is how error messages call `items`.
+    another kernel. `name` is how error messages call `items`; `gradients_only` and
+    `refuse_float16` as `plan.prepare`.
     """
     norm_type = _check_norm_type(norm_type)
     max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
@@ -284,11 +292,12 @@ def _clip(
         writes=writes,
         of_parameters=of_parameters,
         gradients_only=gradients_only,
+        refuse_float16=refuse_float16,
     )
     if the_plan is None:
         if process_group is not None:
             distributed.join_empty(norm_type, process_group)
-        return _empty_result(per_tensor)
+        return None
     backend_ = the_plan.groups[0].backend
     inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
     inputs = [_kernel_inputs(group) for group in the_plan.groups]
@@ -391,7 +400,7 @@ def fused_clip_(
         ValueError: a bad argument, or gradients that partially overlap in memory.
         Nothing is modified when it raises.
     """
-    return _clip(
+    result = _clip(
         _as_list(tensors),
         "tensors",
         norm_type=norm_type,
@@ -403,6 +412,7 @@ def fused_clip_(
         backend=backend,
         gradients_only=True,
     )
+    return _or_empty(result, per_tensor)
 
 
 @torch.no_grad()
@@ -424,7 +434,7 @@ def measure(
     Returns:
         ClipResult; `clip_coef` is the factor `fused_clip_` would multiply the gradients by.
     """
-    return _clip(
+    result = _clip(
         _as_list(tensors),
         "tensors",
         norm_type=norm_type,
@@ -436,6 +446,7 @@ def measure(
         apply=False,
         gradients_only=True,
     )
+    return _or_empty(result, per_tensor)
 
 
 @torch.no_grad()
@@ -472,7 +483,7 @@ def clip_grad_norm_(
     max_norm = _check_nonnegative(
         max_norm, "max_norm", "; to measure without clipping use get_total_norm"
     )
-    return _clip(
+    result = _clip(
         _parameters_list(parameters),
         "parameters",
         norm_type=norm_type,
@@ -482,7 +493,8 @@ def clip_grad_norm_(
         process_group=process_group,
         backend=backend,
         of_parameters=True,
-    ).total_norm
+    )
+    return _or_empty(result, False).total_norm
 
 
 @torch.no_grad()
@@ -499,7 +511,7 @@ def get_total_norm(
 
     Args, Returns and Raises: as `clip_grad_norm_`, without clipping.
     """
-    return _clip(
+    result = _clip(
         _as_list(tensors),
         "tensors",
         norm_type=norm_type,
@@ -507,7 +519,8 @@ def get_total_norm(
         error_if_nonfinite=error_if_nonfinite,
         process_group=process_group,
         backend=backend,
-    ).total_norm
+    )
+    return _or_empty(result, False).total_norm
 
 
 @torch.no_grad()

@@ -2,6 +2,11 @@
 
 Importing this module loads the extension if it was built; `EXTENSION_ERROR` says why not
 otherwise. The op contracts are in csrc/README.md; fusedclip/reference.py specifies them.
+
+The ops that take a list of gradients are called eagerly through `fusedclip._C.call_*`, the same
+dispatcher call without boxing the list (csrc/python_ops.cpp: about 40 ns a tensor less); they
+answer NotImplemented where torch.ops has more to do, and under torch.compile torch.ops is what
+gets traced.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ try:
     # An extension compiled against another torch can crash or misbehave: refuse it unloaded.
     if (torch_mismatch := build_info.torch_mismatch(build_info.read_build_record())) is not None:
         raise ImportError(torch_mismatch)
-    from fusedclip import _C  # noqa: F401  (registers torch.ops.fusedclip.*)
+    from fusedclip import _C  # registers torch.ops.fusedclip.*
 
     EXTENSION_ERROR: str | None = None
 except ImportError as error:
+    _C = None
     if (
         importlib.util.find_spec("fusedclip._C") is None
     ):  # a pure-Python install (FUSEDCLIP_SKIP_EXT=1)
@@ -48,9 +54,21 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     return _REGISTERED_KERNELS.get((op_name, dispatch_key), False)
 
 
+def _unboxed(name: str):
+    """fusedclip._C's unboxed call of op `name`, or None where only torch.ops is there."""
+    return getattr(_C, f"call_{name}", None)
+
+
+_CALL_REDUCE, _CALL_SCALE_, _CALL_CLIP_ = (_unboxed(name) for name in ("reduce", "scale_", "clip_"))
+
+
 def reduce(
     tensors: list[torch.Tensor], norm_type: float, per_tensor: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _CALL_REDUCE is not None and not torch.compiler.is_compiling():
+        result = _CALL_REDUCE(tensors, norm_type, per_tensor)
+        if result is not NotImplemented:
+            return result
     return torch.ops.fusedclip.reduce.default(tensors, norm_type, per_tensor)
 
 
@@ -64,6 +82,9 @@ def finalize(
 
 
 def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor, clip_value: float | None) -> None:
+    if _CALL_SCALE_ is not None and not torch.compiler.is_compiling():
+        if _CALL_SCALE_(tensors, clip_coef, clip_value) is not NotImplemented:
+            return
     torch.ops.fusedclip.scale_.default(tensors, clip_coef, clip_value)
 
 
@@ -79,6 +100,12 @@ def clip_(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduce, finalize and scale_ in one call: (total_norm, found_inf, clip_coef,
     per_tensor_norms). `launch` ("auto", "single", "split") picks how CUDA runs the passes."""
+    if _CALL_CLIP_ is not None and not torch.compiler.is_compiling():
+        result = _CALL_CLIP_(
+            tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch
+        )
+        if result is not NotImplemented:
+            return result
     return torch.ops.fusedclip.clip_.default(
         tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch
     )

@@ -60,22 +60,24 @@ def prepare(
     measured: bool = True,
     of_parameters: bool = False,
     gradients_only: bool = False,
+    refuse_float16: bool = False,
 ):
     """(plan or None when there is nothing to do, process group).
 
     `tensors` are the gradients, or with `of_parameters` the parameters whose `.grad` to take
     (None skipped). `name` is how messages call them; `writes`: the call modifies the gradients;
     `measured=False`: no norm is taken (no count of the ranks holding a shard);
-    `gradients_only`: refuse parameters (leaves that require grad) among the gradients.
+    `gradients_only`: refuse parameters (leaves that require grad) among the gradients;
+    `refuse_float16`: refuse float16 gradients, as GradScaler.unscale_ does.
     """
-    plan = _dense_plan(tensors, backend, writes, of_parameters, gradients_only)
+    plan = _dense_plan(tensors, backend, writes, of_parameters, gradients_only, refuse_float16)
     if plan is not None:
         return plan, process_group
     dispatch.requested_backend(backend)  # an empty list must reject a bad backend too
     if of_parameters:
         tensors = _gradients(tensors, name)
         name = f"{name}' gradients"
-    _check_tensors(tensors, name, writes, gradients_only)
+    _check_tensors(tensors, name, writes, gradients_only, refuse_float16)
     if not tensors:
         return None, process_group
     copies = None
@@ -107,12 +109,19 @@ def _gradients(parameters: list, name: str) -> list:
 
 
 def _dense_plan(
-    tensors: list, backend: str | None, writes: bool, of_parameters: bool, gradients_only: bool
+    tensors: list,
+    backend: str | None,
+    writes: bool,
+    of_parameters: bool,
+    gradients_only: bool,
+    refuse_float16: bool,
 ):
     """The common case's plan from the C++ planner, or None to take the general path."""
     if not tensors or torch.compiler.is_compiling() or _C_PLAN_DENSE is None:
         return None
-    found = _C_PLAN_DENSE(tensors, of_parameters, _refuses_inference(writes), gradients_only)
+    found = _C_PLAN_DENSE(
+        tensors, of_parameters, _refuses_inference(writes), gradients_only, refuse_float16
+    )
     if found is None:
         return None
     tensors, device, any_float64 = found
@@ -145,7 +154,9 @@ def _refuses_inference(writes: bool) -> bool:
     return not torch.is_inference_mode_enabled()
 
 
-def _check_tensors(tensors: list, name: str, writes: bool, gradients_only: bool) -> None:
+def _check_tensors(
+    tensors: list, name: str, writes: bool, gradients_only: bool, refuse_float16: bool
+) -> None:
     refuse_inference = _refuses_inference(writes)
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
@@ -171,6 +182,8 @@ def _check_tensors(tensors: list, name: str, writes: bool, gradients_only: bool)
                 "gradient: pass the gradients ([p.grad for p in model.parameters() if p.grad "
                 "is not None]) or use clip_grad_norm_(model.parameters(), ...)"
             )
+        if refuse_float16 and tensor.dtype == torch.float16:
+            raise ValueError("Attempting to unscale FP16 gradients.")  # GradScaler's words
         if refuse_inference and tensor.is_inference():
             raise ValueError(
                 f"{name}[{index}] is an inference tensor, which torch allows to be modified only "

@@ -154,6 +154,42 @@ def test_float16_gradients_are_refused_like_torch():
         scaler.unscale_(optimizer)
 
 
+@pytest.mark.parametrize("fast_planner", [True, False], ids=["c++-planner", "python-planner"])
+def test_several_param_groups_match_torch_and_a_float16_one_changes_nothing(
+    monkeypatch, fast_planner
+):
+    from fusedclip import plan
+
+    if not fast_planner:
+        monkeypatch.setattr(plan, "_C_PLAN_DENSE", None)
+
+    def setup():
+        model = _model("cpu")
+        first, second = list(model[0].parameters()), list(model[2].parameters())
+        optimizer = torch.optim.SGD([{"params": first}, {"params": second, "lr": 0.5}], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
+        return model, optimizer, scaler
+
+    model, optimizer, scaler = setup()
+    norm = amp.unscale_clip_(scaler, optimizer, 0.1).total_norm
+    twin, twin_optimizer, twin_scaler = setup()
+    twin_scaler.unscale_(twin_optimizer)
+    assert_close(norm, torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1), rtol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+
+    model, optimizer, scaler = setup()
+    half = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    half.grad = torch.ones_like(half)
+    optimizer.add_param_group({"params": [half]})
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        amp.unscale_clip_(scaler, optimizer, 0.1)
+    for p, original in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.grad, original)
+
+
 def test_disabled_scaler_is_plain_clipping():
     model, reference_model = _model("cpu"), _model("cpu")
     for m in (model, reference_model):

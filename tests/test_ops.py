@@ -28,6 +28,7 @@ from tolerances import (
     SIZES,
 )
 
+import fusedclip
 from fusedclip import dispatch, norms, reference
 
 # Triton and the reference allocate their outputs from Python: fresh memory is NaN there.
@@ -605,3 +606,118 @@ def test_clip_op_rejects_bad_arguments_and_leaves_gradients(device, backend, lau
             ops.clip_(*args)
         for tensor, original in zip(tensors, originals, strict=True):
             assert torch.equal(tensor, original), f"a bad {name} changed a gradient"
+
+
+# The extension's ops, called eagerly through fusedclip._C's unboxed bindings (fusedclip/ops.py)
+# and through torch.ops: one dispatcher, so the same results, errors and side effects.
+EXTENSION_OPS = [p for p in backend_params(include_reference=False) if p.values[1] != "triton"]
+
+
+def _op_calls(device):
+    tensors = random_gradients([5, 0, 129, 70000], [torch.float32, torch.bfloat16], device)
+    coef = torch.tensor(0.5, dtype=torch.float64, device=device)
+    inv_scale = torch.tensor(0.25, device=device)
+    return tensors, [
+        ("reduce", (2.0, True)),
+        ("reduce", (10.0, False)),
+        ("scale_", (coef, 0.1)),
+        ("clip_", (2.0, 1.0, inv_scale, 0.1, torch.float32, True, "auto")),
+        ("clip_", (math.inf, None, None, None, torch.float64, False, "auto")),
+    ]
+
+
+@pytest.mark.parametrize(("device", "backend"), EXTENSION_OPS)
+def test_unboxed_calls_match_torch_ops(device, backend):
+    from fusedclip import ops
+
+    assert ops._CALL_CLIP_ is not None, "the extension has no unboxed calls"
+    tensors, calls = _op_calls(device)
+    for name, args in calls:
+        unboxed = [t.clone() for t in tensors]
+        boxed = [t.clone() for t in tensors]
+        direct = getattr(ops, f"_CALL_{name.upper()}")(unboxed, *args)
+        assert direct is not NotImplemented, name
+        through_torch = getattr(torch.ops.fusedclip, name).default(boxed, *args)
+        if name == "scale_":
+            assert direct is None and through_torch is None
+        else:
+            for x, y in zip(direct, through_torch, strict=True):
+                assert torch.equal(bits(x), bits(y)), name
+        for x, y in zip(unboxed, boxed, strict=True):
+            assert torch.equal(bits(x), bits(y)), name
+    bad = [torch.zeros(3, dtype=torch.int32, device=device)]
+    messages = []
+    for call in (ops._CALL_REDUCE, torch.ops.fusedclip.reduce.default):
+        with pytest.raises(RuntimeError) as error:
+            call(bad, 2.0, False)
+        messages.append(str(error.value).splitlines()[0])
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize(("device", "backend"), EXTENSION_OPS)
+def test_unboxed_calls_leave_subclasses_and_torch_function_modes_to_torch_ops(device, backend):
+    from torch.overrides import TorchFunctionMode
+
+    from fusedclip import ops
+
+    seen = []
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    tensors = [torch.randn(7, device=device)]
+    assert ops._CALL_REDUCE(tensors, 2.0, False) is not NotImplemented
+    with Recorder():
+        assert ops._CALL_REDUCE(tensors, 2.0, False) is NotImplemented
+        ops.reduce(tensors, 2.0, False)
+    assert torch.ops.fusedclip.reduce.default in seen
+    subclass = [torch.randn(7, device=device).as_subclass(torch.nn.Buffer)]
+    assert ops._CALL_REDUCE(subclass, 2.0, False) is NotImplemented
+    norm, _, _ = ops.reduce(subclass, 2.0, False)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(subclass[0].double()))
+
+
+@pytest.mark.parametrize(("device", "backend"), EXTENSION_OPS)
+def test_writing_ops_bump_version_counters_as_in_place_ops_do(device, backend):
+    """So autograd catches a gradient that was saved for backward and then clipped, as it does
+    after torch's clip_grad_norm_ (which scales with _foreach_mul_)."""
+    from fusedclip import ops
+
+    tensors = [torch.randn(5, device=device), torch.randn(3, device=device)]
+    coef = torch.tensor(0.5, dtype=torch.float64, device=device)
+    versions = [t._version for t in tensors]
+    ops.scale_(tensors, coef, None)
+    torch.ops.fusedclip.scale_.default(tensors, coef, None)
+    ops.clip_(tensors, 2.0, 1.0, None, None, torch.float32, False)
+    assert [t._version for t in tensors] == [v + 3 for v in versions]
+    ops.reduce(tensors, 2.0, False)  # reads only
+    assert [t._version for t in tensors] == [v + 3 for v in versions]
+
+    weight = torch.randn(4, device=device, requires_grad=True)
+    saved = torch.randn(4, device=device)
+    loss = (weight * saved).sum()  # saves `saved` for backward
+    fusedclip.fused_clip_([saved], max_norm=1e-3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(("device", "backend"), EXTENSION_OPS)
+def test_ops_refuse_to_be_differentiated_before_writing(device, backend):
+    from fusedclip import ops
+
+    leaf = torch.randn(5, device=device, requires_grad=True)
+    plain = torch.randn(5, device=device)
+    original = plain.clone()
+    coef = torch.tensor(0.5, dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match=r"fusedclip::reduce has no derivative.*tensors\[0\]"):
+        ops.reduce([leaf], 2.0, False)
+    with pytest.raises(RuntimeError, match=r"fusedclip::clip_ has no derivative.*tensors\[1\]"):
+        ops.clip_([plain, leaf], 2.0, 1e-3, None, None, torch.float32, False)
+    with pytest.raises(RuntimeError, match="fusedclip::scale_ has no derivative.*clip_coef"):
+        ops.scale_([plain], coef.clone().requires_grad_(), None)
+    assert torch.equal(plain, original)
+    with torch.no_grad():  # where the API calls them
+        norm, _, _ = ops.reduce([leaf], 2.0, False)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(leaf.detach().double()))

@@ -88,7 +88,7 @@ def test_fast_path_plans_the_common_case_as_the_general_path(monkeypatch, make, 
     grads = make()
     fast, general = _prepare_both_ways(monkeypatch, grads, writes=writes)
     assert fast == general
-    assert plan._C_PLAN_DENSE(grads, False, writes, False) is not None, "not the fast path"
+    assert plan._C_PLAN_DENSE(grads, False, writes, False, False) is not None, "not the fast path"
     parameters = _parameters(*grads) + [torch.nn.Parameter(torch.zeros(2))]  # one without grad
     fast, general = _prepare_both_ways(monkeypatch, parameters, writes=writes, of_parameters=True)
     assert fast[:2] == general[:2]  # dtype, count; the gradients are the same tensors:
@@ -116,6 +116,11 @@ def _deferred_cases():
         pytest.param([inference], {"writes": True}, id="inference-tensor-written"),
         pytest.param([leaf], {"gradients_only": True}, id="parameter-as-gradient"),
         pytest.param([torch.randn(3)._neg_view()], {}, id="negative-bit-view"),
+        pytest.param(
+            [torch.randn(3), torch.randn(2, dtype=torch.float16)],
+            {"refuse_float16": True},
+            id="float16-unscaled",
+        ),
     ]
 
 
@@ -124,10 +129,8 @@ def _deferred_cases():
 def test_fast_path_defers_the_rest_and_the_errors_are_the_general_paths(monkeypatch, items, kwargs):
     kwargs = {"writes": False, **kwargs}
     refuse_inference = kwargs["writes"]
-    assert (
-        plan._C_PLAN_DENSE(items, False, refuse_inference, kwargs.get("gradients_only", False))
-        is None
-    )
+    rules = (kwargs.get("gradients_only", False), kwargs.get("refuse_float16", False))
+    assert plan._C_PLAN_DENSE(items, False, refuse_inference, *rules) is None
     fast, general = _prepare_both_ways(monkeypatch, items, **kwargs)
     assert fast == general
 

@@ -1,0 +1,166 @@
+// fusedclip._C.call_reduce / call_scale_ / call_clip_: the list-taking ops called from Python
+// through the C++ dispatcher, unboxed.
+//
+// torch.ops.fusedclip.clip_(tensors, ...) boxes a Python list of N tensors into IValues and
+// unboxes it again into the kernel's vector: about 40 ns per tensor, more than the CPU kernels
+// spend on a small gradient. These bindings build the vector once from the list and make the
+// same typed dispatcher call, so every dispatch key (CPU, CUDA, Python modes, autograd) still
+// sees the op. Where torch.ops would do more than that (a tensor subclass that may override
+// __torch_function__, an active torch function mode) they answer NotImplemented and
+// fusedclip/ops.py calls torch.ops instead.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <fusedclip/op_handles.h>
+#include <fusedclip/python_module.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace fusedclip {
+namespace {
+
+// The list's tensors, or nullopt where torch.ops must take the call (see the file comment).
+std::optional<std::vector<at::Tensor>> tensor_list(PyObject* list) {
+  if (!PyList_CheckExact(list) || at::impl::torch_function_mode_enabled()) return std::nullopt;
+  const Py_ssize_t count = PyList_GET_SIZE(list);
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(static_cast<size_t>(count));
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* item = PyList_GET_ITEM(list, i);
+    if (!THPVariable_CheckExact(item)) return std::nullopt;
+    tensors.push_back(THPVariable_Unpack(item));
+  }
+  return tensors;
+}
+
+// A plain tensor, or nullopt for None; `ok` false for anything torch.ops must see.
+std::optional<at::Tensor> optional_tensor(PyObject* object, bool& ok) {
+  ok = object == Py_None || THPVariable_CheckExact(object);
+  if (!ok || object == Py_None) return std::nullopt;
+  return THPVariable_Unpack(object);
+}
+
+// None or a float (an int converts); nullopt with a Python error set when it is neither.
+std::optional<double> optional_double(PyObject* object, bool& ok) {
+  ok = true;
+  if (object == Py_None) return std::nullopt;
+  const double value = PyFloat_AsDouble(object);
+  ok = !(value == -1.0 && PyErr_Occurred());
+  return value;
+}
+
+// Runs the dispatcher call without the GIL, as torch.ops does, so other Python threads go on
+// while the kernels run.
+class ReleasedGil {
+ public:
+  ReleasedGil() : state_(PyEval_SaveThread()) {}
+  ~ReleasedGil() { PyEval_RestoreThread(state_); }
+  ReleasedGil(const ReleasedGil&) = delete;
+  ReleasedGil& operator=(const ReleasedGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+PyObject* wrap(at::Tensor tensor) { return THPVariable_Wrap(std::move(tensor)); }
+
+// call_reduce(tensors, norm_type, per_tensor) -> (raw_norm, found_inf, per_tensor_norms)
+PyObject* call_reduce(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* list = nullptr;
+  double norm_type = 0.0;
+  int per_tensor = 0;
+  if (!PyArg_ParseTuple(args, "Odp", &list, &norm_type, &per_tensor)) return nullptr;
+  auto tensors = tensor_list(list);
+  if (!tensors) Py_RETURN_NOTIMPLEMENTED;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  {
+    ReleasedGil released;
+    result = reduce_op().call(*tensors, norm_type, per_tensor != 0);
+  }
+  return Py_BuildValue("(NNN)", wrap(std::move(std::get<0>(result))),
+                       wrap(std::move(std::get<1>(result))), wrap(std::move(std::get<2>(result))));
+  END_HANDLE_TH_ERRORS
+}
+
+// call_scale_(tensors, clip_coef, clip_value) -> None
+PyObject* call_scale_(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* list = nullptr;
+  PyObject* coef_object = nullptr;
+  PyObject* clip_value_object = nullptr;
+  if (!PyArg_ParseTuple(args, "OOO", &list, &coef_object, &clip_value_object)) return nullptr;
+  bool ok = false;
+  const std::optional<double> clip_value = optional_double(clip_value_object, ok);
+  if (!ok) return nullptr;
+  auto tensors = tensor_list(list);
+  if (!tensors || !THPVariable_CheckExact(coef_object)) Py_RETURN_NOTIMPLEMENTED;
+  const at::Tensor& clip_coef = THPVariable_Unpack(coef_object);
+  {
+    ReleasedGil released;
+    scale_op().call(*tensors, clip_coef, clip_value);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// call_clip_(tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch)
+//   -> (total_norm, found_inf, clip_coef, per_tensor_norms)
+PyObject* call_clip_(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* list = nullptr;
+  double norm_type = 0.0;
+  PyObject* max_norm_object = nullptr;
+  PyObject* inv_scale_object = nullptr;
+  PyObject* clip_value_object = nullptr;
+  PyObject* dtype_object = nullptr;
+  int per_tensor = 0;
+  const char* launch = nullptr;
+  if (!PyArg_ParseTuple(args, "OdOOOO!ps", &list, &norm_type, &max_norm_object, &inv_scale_object,
+                        &clip_value_object, &THPDtypeType, &dtype_object, &per_tensor, &launch)) {
+    return nullptr;
+  }
+  bool ok = false;
+  const std::optional<double> max_norm = optional_double(max_norm_object, ok);
+  if (!ok) return nullptr;
+  const std::optional<double> clip_value = optional_double(clip_value_object, ok);
+  if (!ok) return nullptr;
+  const std::optional<at::Tensor> inv_scale = optional_tensor(inv_scale_object, ok);
+  auto tensors = tensor_list(list);
+  if (!tensors || !ok) Py_RETURN_NOTIMPLEMENTED;
+  const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(dtype_object)->scalar_type;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  {
+    ReleasedGil released;
+    result = clip_op().call(*tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype,
+                            per_tensor != 0, std::string_view(launch));
+  }
+  return Py_BuildValue("(NNNN)", wrap(std::move(std::get<0>(result))),
+                       wrap(std::move(std::get<1>(result))), wrap(std::move(std::get<2>(result))),
+                       wrap(std::move(std::get<3>(result))));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"call_reduce", call_reduce, METH_VARARGS,
+     "call_reduce(tensors, norm_type, per_tensor): torch.ops.fusedclip.reduce, unboxed, or "
+     "NotImplemented (see csrc/python_ops.cpp)."},
+    {"call_scale_", call_scale_, METH_VARARGS,
+     "call_scale_(tensors, clip_coef, clip_value): torch.ops.fusedclip.scale_, unboxed, or "
+     "NotImplemented."},
+    {"call_clip_", call_clip_, METH_VARARGS,
+     "call_clip_(tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, "
+     "launch): torch.ops.fusedclip.clip_, unboxed, or NotImplemented."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+PyMethodDef* python_op_methods() { return methods; }
+
+}  // namespace fusedclip
