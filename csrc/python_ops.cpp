@@ -4,7 +4,8 @@
 // torch.ops.fusedclip.clip_(tensors, ...) boxes a Python list of N tensors into IValues and
 // unboxes it again into the kernel's vector: about 40 ns per tensor, more than the CPU kernels
 // spend on a small gradient. These bindings build the vector once from the list and make the
-// same typed dispatcher call, so every dispatch key (CPU, CUDA, Python modes, autograd) still
+// same typed dispatcher call (from the planner's DenseGradients, with no copy at all), so every
+// dispatch key (CPU, CUDA, Python modes, autograd) still
 // sees the op. Where torch.ops would do more than that (a tensor subclass that may override
 // __torch_function__, an active torch function mode) they answer NotImplemented and
 // fusedclip/ops.py calls torch.ops instead.
@@ -24,18 +25,20 @@
 namespace fusedclip {
 namespace {
 
-// The list's tensors, or nullopt where torch.ops must take the call (see the file comment).
-std::optional<std::vector<at::Tensor>> tensor_list(PyObject* list) {
-  if (!PyList_CheckExact(list) || at::impl::torch_function_mode_enabled()) return std::nullopt;
-  const Py_ssize_t count = PyList_GET_SIZE(list);
-  std::vector<at::Tensor> tensors;
-  tensors.reserve(static_cast<size_t>(count));
+// The tensors of `object`: a DenseGradients' own (no copy), or a list's plain tensors copied into
+// `storage`; nullopt where torch.ops must take the call (see the file comment).
+std::optional<at::TensorList> tensor_list(PyObject* object, std::vector<at::Tensor>& storage) {
+  if (at::impl::torch_function_mode_enabled()) return std::nullopt;
+  if (const std::vector<at::Tensor>* planned = dense_gradients_tensors(object)) return *planned;
+  if (!PyList_CheckExact(object)) return std::nullopt;
+  const Py_ssize_t count = PyList_GET_SIZE(object);
+  storage.reserve(static_cast<size_t>(count));
   for (Py_ssize_t i = 0; i < count; ++i) {
-    PyObject* item = PyList_GET_ITEM(list, i);
+    PyObject* item = PyList_GET_ITEM(object, i);
     if (!THPVariable_CheckExact(item)) return std::nullopt;
-    tensors.push_back(THPVariable_Unpack(item));
+    storage.push_back(THPVariable_Unpack(item));
   }
-  return tensors;
+  return storage;
 }
 
 // A plain tensor, or nullopt for None; `ok` false for anything torch.ops must see.
@@ -76,7 +79,8 @@ PyObject* call_reduce(PyObject* /*module*/, PyObject* args) {
   double norm_type = 0.0;
   int per_tensor = 0;
   if (!PyArg_ParseTuple(args, "Odp", &list, &norm_type, &per_tensor)) return nullptr;
-  auto tensors = tensor_list(list);
+  std::vector<at::Tensor> storage;
+  const auto tensors = tensor_list(list, storage);
   if (!tensors) Py_RETURN_NOTIMPLEMENTED;
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   {
@@ -98,7 +102,8 @@ PyObject* call_scale_(PyObject* /*module*/, PyObject* args) {
   bool ok = false;
   const std::optional<double> clip_value = optional_double(clip_value_object, ok);
   if (!ok) return nullptr;
-  auto tensors = tensor_list(list);
+  std::vector<at::Tensor> storage;
+  const auto tensors = tensor_list(list, storage);
   if (!tensors || !THPVariable_CheckExact(coef_object)) Py_RETURN_NOTIMPLEMENTED;
   const at::Tensor& clip_coef = THPVariable_Unpack(coef_object);
   {
@@ -131,7 +136,8 @@ PyObject* call_clip_(PyObject* /*module*/, PyObject* args) {
   const std::optional<double> clip_value = optional_double(clip_value_object, ok);
   if (!ok) return nullptr;
   const std::optional<at::Tensor> inv_scale = optional_tensor(inv_scale_object, ok);
-  auto tensors = tensor_list(list);
+  std::vector<at::Tensor> storage;
+  const auto tensors = tensor_list(list, storage);
   if (!tensors || !ok) Py_RETURN_NOTIMPLEMENTED;
   const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(dtype_object)->scalar_type;
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;

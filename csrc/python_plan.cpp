@@ -8,10 +8,12 @@
 #include <fusedclip/checks.h>
 #include <fusedclip/python_module.h>
 #include <torch/csrc/Device.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <algorithm>
 #include <cstdint>
+#include <new>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -29,10 +31,72 @@ bool is_plain_dense(const at::Tensor& tensor, const at::Device& device, bool ref
          !(refuse_parameters && tensor.requires_grad() && tensor.is_leaf());
 }
 
+// A checked list of dense gradients in a C++ vector: what plan_dense hands to the unboxed op calls
+// (csrc/python_ops.cpp), which take its tensors as they are. No Python list to build, copy, free
+// or have the garbage collector walk. In Python, a read-only sequence of the tensors.
+struct DenseGradientsObject {
+  PyObject_HEAD std::vector<at::Tensor> tensors;
+};
+
+void dense_gradients_dealloc(PyObject* self) {
+  reinterpret_cast<DenseGradientsObject*>(self)->tensors.~vector();
+  Py_TYPE(self)->tp_free(self);
+}
+
+Py_ssize_t dense_gradients_length(PyObject* self) {
+  return static_cast<Py_ssize_t>(reinterpret_cast<DenseGradientsObject*>(self)->tensors.size());
+}
+
+PyObject* dense_gradients_item(PyObject* self, Py_ssize_t index) {
+  const auto& tensors = reinterpret_cast<DenseGradientsObject*>(self)->tensors;
+  if (index < 0 || index >= static_cast<Py_ssize_t>(tensors.size())) {
+    PyErr_SetString(PyExc_IndexError, "DenseGradients index out of range");
+    return nullptr;
+  }
+  return THPVariable_Wrap(tensors[static_cast<size_t>(index)]);
+}
+
+PySequenceMethods dense_gradients_sequence = {
+    dense_gradients_length,  // sq_length
+    nullptr,                 // sq_concat
+    nullptr,                 // sq_repeat
+    dense_gradients_item,    // sq_item
+};
+
+PyTypeObject dense_gradients_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+PyObject* new_dense_gradients(std::vector<at::Tensor>&& tensors) {
+  auto* self = PyObject_New(DenseGradientsObject, &dense_gradients_type);
+  if (self == nullptr) return nullptr;
+  new (&self->tensors) std::vector<at::Tensor>(std::move(tensors));
+  return reinterpret_cast<PyObject*>(self);
+}
+
+// The gradient `item` stands for: the tensor itself, or with of_parameters its .grad. `plain` is
+// false for what only Python may take (a tensor subclass; a non-leaf's missing .grad, which
+// torch warns about).
+const at::Tensor* gradient_of(PyObject* item, bool of_parameters, bool& plain) {
+  plain = THPVariable_CheckExact(item);
+  if (!plain) return nullptr;
+  const at::Tensor& tensor = THPVariable_Unpack(item);
+  if (!of_parameters) return &tensor;
+  // TensorImpl::grad, not Tensor::grad: that asks is_leaf on every call, for its warning.
+  const at::Tensor& grad = tensor.unsafeGetTensorImpl()->grad();
+  if (!grad.defined()) {
+    plain = tensor.is_leaf();
+    return nullptr;  // no gradient: skipped
+  }
+  PyObject* grad_object = THPVariable_Wrap(grad);  // its Python type tells a subclass
+  if (grad_object == nullptr) throw python_error();
+  plain = THPVariable_CheckExact(grad_object);
+  Py_DECREF(grad_object);  // the parameter holds the gradient
+  return plain ? &grad : nullptr;
+}
+
 // plan_dense(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16)
-//   -> (tensors, device, any_float64) or None
+//   -> (DenseGradients, device, any_float64) or None
 // items: a list of tensors (the gradients), or with of_parameters the parameters whose .grad to
-// take (None grads skipped). tensors: the gradients, in order (the list itself when not gathering).
+// take (None grads skipped).
 PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
   PyObject* items = nullptr;
   int of_parameters = 0;
@@ -43,101 +107,84 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
                         &refuse_parameters, &refuse_float16)) {
     return nullptr;
   }
-  PyObject* tensors = items;
-  if (of_parameters) {
-    tensors = PyList_New(0);
-    if (tensors == nullptr) return nullptr;
+  HANDLE_TH_ERRORS
+  const Py_ssize_t count = PyList_GET_SIZE(items);
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(static_cast<size_t>(count));
+  std::vector<ByteSpan> ranges;
+  ranges.reserve(static_cast<size_t>(count));
+  // Empty tensors hold no bytes to compare (their storages may all sit at address 0): two
+  // views of one storage are found by the storage object instead.
+  std::vector<ByteSpan> empty_storages;
+  std::optional<at::Device> device;
+  bool any_float64 = false;
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    bool plain = false;
+    const at::Tensor* tensor = gradient_of(PyList_GET_ITEM(items, i), of_parameters, plain);
+    if (!plain) Py_RETURN_NONE;
+    if (tensor == nullptr) continue;
+    if (!device.has_value()) device = tensor->device();
+    if (!is_plain_dense(*tensor, *device, refuse_inference, refuse_parameters, refuse_float16)) {
+      Py_RETURN_NONE;
+    }
+    any_float64 = any_float64 || tensor->scalar_type() == at::kDouble;
+    const auto index = tensors.size();
+    if (tensor->numel() > 0) {
+      ranges.push_back(byte_span(*tensor, index));
+    } else {
+      const auto storage = reinterpret_cast<uintptr_t>(tensor->storage().unsafeGetStorageImpl());
+      empty_storages.push_back({storage, storage + 1, index});
+    }
+    tensors.push_back(*tensor);
   }
-  // Releases `tensors` when it is this call's own list, on every early return.
-  auto drop = [&]() {
-    if (tensors != items) Py_DECREF(tensors);
-  };
-  try {
-    const Py_ssize_t count = PyList_GET_SIZE(items);
-    std::vector<ByteSpan> ranges;
-    ranges.reserve(static_cast<size_t>(count));
-    // Empty tensors hold no bytes to compare (their storages may all sit at address 0): two
-    // views of one storage are found by the storage object instead.
-    std::vector<ByteSpan> empty_storages;
-    std::optional<at::Device> device;
-    bool any_float64 = false;
-    for (Py_ssize_t i = 0; i < count; ++i) {
-      PyObject* item = PyList_GET_ITEM(items, i);
-      if (!THPVariable_CheckExact(item)) {
-        drop();
-        Py_RETURN_NONE;
-      }
-      const at::Tensor* tensor = &THPVariable_Unpack(item);
-      if (of_parameters) {
-        if (!tensor->is_leaf()) {  // torch warns about .grad of a non-leaf: let Python do it
-          drop();
-          Py_RETURN_NONE;
-        }
-        const at::Tensor& grad = tensor->grad();
-        if (!grad.defined()) continue;
-        PyObject* grad_object = THPVariable_Wrap(grad);
-        if (grad_object == nullptr) {
-          drop();
-          return nullptr;
-        }
-        const bool plain = THPVariable_CheckExact(grad_object);
-        const int appended = plain ? PyList_Append(tensors, grad_object) : 0;
-        Py_DECREF(grad_object);  // the list holds it, and the parameter holds the tensor
-        if (!plain || appended != 0) {
-          drop();
-          if (appended != 0) return nullptr;
-          Py_RETURN_NONE;
-        }
-        tensor = &grad;
-      }
-      if (!device.has_value()) device = tensor->device();
-      if (!is_plain_dense(*tensor, *device, refuse_inference, refuse_parameters, refuse_float16)) {
-        drop();
-        Py_RETURN_NONE;
-      }
-      any_float64 = any_float64 || tensor->scalar_type() == at::kDouble;
-      const int64_t bytes = tensor->numel() * static_cast<int64_t>(tensor->element_size());
-      if (bytes > 0) {
-        const auto begin = reinterpret_cast<uintptr_t>(tensor->const_data_ptr());
-        ranges.push_back({begin, begin + static_cast<uintptr_t>(bytes), static_cast<size_t>(i)});
-      } else {
-        const auto storage = reinterpret_cast<uintptr_t>(tensor->storage().unsafeGetStorageImpl());
-        empty_storages.push_back({storage, storage + 1, static_cast<size_t>(i)});
-      }
-    }
-    if (first_overlap(ranges) ||
-        first_overlap(empty_storages)) {  // the general path decides repeats
-      drop();
-      Py_RETURN_NONE;
-    }
-    if (!device.has_value()) {  // nothing to plan: no gradient at all
-      drop();
-      Py_RETURN_NONE;
-    }
-    PyObject* device_object = THPDevice_New(*device);
-    if (device_object == nullptr) {
-      drop();
-      return nullptr;
-    }
-    if (tensors == items) Py_INCREF(tensors);
-    return Py_BuildValue("(NNO)", tensors, device_object, any_float64 ? Py_True : Py_False);
-  } catch (const std::exception& error) {
-    drop();
-    PyErr_SetString(PyExc_RuntimeError, error.what());
+  // Nothing to plan (no gradient at all), or memory listed twice: the general path decides.
+  if (!device.has_value() || first_overlap(ranges) || first_overlap(empty_storages)) {
+    Py_RETURN_NONE;
+  }
+  PyObject* device_object = THPDevice_New(*device);
+  if (device_object == nullptr) return nullptr;
+  PyObject* gradients = new_dense_gradients(std::move(tensors));
+  if (gradients == nullptr) {
+    Py_DECREF(device_object);
     return nullptr;
   }
+  return Py_BuildValue("(NNO)", gradients, device_object, any_float64 ? Py_True : Py_False);
+  END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef methods[] = {
     {"plan_dense", plan_dense, METH_VARARGS,
      "plan_dense(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16): "
-     "the common case "
-     "of fusedclip.plan in one pass, or None (see csrc/python_plan.cpp)."},
+     "the common case of fusedclip.plan in one pass, or None (see csrc/python_plan.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 }  // namespace
 
 PyMethodDef* python_plan_methods() { return methods; }
+
+bool add_dense_gradients_type(PyObject* module) {
+  dense_gradients_type.tp_name = "fusedclip._C.DenseGradients";
+  dense_gradients_type.tp_basicsize = sizeof(DenseGradientsObject);
+  dense_gradients_type.tp_dealloc = dense_gradients_dealloc;
+  dense_gradients_type.tp_as_sequence = &dense_gradients_sequence;
+  dense_gradients_type.tp_flags = Py_TPFLAGS_DEFAULT;
+  dense_gradients_type.tp_doc =
+      "The gradients fusedclip._C.plan_dense checked, for the unboxed op calls; a read-only "
+      "sequence of tensors (made only by plan_dense).";
+  if (PyType_Ready(&dense_gradients_type) < 0) return false;
+  Py_INCREF(&dense_gradients_type);
+  if (PyModule_AddObject(module, "DenseGradients",
+                         reinterpret_cast<PyObject*>(&dense_gradients_type)) < 0) {
+    Py_DECREF(&dense_gradients_type);
+    return false;
+  }
+  return true;
+}
+
+const std::vector<at::Tensor>* dense_gradients_tensors(PyObject* object) {
+  if (Py_TYPE(object) != &dense_gradients_type) return nullptr;
+  return &reinterpret_cast<DenseGradientsObject*>(object)->tensors;
+}
 
 }  // namespace fusedclip

@@ -8,7 +8,8 @@
 
 extern "C" {
 // Importing fusedclip._C runs the static registrations below; the module itself holds the
-// planner's fast path (csrc/python_plan.cpp) and the unboxed op calls (csrc/python_ops.cpp).
+// planner's fast path with its DenseGradients (csrc/python_plan.cpp) and the unboxed op calls
+// (csrc/python_ops.cpp).
 PyObject* PyInit__C(void) {
   static std::vector<PyMethodDef> methods = [] {
     std::vector<PyMethodDef> all;
@@ -19,7 +20,12 @@ PyObject* PyInit__C(void) {
     return all;
   }();
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods.data()};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && !fusedclip::add_dense_gradients_type(module)) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

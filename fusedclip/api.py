@@ -46,13 +46,16 @@ class ClipResult(NamedTuple):
 def _as_list(tensors: TensorOrTensors) -> list:
     if isinstance(tensors, torch.Tensor):
         return [tensors]
-    return list(tensors)
+    return tensors if type(tensors) is list else list(tensors)
 
 
 def _parameters_list(parameters: TensorOrTensors) -> list:
-    """As torch's clip_grad_norm_: a tensor or an iterable, and a warning for an empty generator."""
+    """As torch's clip_grad_norm_: a tensor or an iterable, and a warning for an empty generator.
+    A list is taken as it is (nothing below modifies it)."""
     if isinstance(parameters, torch.Tensor):
         return [parameters]
+    if type(parameters) is list:
+        return parameters
     is_generator = isinstance(parameters, types.GeneratorType)
     parameters = list(parameters)
     if is_generator and not parameters:

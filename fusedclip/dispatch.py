@@ -31,6 +31,8 @@ class Backend(NamedTuple):
     # reduce -> finalize -> scale_ in one op (the CUDA kernels can then run them in one launch);
     # None where the backend has only the three.
     clip_: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    # Whether its ops take the planner's fusedclip._C.DenseGradients for a list of tensors.
+    takes_dense_gradients: bool = False
 
 
 @functools.cache
@@ -133,7 +135,7 @@ def select(device: torch.device, backend: str | None) -> Backend:
 @functools.cache
 def _backend(name: str) -> Backend:
     if name in ("cpu", "cuda"):
-        return Backend(name, ops.reduce, ops.finalize, ops.scale_, ops.clip_)
+        return Backend(name, ops.reduce, ops.finalize, ops.scale_, ops.clip_, True)
     if name == "triton":
         _triton_ops()  # registers the ops
         namespace = torch.ops.fusedclip

@@ -12,12 +12,14 @@ other or themselves (an `expand`), with a ValueError naming them. A call that on
 every tensor as given (an expanded tensor counts each of its elements, as torch does).
 
 The common case (plain contiguous tensors on one device, none aliasing another) is planned by the
-C++ extension in one pass (`fusedclip._C.plan_dense`) when it is built; everything else, and
+C++ extension in one pass (`fusedclip._C.plan_dense`) when it is built, which hands the extension's
+ops the checked tensors in a C++ vector (`fusedclip._C.DenseGradients`); everything else, and
 everything under torch.compile, by the general path below. Both give the same plans and errors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -32,10 +34,12 @@ _SUPPORTED_DTYPES = frozenset(SUPPORTED_DTYPES)
 class DeviceGroup(NamedTuple):
     device: torch.device
     backend: dispatch.Backend
-    dense: list[torch.Tensor]  # handed to the kernels as they are
+    # Handed to the kernels as they are: a list, or from the C++ planner a DenseGradients (a
+    # sequence of the tensors) where the backend takes one.
+    dense: Sequence[torch.Tensor]
     strided: list[torch.Tensor]  # gaps (or, when only read, overlaps): through a contiguous copy
     sparse: list[torch.Tensor]  # COO: through their coalesced values
-    order: list[int]  # positions in the planned list, dense then strided then sparse
+    order: Sequence[int]  # positions in the planned list, dense then strided then sparse
 
 
 class Plan(NamedTuple):
@@ -125,11 +129,10 @@ def _dense_plan(
     if found is None:
         return None
     tensors, device, any_float64 = found
-    if not tensors:
-        return None
-    group = DeviceGroup(
-        device, dispatch.select(device, backend), tensors, [], [], list(range(len(tensors)))
-    )
+    backend_ = dispatch.select(device, backend)
+    if not backend_.takes_dense_gradients:
+        tensors = list(tensors)
+    group = DeviceGroup(device, backend_, tensors, [], [], range(len(tensors)))
     return Plan([group], torch.float64 if any_float64 else torch.float32, len(tensors))
 
 

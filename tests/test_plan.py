@@ -32,7 +32,7 @@ def _facts(prepared):
         the_plan.count,
         the_plan.copies,
         [
-            (g.device, g.backend.name, [id(t) for t in g.dense], g.strided, g.sparse, g.order)
+            (g.device, g.backend.name, [id(t) for t in g.dense], g.strided, g.sparse, list(g.order))
             for g in the_plan.groups
         ],
     )
@@ -309,3 +309,22 @@ def test_empty_tensors_repeat_only_as_views_of_one_storage(monkeypatch, general)
     assert same.per_tensor_norms.tolist() == [0.0, torch.tensor(2.0).sqrt().item()]
     distinct = fusedclip.measure([torch.ones(0), torch.ones(0)], per_tensor=True)
     assert distinct.per_tensor_norms.tolist() == [0.0, 0.0]
+
+
+@needs_fast_path
+def test_fast_path_hands_the_extension_a_dense_gradients_and_the_others_a_list():
+    from fusedclip import _C
+
+    grads = [torch.randn(3), torch.randn(2, 2), torch.ones(0)]
+    found = plan._C_PLAN_DENSE(grads, False, True, False, False)
+    gradients = found[0]
+    assert isinstance(gradients, _C.DenseGradients)
+    assert len(gradients) == 3 and all(a is b for a, b in zip(gradients, grads, strict=True))
+    assert gradients[1] is grads[1]
+    with pytest.raises(IndexError):
+        gradients[3]
+    with pytest.raises(TypeError):
+        _C.DenseGradients()
+    for backend, kind in (("cpu", _C.DenseGradients), ("reference", list)):
+        the_plan, _ = plan.prepare(grads, "tensors", backend, writes=True)
+        assert type(the_plan.groups[0].dense) is kind, backend

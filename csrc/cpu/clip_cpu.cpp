@@ -26,6 +26,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -493,6 +494,7 @@ struct ChunkPlan {
   int64_t num_tensors;
   int64_t num_chunks;
   int64_t grain;  // chunks per task, at least
+  bool any_float64;
 
   int64_t tensor_of_chunk(int64_t chunk) const {
     // The last span starting at or before `chunk`: the non-empty tensor that holds it.
@@ -532,23 +534,32 @@ struct ChunkPlan {
   }
 };
 
-ChunkPlan make_chunk_plan(at::TensorList tensors) {
+ChunkPlan make_chunk_plan(at::TensorList tensors, bool writes) {
+  check_not_empty(tensors, "tensors");
+  const at::Device device = tensors[0].device();
   ChunkPlan plan;
   plan.num_tensors = static_cast<int64_t>(tensors.size());
   plan.storage = at::empty({static_cast<int64_t>((plan.num_tensors + 1) * sizeof(TensorSpan))},
                            at::TensorOptions().dtype(at::kByte));
   plan.spans = reinterpret_cast<TensorSpan*>(plan.storage.data_ptr());
+  std::vector<ByteSpan> bytes;
+  if (writes) bytes.reserve(tensors.size());
   int64_t num_chunks = 0;
   int64_t total_numel = 0;
+  plan.any_float64 = false;
   for (int64_t t = 0; t < plan.num_tensors; ++t) {
     const at::Tensor& tensor = tensors[t];
+    check_gradient(tensor, static_cast<size_t>(t), device, "tensors");
     const int64_t numel = tensor.numel();
-    plan.spans[t] =
-        TensorSpan{static_cast<char*>(tensor.data_ptr()), numel,
-                   static_cast<int64_t>(tensor.element_size()), num_chunks, tensor.scalar_type()};
+    const at::ScalarType dtype = tensor.scalar_type();
+    plan.spans[t] = TensorSpan{static_cast<char*>(tensor.data_ptr()), numel,
+                               static_cast<int64_t>(tensor.element_size()), num_chunks, dtype};
+    if (writes && numel > 0) bytes.push_back(byte_span(tensor, static_cast<size_t>(t)));
     num_chunks += (numel + kChunkSize - 1) / kChunkSize;
     total_numel += numel;
+    plan.any_float64 = plan.any_float64 || dtype == at::kDouble;
   }
+  if (writes) check_disjoint(bytes, "tensors");
   plan.spans[plan.num_tensors] = TensorSpan{nullptr, 0, 0, num_chunks, at::kFloat};
   plan.num_chunks = num_chunks;
   const int64_t mean_chunk_numel =
@@ -566,17 +577,11 @@ double read_scalar(const at::Tensor& scalar) {
                                              : static_cast<double>(*scalar.const_data_ptr<float>());
 }
 
-bool any_float64(at::TensorList tensors) {
-  return std::any_of(tensors.begin(), tensors.end(),
-                     [](const at::Tensor& t) { return t.scalar_type() == at::kDouble; });
-}
-
 // The read pass on checked arguments (reduce_cpu and clip_cpu check them).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_tensors(at::TensorList tensors,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_tensors(const ChunkPlan& plan,
                                                               double norm_type, bool per_tensor) {
   const NormKind kind = norm_kind(norm_type);
-  const bool scaled = needs_scaled_sum(norm_type, any_float64(tensors));
-  const ChunkPlan plan = make_chunk_plan(tensors);
+  const bool scaled = needs_scaled_sum(norm_type, plan.any_float64);
   const auto float64 = at::TensorOptions().dtype(at::kDouble);
 
   // [2, num_chunks] partials. Plain: the sum of |g|^p (or max |g|), then a non-finite flag (0 or
@@ -658,10 +663,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_tensors(at::TensorList ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors, double norm_type,
                                                           bool per_tensor) {
-  check_gradient_list(tensors, "tensors");
+  const ChunkPlan plan = make_chunk_plan(tensors, /*writes=*/false);
   check_norm_type(norm_type);
   check_cpu(tensors[0].device(), "reduce");
-  return reduce_tensors(tensors, norm_type, per_tensor);
+  return reduce_tensors(plan, norm_type, per_tensor);
 }
 
 std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
@@ -689,13 +694,12 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
 }
 
 // The write pass on checked arguments (scale_cpu and clip_cpu check them).
-void scale_tensors(at::TensorList tensors, double coef, std::optional<double> clip_value) {
+void scale_tensors(const ChunkPlan& plan, double coef, std::optional<double> clip_value) {
   if (coef == 1.0 && !clip_value.has_value()) return;  // nothing to write
   const bool clamp = clip_value.has_value();
   const double bound = clip_value.value_or(0.0);
   const bool float64_product = needs_float64_product(coef);
 
-  const ChunkPlan plan = make_chunk_plan(tensors);
   at::parallel_for(0, plan.num_chunks, plan.grain, [&](int64_t begin, int64_t end) {
     at::ScalarType fn_dtype = at::ScalarType::Undefined;
     ScaleChunkFn scale_fn = nullptr;
@@ -712,12 +716,11 @@ void scale_tensors(at::TensorList tensors, double coef, std::optional<double> cl
 
 void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
                std::optional<double> clip_value) {
-  check_gradient_list(tensors, "tensors");
-  check_disjoint(tensors, "tensors");
+  const ChunkPlan plan = make_chunk_plan(tensors, /*writes=*/true);
   check_cpu(tensors[0].device(), "scale_");
   check_scalar_tensor(clip_coef, "clip_coef", tensors[0].device());
   check_clip_value(clip_value);
-  scale_tensors(tensors, read_scalar(clip_coef), clip_value);
+  scale_tensors(plan, read_scalar(clip_coef), clip_value);
 }
 
 // The three passes in order; on the CPU there is no launch to save, so `launch` is only checked.
@@ -728,16 +731,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(
     const std::optional<at::Tensor>& inv_scale, std::optional<double> clip_value,
     at::ScalarType out_dtype, bool per_tensor, c10::string_view launch) {
   parse_launch(launch);
-  check_gradient_list(tensors, "tensors");
-  check_disjoint(tensors, "tensors");
+  const ChunkPlan plan = make_chunk_plan(tensors, /*writes=*/true);
   check_cpu(tensors[0].device(), "clip_");
   check_norm_type(norm_type);
   check_clip_value(clip_value);
   check_out_dtype(out_dtype);
   if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", tensors[0].device());
-  auto [raw_norm, found_inf, per_tensor_norms] = reduce_tensors(tensors, norm_type, per_tensor);
+  auto [raw_norm, found_inf, per_tensor_norms] = reduce_tensors(plan, norm_type, per_tensor);
   auto [total_norm, clip_coef] = finalize_cpu(raw_norm, max_norm, inv_scale, out_dtype);
-  scale_tensors(tensors, *clip_coef.const_data_ptr<double>(), clip_value);
+  scale_tensors(plan, *clip_coef.const_data_ptr<double>(), clip_value);
   return {total_norm, found_inf, clip_coef, per_tensor_norms};
 }
 

@@ -36,22 +36,27 @@ inline bool is_supported_dtype(at::ScalarType dtype) {
 
 // Every kernel walks a tensor's storage span as one flat array, so the tensor must be dense and
 // non-overlapping (contiguous, channels-last and transposed gradients all are); the Python layer
-// copies anything else to a contiguous buffer first.
-inline void check_gradient_list(at::TensorList tensors, const char* name) {
+// copies anything else to a contiguous buffer first. check_gradient is one tensor of the list.
+inline void check_gradient(const at::Tensor& t, size_t i, const at::Device& device,
+                           const char* name) {
+  TORCH_CHECK(t.device() == device, name, "[", text(i), "] is on ", t.device(), " but ", name,
+              "[0] is on ", device, "; group the tensors by device");
+  TORCH_CHECK(is_supported_dtype(t.scalar_type()), name, "[", text(i), "] has dtype ",
+              t.scalar_type(), "; use float32, float16, bfloat16 or float64");
+  TORCH_CHECK(t.layout() == at::kStrided, name, "[", text(i), "] is not a strided (dense) tensor");
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", text(i),
+              "] is not dense and non-overlapping; pass a contiguous copy");
+}
+
+inline void check_not_empty(at::TensorList tensors, const char* name) {
   TORCH_CHECK(!tensors.empty(), name,
               " must hold at least one tensor; skip the call when there is none");
+}
+
+inline void check_gradient_list(at::TensorList tensors, const char* name) {
+  check_not_empty(tensors, name);
   const auto device = tensors[0].device();
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK(t.device() == device, name, "[", text(i), "] is on ", t.device(), " but ", name,
-                "[0] is on ", device, "; group the tensors by device");
-    TORCH_CHECK(is_supported_dtype(t.scalar_type()), name, "[", text(i), "] has dtype ",
-                t.scalar_type(), "; use float32, float16, bfloat16 or float64");
-    TORCH_CHECK(t.layout() == at::kStrided, name, "[", text(i),
-                "] is not a strided (dense) tensor");
-    TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", text(i),
-                "] is not dense and non-overlapping; pass a contiguous copy");
-  }
+  for (size_t i = 0; i < tensors.size(); ++i) check_gradient(tensors[i], i, device, name);
 }
 
 // The write pass scales every listed tensor in place, chunks in parallel: two tensors that share
@@ -81,21 +86,20 @@ inline std::optional<std::pair<size_t, size_t>> first_overlap(std::vector<ByteSp
   return std::nullopt;
 }
 
-inline void check_disjoint(at::TensorList tensors, const char* name) {
-  if (tensors.size() < 2) return;
-  std::vector<ByteSpan> spans;
-  spans.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
-    if (t.numel() == 0) continue;
-    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-    spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), i});
-  }
+// `spans`: the byte spans of the list's nonempty tensors (reordered by the check).
+inline void check_disjoint(std::vector<ByteSpan>& spans, const char* name) {
   const auto overlap = first_overlap(spans);
   TORCH_CHECK(!overlap.has_value(), name, "[", text(overlap ? overlap->first : 0), "] and ", name,
               "[", text(overlap ? overlap->second : 0),
               "] share memory, so scaling in place would scale it twice; list each gradient "
               "once (the fusedclip API drops repeats)");
+}
+
+// A tensor's bytes, for check_disjoint; call after check_gradient (a dense tensor spans
+// numel * element_size bytes from its data pointer).
+inline ByteSpan byte_span(const at::Tensor& t, size_t index) {
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), index};
 }
 
 inline void check_norm_type(double norm_type) {
