@@ -98,8 +98,24 @@ def _check_scaler_and_optimizer(scaler, optimizer, funcname: str, *, scaler_opti
 
 
 def _inv_scale(scaler: GradScaler) -> torch.Tensor:
-    # As GradScaler.unscale_: the reciprocal in float64, then float32.
-    return scaler._scale.double().reciprocal().float()
+    """As GradScaler.unscale_: the reciprocal in float64, then float32. Three small ops (three
+    launches on a GPU) per step for a scale that changes only in scaler.update(), which writes it
+    in place: the last one is kept with the scale tensor and its version."""
+    global _last_inv_scale
+    scale = scaler._scale
+    if torch.compiler.is_compiling():
+        return scale.double().reciprocal().float()
+    last = _last_inv_scale  # one read: another thread may replace it
+    if last is not None and last[0] is scale and last[1] == scale._version:
+        return last[2]
+    inv_scale = scale.double().reciprocal().float()
+    _last_inv_scale = (scale, scale._version, inv_scale)
+    return inv_scale
+
+
+# (scale tensor, its version when the reciprocal was taken, the reciprocal): one entry, for the
+# one GradScaler most programs have.
+_last_inv_scale: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
 
 def _check_not_float16(grads: list[torch.Tensor]) -> None:

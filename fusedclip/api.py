@@ -9,6 +9,7 @@ Nothing here syncs with the host except `error_if_nonfinite=True`.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -221,6 +222,8 @@ def _inv_scale_tensor(inv_scale: float | torch.Tensor | None, device: torch.devi
     if isinstance(inv_scale, torch.Tensor):
         if inv_scale.dtype not in (torch.float32, torch.float64):
             inv_scale = inv_scale.to(torch.float32)
+        if inv_scale.device == device and inv_scale.dim() == 0:
+            return inv_scale  # what GradScaler hands over: nothing to do
         return inv_scale.to(device).reshape(())
     return torch.full((), inv_scale, dtype=torch.float64, device=device)
 
@@ -337,6 +340,12 @@ def _clip(
     return ClipResult(total_norm, found_inf, clip_coef, per_tensor_norms)
 
 
+@functools.cache
+def _one(device: torch.device) -> torch.Tensor:
+    """A float64 1 on `device`, the coefficient of clip_grad_value_ (only ever read)."""
+    return torch.ones((), dtype=torch.float64, device=device)
+
+
 def _write_only(
     items: list,
     name: str,
@@ -363,6 +372,8 @@ def _write_only(
         return
     if isinstance(clip_coef, torch.Tensor):
         coef = clip_coef.to(device=the_plan.device, dtype=torch.float64).reshape(())
+    elif clip_coef is None and not torch.compiler.is_compiling():
+        coef = _one(the_plan.device)
     else:
         coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)
         coef = coef.to(the_plan.device)

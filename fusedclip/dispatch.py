@@ -123,13 +123,26 @@ def _warn_reference_fallback(device_type: str) -> None:
 def select(device: torch.device, backend: str | None) -> Backend:
     """The backend that runs `device`'s gradients; raises ValueError/RuntimeError with the reason."""
     name = requested_backend(backend)
+    # Under torch.compile the choice is made at trace time; the dict would only add guards.
+    remembers = not torch.compiler.is_compiling()
+    selected = _selected.get((name, device.type)) if remembers else None
+    if selected is not None:
+        return selected
     if name == "auto":
-        name = _auto_name(device.type)
+        selected = _backend(_auto_name(device.type))
     else:
         reason = unavailable_reason(name, device.type)
         if reason is not None:
             raise RuntimeError(f"backend={name!r} cannot run {device} gradients: {reason}")
-    return _backend(name)
+        selected = _backend(name)
+    if remembers:
+        _selected[(name, device.type)] = selected
+    return selected
+
+
+# (requested name, device type) -> the Backend that select() chose: what can run here does not
+# change while the process lives, and select() runs on every call.
+_selected: dict[tuple[str, str], Backend] = {}
 
 
 @functools.cache
