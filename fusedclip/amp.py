@@ -100,10 +100,13 @@ def _check_scaler_and_optimizer(scaler, optimizer, funcname: str, *, scaler_opti
 def _inv_scale(scaler: GradScaler) -> torch.Tensor:
     """As GradScaler.unscale_: the reciprocal in float64, then float32. Three small ops (three
     launches on a GPU) per step for a scale that changes only in scaler.update(), which writes it
-    in place: the last one is kept with the scale tensor and its version."""
+    in place: the last one is kept with the scale tensor and its version. Not while traced or
+    captured: a compiled function or a CUDA graph must compute it from the scale on every run."""
     global _last_inv_scale
     scale = scaler._scale
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (
+        scale.is_cuda and torch.cuda.is_current_stream_capturing()
+    ):
         return scale.double().reciprocal().float()
     last = _last_inv_scale  # one read: another thread may replace it
     if last is not None and last[0] is scale and last[1] == scale._version:

@@ -167,6 +167,29 @@ def test_clip_step_captured_in_a_cuda_graph_matches_eager():
 
 @needs_gpu
 @pytest.mark.cuda
+def test_unscale_clip_captured_in_a_cuda_graph_follows_the_scale_on_replay():
+    """amp keeps the scaler's reciprocal between eager calls; a captured graph must compute it
+    from the scale on every replay, not read the eager call's tensor."""
+    parameter = torch.nn.Parameter(torch.zeros(4, device="cuda"))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", init_scale=4.0)
+    scaler.scale(torch.zeros((), device="cuda"))  # creates the scale tensor
+    parameter.grad = torch.full((4,), 8.0, device="cuda")
+    fusedclip.amp.unscale_clip_(scaler, optimizer, 1e9)  # eager: the reciprocal 1/4 is kept
+    torch.testing.assert_close(parameter.grad, torch.full((4,), 2.0, device="cuda"))
+    scaler._per_optimizer_states.clear()  # as update() does, without changing the scale
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fusedclip.amp.unscale_clip_(scaler, optimizer, 1e9)
+    scaler._scale.fill_(2.0)
+    parameter.grad.fill_(8.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(parameter.grad, torch.full((4,), 4.0, device="cuda"))
+
+
+@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5, 10.0], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("clip_value", [None, 0.002], ids=lambda v: f"value{v}")
 @pytest.mark.parametrize("with_float64", [True, False], ids=["with-float64", "no-float64"])
