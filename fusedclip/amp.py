@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
-from fusedclip import api
+from fusedclip import api, plan
 from fusedclip.api import ClipResult
 
 
@@ -124,7 +124,7 @@ _last_inv_scale: tuple[torch.Tensor, int, torch.Tensor] | None = None
 def _check_not_float16(grads: list[torch.Tensor]) -> None:
     # GradScaler refuses float16 gradients (float16 parameters); so do we, with its message.
     if any(grad.dtype == torch.float16 for grad in grads):
-        raise ValueError("Attempting to unscale FP16 gradients.")
+        raise ValueError(plan.FLOAT16_UNSCALE_ERROR)
 
 
 def _record_found_inf(state: dict, found_inf: torch.Tensor | None, stage: OptState) -> None:

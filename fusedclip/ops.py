@@ -62,14 +62,19 @@ def _unboxed(name: str):
 _CALL_REDUCE, _CALL_SCALE_, _CALL_CLIP_ = (_unboxed(name) for name in ("reduce", "scale_", "clip_"))
 
 
+def _call(unboxed, op, *args):
+    """`op(*args)`, eagerly through its unboxed call where that takes the arguments."""
+    if unboxed is not None and not torch.compiler.is_compiling():
+        result = unboxed(*args)
+        if result is not NotImplemented:
+            return result
+    return op(*args)
+
+
 def reduce(
     tensors: list[torch.Tensor], norm_type: float, per_tensor: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _CALL_REDUCE is not None and not torch.compiler.is_compiling():
-        result = _CALL_REDUCE(tensors, norm_type, per_tensor)
-        if result is not NotImplemented:
-            return result
-    return torch.ops.fusedclip.reduce.default(tensors, norm_type, per_tensor)
+    return _call(_CALL_REDUCE, torch.ops.fusedclip.reduce.default, tensors, norm_type, per_tensor)
 
 
 def finalize(
@@ -82,10 +87,7 @@ def finalize(
 
 
 def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor, clip_value: float | None) -> None:
-    if _CALL_SCALE_ is not None and not torch.compiler.is_compiling():
-        if _CALL_SCALE_(tensors, clip_coef, clip_value) is not NotImplemented:
-            return
-    torch.ops.fusedclip.scale_.default(tensors, clip_coef, clip_value)
+    _call(_CALL_SCALE_, torch.ops.fusedclip.scale_.default, tensors, clip_coef, clip_value)
 
 
 def clip_(
@@ -100,14 +102,17 @@ def clip_(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduce, finalize and scale_ in one call: (total_norm, found_inf, clip_coef,
     per_tensor_norms). `launch` ("auto", "single", "split") picks how CUDA runs the passes."""
-    if _CALL_CLIP_ is not None and not torch.compiler.is_compiling():
-        result = _CALL_CLIP_(
-            tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch
-        )
-        if result is not NotImplemented:
-            return result
-    return torch.ops.fusedclip.clip_.default(
-        tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch
+    return _call(
+        _CALL_CLIP_,
+        torch.ops.fusedclip.clip_.default,
+        tensors,
+        norm_type,
+        max_norm,
+        inv_scale,
+        clip_value,
+        out_dtype,
+        per_tensor,
+        launch,
     )
 
 

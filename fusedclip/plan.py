@@ -29,6 +29,8 @@ from fusedclip.layout import is_dense
 from fusedclip.norms import SUPPORTED_DTYPES
 
 _SUPPORTED_DTYPES = frozenset(SUPPORTED_DTYPES)
+# GradScaler.unscale_'s words for float16 gradients (prepare's refuse_float16, and amp).
+FLOAT16_UNSCALE_ERROR = "Attempting to unscale FP16 gradients."
 
 
 class DeviceGroup(NamedTuple):
@@ -186,7 +188,7 @@ def _check_tensors(
                 "is not None]) or use clip_grad_norm_(model.parameters(), ...)"
             )
         if refuse_float16 and tensor.dtype == torch.float16:
-            raise ValueError("Attempting to unscale FP16 gradients.")  # GradScaler's words
+            raise ValueError(FLOAT16_UNSCALE_ERROR)
         if refuse_inference and tensor.is_inference():
             raise ValueError(
                 f"{name}[{index}] is an inference tensor, which torch allows to be modified only "
