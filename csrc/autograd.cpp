@@ -24,20 +24,18 @@ namespace {
 }
 
 void check_not_differentiated(const at::Tensor& tensor, const char* op, const char* name) {
-  if (tensor.requires_grad()) refuse_derivative(op, name);
+  if (c10::GradMode::is_enabled() && tensor.requires_grad()) refuse_derivative(op, name);
+}
+
+void check_not_differentiated(const std::optional<at::Tensor>& tensor, const char* op,
+                              const char* name) {
+  if (tensor.has_value()) check_not_differentiated(*tensor, op, name);
 }
 
 void check_not_differentiated(at::TensorList tensors, const char* op) {
   if (!c10::GradMode::is_enabled()) return;
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].requires_grad()) refuse_derivative(op, "tensors[" + text(i) + "]");
-  }
-}
-
-void check_not_differentiated(const std::optional<at::Tensor>& tensor, const char* op,
-                              const char* name) {
-  if (c10::GradMode::is_enabled() && tensor.has_value()) {
-    check_not_differentiated(*tensor, op, name);
   }
 }
 
@@ -71,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> finalize_autograd(c10::DispatchKeySet keys,
 void scale_autograd(c10::DispatchKeySet keys, at::TensorList tensors, const at::Tensor& clip_coef,
                     std::optional<double> clip_value) {
   check_not_differentiated(tensors, "scale_");
-  check_not_differentiated(std::optional<at::Tensor>(clip_coef), "scale_", "clip_coef");
+  check_not_differentiated(clip_coef, "scale_", "clip_coef");
   at::AutoDispatchBelowAutograd below;
   scale_op().redispatch(keys & c10::after_autograd_keyset, tensors, clip_coef, clip_value);
 }

@@ -718,6 +718,11 @@ def test_ops_refuse_to_be_differentiated_before_writing(device, backend):
     with pytest.raises(RuntimeError, match="fusedclip::scale_ has no derivative.*clip_coef"):
         ops.scale_([plain], coef.clone().requires_grad_(), None)
     assert torch.equal(plain, original)
+    raw_norm = torch.tensor(4.0, dtype=torch.float64, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="fusedclip::finalize has no derivative.*raw_norm"):
+        ops.finalize(raw_norm, 1.0, None, torch.float32)
     with torch.no_grad():  # where the API calls them
         norm, _, _ = ops.reduce([leaf], 2.0, False)
+        total_norm, _ = ops.finalize(raw_norm, 1.0, None, torch.float32)
     torch.testing.assert_close(norm, torch.linalg.vector_norm(leaf.detach().double()))
+    assert float(total_norm) == 4.0
