@@ -20,6 +20,7 @@ import torch
 
 from fusedclip import distributed, plan
 from fusedclip.dispatch import BackendName
+from fusedclip.grad_mode import without_grad
 from fusedclip.norms import clip_coefficient, combine_norms, is_inf_norm
 
 if TYPE_CHECKING:
@@ -381,7 +382,7 @@ def _write_only(
     _scale(the_plan, inputs, coef, clip_value)
 
 
-@torch.no_grad()
+@without_grad
 def fused_clip_(
     tensors: TensorOrTensors,
     *,
@@ -429,7 +430,7 @@ def fused_clip_(
     return _or_empty(result, per_tensor)
 
 
-@torch.no_grad()
+@without_grad
 def measure(
     tensors: TensorOrTensors,
     *,
@@ -463,7 +464,7 @@ def measure(
     return _or_empty(result, per_tensor)
 
 
-@torch.no_grad()
+@without_grad
 def clip_grad_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -511,7 +512,7 @@ def clip_grad_norm_(
     return _or_empty(result, False).total_norm
 
 
-@torch.no_grad()
+@without_grad
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float | str = 2.0,
@@ -537,7 +538,7 @@ def get_total_norm(
     return _or_empty(result, False).total_norm
 
 
-@torch.no_grad()
+@without_grad
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -566,7 +567,7 @@ def clip_grads_with_norm_(
     )
 
 
-@torch.no_grad()
+@without_grad
 def clip_grad_value_(
     parameters: TensorOrTensors,
     clip_value: float,
@@ -588,7 +589,7 @@ def clip_grad_value_(
     )
 
 
-@torch.no_grad()
+@without_grad
 def scale_(
     tensors: TensorOrTensors, clip_coef: torch.Tensor, *, backend: BackendName | None = None
 ) -> None:

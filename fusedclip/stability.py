@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from fusedclip import amp, api
+from fusedclip.grad_mode import without_grad
 from fusedclip.norms import NORM_EPS
 
 
@@ -201,7 +202,7 @@ class ZClip:
             skip,
         )
 
-    @torch.no_grad()
+    @without_grad
     def step(self, parameters, inv_scale: float | torch.Tensor | None = None) -> ZClipResult:
         """Clips the gradients in place (unscaling them by `inv_scale` too); steps nothing. With a
         GradScaler use `clip_step`, which also tells the scaler that the gradients are unscaled."""
@@ -210,7 +211,7 @@ class ZClip:
         api.scale_(grads, result.clip_coef, backend=self.backend)
         return result
 
-    @torch.no_grad()
+    @without_grad
     def clip_step(
         self, optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None
     ) -> ZClipResult:
@@ -239,7 +240,7 @@ def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
     )
 
 
-@torch.no_grad()
+@without_grad
 def agc_(
     parameters: Iterable[torch.nn.Parameter], clipping: float = 0.01, eps: float = 1e-3
 ) -> None:
@@ -303,7 +304,7 @@ class GradMonitor:
         self.norm_ema: torch.Tensor | None = None  # NaN until the first finite, nonzero norm
         self.should_skip: torch.Tensor | None = None
 
-    @torch.no_grad()
+    @without_grad
     def record(
         self,
         result,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -398,6 +399,14 @@ def test_environment_variable_picks_the_backend(monkeypatch):
         fusedclip.clip_grad_norm_(parameters, 1.0)
     monkeypatch.setenv("FUSEDCLIP_BACKEND", "reference")
     assert fusedclip.dispatch.select(torch.device("cpu"), None).name == "reference"
+    monkeypatch.delenv("FUSEDCLIP_BACKEND")
+    assert fusedclip.dispatch.requested_backend(None) == "auto"
+    os.environ["FUSEDCLIP_BACKEND"] = "cpu"  # os.environ itself, as a script sets it
+    try:
+        assert fusedclip.dispatch.requested_backend(None) == "cpu"
+    finally:
+        del os.environ["FUSEDCLIP_BACKEND"]
+    assert fusedclip.dispatch.requested_backend(None) == "auto"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -413,3 +422,23 @@ def test_gradients_on_two_devices():
     assert_close(ours, expected, rtol=1e-6, what="two-device norm")
     for mine, torch_parameter in zip(parameters, theirs, strict=True):
         assert_close(mine.grad, torch_parameter.grad, rtol=1e-6, what="two-device grad")
+
+
+def test_calls_run_without_grad_and_restore_grad_mode():
+    # Gradients that require grad (as after backward(create_graph=True)): the ops have no
+    # derivative and refuse such inputs in grad mode, so this passes only with grad mode off.
+    parameter = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    parameter.grad = torch.tensor([3.0, 4.0], requires_grad=True)
+    with torch.no_grad():
+        expected = parameter.grad * (1.0 / (5.0 + 1e-6))
+    assert torch.is_grad_enabled()
+    total = fusedclip.clip_grad_norm_([parameter], 1.0, backend="cpu")
+    assert torch.is_grad_enabled()
+    assert float(total) == pytest.approx(5.0)
+    torch.testing.assert_close(parameter.grad.detach(), expected)
+    with pytest.raises(ValueError, match="max_norm"):
+        fusedclip.clip_grad_norm_([parameter], -1.0)
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        fusedclip.clip_grad_norm_([parameter], 1.0, backend="cpu")
+        assert not torch.is_grad_enabled()
