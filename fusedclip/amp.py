@@ -23,6 +23,7 @@ from torch.amp.grad_scaler import GradScaler, OptState
 
 from fusedclip import api, plan
 from fusedclip.api import ClipResult
+from fusedclip.grad_mode import without_grad
 
 
 def _parameters(optimizer: torch.optim.Optimizer) -> list:
@@ -132,6 +133,7 @@ def _record_found_inf(state: dict, found_inf: torch.Tensor | None, stage: OptSta
     state["stage"] = stage
 
 
+@without_grad
 def unscale_clip_(
     scaler: GradScaler,
     optimizer: torch.optim.Optimizer,

@@ -127,6 +127,24 @@ def test_unscale_twice_raises_torchs_error():
         amp.unscale_clip_(scaler, optimizer, 1.0)
 
 
+def test_unscale_clip_runs_without_grad_as_clip_grad_norm():
+    # Gradients that require grad (backward(create_graph=True)) in grad mode: the ops have no
+    # derivative, so this works only because unscale_clip_ turns grad mode off for the call.
+    model = _model("cpu")
+    optimizer = _optimizer("sgd", model.parameters(), fused=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(model(torch.randn(2, 16)).pow(2).sum()).backward(create_graph=True)
+    grads = [p.grad for p in model.parameters()]
+    assert all(grad.requires_grad for grad in grads)
+    with torch.no_grad():
+        expected = [grad / 4.0 for grad in grads]
+    result = amp.unscale_clip_(scaler, optimizer, None)
+    assert torch.is_grad_enabled()
+    assert result.found_inf.item() == 0.0
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad.detach(), want)
+
+
 def test_optimizer_without_gradients_behaves_like_torch():
     def run(unscale):
         model = _model("cpu")
