@@ -6,6 +6,7 @@
 // the general path in plan.py then plans or refuses with its messages. It never raises for a
 // gradient it dislikes, so the two paths cannot disagree on an error.
 #include <fusedclip/checks.h>
+#include <fusedclip/prefetch.h>
 #include <fusedclip/python_module.h>
 #include <torch/csrc/Device.h>
 #include <torch/csrc/Exceptions.h>
@@ -93,6 +94,50 @@ const at::Tensor* gradient_of(PyObject* item, bool of_parameters, bool& plain) {
   return plain ? &grad : nullptr;
 }
 
+// How many items apart the stages of prefetch_ahead work: 2 was faster than 4 or 8 at 10 000
+// gradients (lines asked for too early are gone again before they are read).
+constexpr Py_ssize_t kPrefetchStride = 2;
+
+// Called before item i is planned: one link of the chain that gradient_of and is_plain_dense
+// follow, for each of the next few items. The item farthest ahead gets its Python object asked
+// for, the next one its TensorImpl, then (with of_parameters) its autograd metadata and its
+// gradient's TensorImpl, and the nearest its storage; each stage reads only blocks that an
+// earlier call asked for. Anything but a plain tensor is left to the main loop.
+void prefetch_ahead(PyObject* items, Py_ssize_t i, Py_ssize_t count, bool of_parameters) {
+  const Py_ssize_t stages = of_parameters ? 5 : 3;
+  for (Py_ssize_t stage = 0; stage < stages; ++stage) {
+    const Py_ssize_t ahead = i + (stages - stage) * kPrefetchStride;
+    if (ahead >= count) continue;
+    PyObject* item = PyList_GET_ITEM(items, ahead);
+    if (stage == 0) {
+      prefetch_bytes(item, sizeof(THPVariable));
+      continue;
+    }
+    if (!THPVariable_CheckExact(item)) continue;
+    const c10::TensorImpl* impl = THPVariable_Unpack(item).unsafeGetTensorImpl();
+    if (stage == 1) {
+      prefetch_bytes(impl, sizeof(c10::TensorImpl));
+      continue;
+    }
+    if (of_parameters) {
+      const c10::AutogradMetaInterface* meta = impl->autograd_meta();
+      if (meta == nullptr) continue;
+      if (stage == 2) {
+        prefetch_bytes(meta, 2 * kCacheLine);  // the gradient's pointer is near its start
+        continue;
+      }
+      const at::Tensor& grad = impl->grad();
+      if (!grad.defined()) continue;
+      impl = grad.unsafeGetTensorImpl();
+      if (stage == 3) {
+        prefetch_bytes(impl, sizeof(c10::TensorImpl));
+        continue;
+      }
+    }
+    prefetch_bytes(impl->unsafe_storage().unsafeGetStorageImpl(), kCacheLine);
+  }
+}
+
 // plan_dense(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16)
 //   -> (DenseGradients, device, any_float64) or None
 // items: a list of tensors (the gradients), or with of_parameters the parameters whose .grad to
@@ -119,6 +164,7 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
   std::optional<at::Device> device;
   bool any_float64 = false;
   for (Py_ssize_t i = 0; i < count; ++i) {
+    prefetch_ahead(items, i, count, of_parameters);
     bool plain = false;
     const at::Tensor* tensor = gradient_of(PyList_GET_ITEM(items, i), of_parameters, plain);
     if (!plain) Py_RETURN_NONE;

@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <fusedclip/checks.h>
 #include <fusedclip/norm.h>
+#include <fusedclip/prefetch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,6 +49,11 @@ constexpr int64_t kChunkSize = 65536;
 constexpr int kLanes = 16;
 // at::parallel_for splits work only when every task gets at least this many elements.
 constexpr int64_t kMinElementsPerTask = 262144;
+// Each pass asks for the first bytes of the tensor this many places ahead as it starts one: small
+// tensors are separate heap blocks that the hardware prefetchers cannot see coming (larger ones
+// they stream once their first lines are read). 4 tensors of 1 KiB measured best (prefetch.h).
+constexpr int64_t kPrefetchTensorsAhead = 4;
+constexpr int64_t kPrefetchBytesPerTensor = 1024;
 
 FUSEDCLIP_ALWAYS_INLINE float fp32_from_bits(uint32_t bits) {
   float value;
@@ -504,14 +510,25 @@ struct ChunkPlan {
     return (it - spans) - 1;
   }
 
+  // The first bytes of tensor t, when there is one (see kPrefetchTensorsAhead).
+  template <bool kForWrite>
+  void prefetch_tensor(int64_t t) const {
+    if (t < 0 || t >= num_tensors) return;
+    const TensorSpan& span = spans[t];
+    prefetch_bytes<kForWrite>(
+        span.data,
+        static_cast<size_t>(std::min(span.numel * span.element_size, kPrefetchBytesPerTensor)));
+  }
+
   // Calls fn(tensor_index, chunk_index, chunk_data, chunk_numel) for chunks [begin, end).
-  template <typename Fn>
+  template <bool kForWrite = false, typename Fn>
   void for_each_chunk(int64_t begin, int64_t end, const Fn& fn) const {
     if (begin >= end) return;
     int64_t t = tensor_of_chunk(begin);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       while (chunk >= spans[t + 1].first_chunk) ++t;
       const TensorSpan& span = spans[t];
+      if (chunk == span.first_chunk) prefetch_tensor<kForWrite>(t + kPrefetchTensorsAhead);
       const int64_t offset = (chunk - span.first_chunk) * kChunkSize;
       const int64_t numel = std::min(kChunkSize, span.numel - offset);
       fn(t, chunk, span.data + offset * span.element_size, numel);
@@ -520,13 +537,14 @@ struct ChunkPlan {
 
   // The same chunks, last first: after reduce walked them forward, the write pass starts on the
   // chunks still in cache.
-  template <typename Fn>
+  template <bool kForWrite = false, typename Fn>
   void for_each_chunk_reversed(int64_t begin, int64_t end, const Fn& fn) const {
     if (begin >= end) return;
     int64_t t = tensor_of_chunk(end - 1);
     for (int64_t chunk = end - 1; chunk >= begin; --chunk) {
       while (chunk < spans[t].first_chunk) --t;
       const TensorSpan& span = spans[t];
+      if (chunk == span.first_chunk) prefetch_tensor<kForWrite>(t - kPrefetchTensorsAhead);
       const int64_t offset = (chunk - span.first_chunk) * kChunkSize;
       const int64_t numel = std::min(kChunkSize, span.numel - offset);
       fn(t, chunk, span.data + offset * span.element_size, numel);
@@ -693,8 +711,12 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
   return {total_norm, clip_coef};
 }
 
-// The write pass on checked arguments (scale_cpu and clip_cpu check them).
-void scale_tensors(const ChunkPlan& plan, double coef, std::optional<double> clip_value) {
+// The write pass on checked arguments (scale_cpu and clip_cpu check them). `after_read`: the
+// read pass just walked the chunks forward, so this one walks them back from the end, where they
+// are still in cache; alone it walks forward, the order the hardware prefetchers follow best
+// (measured at 10 000 gradients: about 15% faster than backward).
+void scale_tensors(const ChunkPlan& plan, double coef, std::optional<double> clip_value,
+                   bool after_read) {
   if (coef == 1.0 && !clip_value.has_value()) return;  // nothing to write
   const bool clamp = clip_value.has_value();
   const double bound = clip_value.value_or(0.0);
@@ -703,14 +725,19 @@ void scale_tensors(const ChunkPlan& plan, double coef, std::optional<double> cli
   at::parallel_for(0, plan.num_chunks, plan.grain, [&](int64_t begin, int64_t end) {
     at::ScalarType fn_dtype = at::ScalarType::Undefined;
     ScaleChunkFn scale_fn = nullptr;
-    plan.for_each_chunk_reversed(begin, end, [&](int64_t t, int64_t, char* data, int64_t numel) {
+    const auto scale_one = [&](int64_t t, int64_t, char* data, int64_t numel) {
       const at::ScalarType dtype = plan.spans[t].dtype;
       if (dtype != fn_dtype) {
         scale_fn = scale_chunk_fn(dtype, clamp, float64_product);
         fn_dtype = dtype;
       }
       scale_fn(data, numel, coef, bound);
-    });
+    };
+    if (after_read) {
+      plan.for_each_chunk_reversed</*kForWrite=*/true>(begin, end, scale_one);
+    } else {
+      plan.for_each_chunk</*kForWrite=*/true>(begin, end, scale_one);
+    }
   });
 }
 
@@ -720,7 +747,7 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& clip_coef,
   check_cpu(tensors[0].device(), "scale_");
   check_scalar_tensor(clip_coef, "clip_coef", tensors[0].device());
   check_clip_value(clip_value);
-  scale_tensors(plan, read_scalar(clip_coef), clip_value);
+  scale_tensors(plan, read_scalar(clip_coef), clip_value, /*after_read=*/false);
 }
 
 // The three passes in order; on the CPU there is no launch to save, so `launch` is only checked.
@@ -739,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(
   if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", tensors[0].device());
   auto [raw_norm, found_inf, per_tensor_norms] = reduce_tensors(plan, norm_type, per_tensor);
   auto [total_norm, clip_coef] = finalize_cpu(raw_norm, max_norm, inv_scale, out_dtype);
-  scale_tensors(plan, *clip_coef.const_data_ptr<double>(), clip_value);
+  scale_tensors(plan, *clip_coef.const_data_ptr<double>(), clip_value, /*after_read=*/true);
   return {total_norm, found_inf, clip_coef, per_tensor_norms};
 }
 
