@@ -495,8 +495,7 @@ struct TensorSpan {
 
 // spans[0..num_tensors) plus a sentinel spans[num_tensors] whose first_chunk is num_chunks.
 struct ChunkPlan {
-  at::Tensor storage;  // owns the spans; allocated by PyTorch
-  TensorSpan* spans;
+  std::vector<TensorSpan> spans;
   int64_t num_tensors;
   int64_t num_chunks;
   int64_t grain;  // chunks per task, at least
@@ -505,9 +504,9 @@ struct ChunkPlan {
   int64_t tensor_of_chunk(int64_t chunk) const {
     // The last span starting at or before `chunk`: the non-empty tensor that holds it.
     const TensorSpan* it =
-        std::upper_bound(spans, spans + num_tensors, chunk,
+        std::upper_bound(spans.data(), spans.data() + num_tensors, chunk,
                          [](int64_t c, const TensorSpan& span) { return c < span.first_chunk; });
-    return (it - spans) - 1;
+    return (it - spans.data()) - 1;
   }
 
   // The first bytes of tensor t, when there is one (see kPrefetchTensorsAhead).
@@ -557,9 +556,7 @@ ChunkPlan make_chunk_plan(at::TensorList tensors, bool writes) {
   const at::Device device = tensors[0].device();
   ChunkPlan plan;
   plan.num_tensors = static_cast<int64_t>(tensors.size());
-  plan.storage = at::empty({static_cast<int64_t>((plan.num_tensors + 1) * sizeof(TensorSpan))},
-                           at::TensorOptions().dtype(at::kByte));
-  plan.spans = reinterpret_cast<TensorSpan*>(plan.storage.data_ptr());
+  plan.spans.resize(tensors.size() + 1);
   std::vector<ByteSpan> bytes;
   if (writes) bytes.reserve(tensors.size());
   int64_t num_chunks = 0;
@@ -595,17 +592,28 @@ double read_scalar(const at::Tensor& scalar) {
                                              : static_cast<double>(*scalar.const_data_ptr<float>());
 }
 
+std::optional<double> read_optional_scalar(const std::optional<at::Tensor>& scalar) {
+  return scalar.has_value() ? std::optional(read_scalar(*scalar)) : std::nullopt;
+}
+
+// What the read pass found: reduce's outputs, the two scalars still on the host (clip_cpu
+// finalizes from them without a tensor in between).
+struct ReadResult {
+  double raw_norm;
+  bool found_inf;
+  at::Tensor per_tensor_norms;
+};
+
 // The read pass on checked arguments (reduce_cpu and clip_cpu check them).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_tensors(const ChunkPlan& plan,
-                                                              double norm_type, bool per_tensor) {
+ReadResult reduce_tensors(const ChunkPlan& plan, double norm_type, bool per_tensor) {
   const NormKind kind = norm_kind(norm_type);
   const bool scaled = needs_scaled_sum(norm_type, plan.any_float64);
   const auto float64 = at::TensorOptions().dtype(at::kDouble);
 
   // [2, num_chunks] partials. Plain: the sum of |g|^p (or max |g|), then a non-finite flag (0 or
   // 1). Scaled: the ScaledSum's scale (max |g|, non-finite iff an element is), then its sum.
-  at::Tensor chunk_results = at::empty({2 * plan.num_chunks}, float64);
-  double* chunk_first = chunk_results.data_ptr<double>();
+  std::vector<double> chunk_results(static_cast<size_t>(2 * plan.num_chunks));
+  double* chunk_first = chunk_results.data();
   double* chunk_second = chunk_first + plan.num_chunks;
 
   at::parallel_for(0, plan.num_chunks, plan.grain, [&](int64_t begin, int64_t end) {
@@ -635,8 +643,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_tensors(const ChunkPlan& p
     });
   });
 
-  at::Tensor raw_norm = at::empty({}, float64);
-  at::Tensor found_inf = at::empty({}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor per_tensor_norms = at::empty({per_tensor ? plan.num_tensors : 0}, float64);
   double* per_tensor_out = per_tensor ? per_tensor_norms.data_ptr<double>() : nullptr;
 
@@ -674,9 +680,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_tensors(const ChunkPlan& p
     }
     total_norm = power_to_norm(total_power, kind, norm_type);
   }
-  *raw_norm.data_ptr<double>() = total_norm;
-  *found_inf.data_ptr<float>() = any_nonfinite ? 1.0f : 0.0f;
-  return {raw_norm, found_inf, per_tensor_norms};
+  return {total_norm, any_nonfinite, per_tensor_norms};
+}
+
+at::Tensor found_inf_tensor(bool found_inf) {
+  at::Tensor tensor = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  *tensor.data_ptr<float>() = found_inf ? 1.0f : 0.0f;
+  return tensor;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors, double norm_type,
@@ -684,7 +694,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_cpu(at::TensorList tensors
   const ChunkPlan plan = make_chunk_plan(tensors, /*writes=*/false);
   check_norm_type(norm_type);
   check_cpu(tensors[0].device(), "reduce");
-  return reduce_tensors(plan, norm_type, per_tensor);
+  ReadResult read = reduce_tensors(plan, norm_type, per_tensor);
+  at::Tensor raw_norm = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  *raw_norm.data_ptr<double>() = read.raw_norm;
+  return {raw_norm, found_inf_tensor(read.found_inf), read.per_tensor_norms};
+}
+
+// finalize's outputs (total_norm, clip_coef) from the raw norm and inv_scale as host values.
+std::tuple<at::Tensor, at::Tensor> finalized_tensors(double raw_norm,
+                                                     std::optional<double> max_norm,
+                                                     std::optional<double> inv_scale,
+                                                     at::ScalarType out_dtype) {
+  const Finalized result = finalize_norm(raw_norm, max_norm.has_value(), max_norm.value_or(0.0),
+                                         inv_scale.has_value(), inv_scale.value_or(1.0));
+  at::Tensor total_norm = at::empty({}, at::TensorOptions().dtype(out_dtype));
+  at::Tensor clip_coef = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  if (out_dtype == at::kDouble) {
+    *total_norm.data_ptr<double>() = result.total_norm;
+  } else {
+    *total_norm.data_ptr<float>() = static_cast<float>(result.total_norm);
+  }
+  *clip_coef.data_ptr<double>() = result.clip_coef;
+  return {total_norm, clip_coef};
 }
 
 std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
@@ -696,19 +727,8 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& raw_norm,
   check_out_dtype(out_dtype);
   if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", raw_norm.device());
 
-  const Finalized result =
-      finalize_norm(read_scalar(raw_norm), max_norm.has_value(), max_norm.value_or(0.0),
-                    inv_scale.has_value(), inv_scale.has_value() ? read_scalar(*inv_scale) : 1.0);
-
-  at::Tensor total_norm = at::empty({}, raw_norm.options().dtype(out_dtype));
-  at::Tensor clip_coef = at::empty({}, raw_norm.options().dtype(at::kDouble));
-  if (out_dtype == at::kDouble) {
-    *total_norm.data_ptr<double>() = result.total_norm;
-  } else {
-    *total_norm.data_ptr<float>() = static_cast<float>(result.total_norm);
-  }
-  *clip_coef.data_ptr<double>() = result.clip_coef;
-  return {total_norm, clip_coef};
+  return finalized_tensors(read_scalar(raw_norm), max_norm, read_optional_scalar(inv_scale),
+                           out_dtype);
 }
 
 // The write pass on checked arguments (scale_cpu and clip_cpu check them). `after_read`: the
@@ -764,10 +784,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cpu(
   check_clip_value(clip_value);
   check_out_dtype(out_dtype);
   if (inv_scale.has_value()) check_scalar_tensor(*inv_scale, "inv_scale", tensors[0].device());
-  auto [raw_norm, found_inf, per_tensor_norms] = reduce_tensors(plan, norm_type, per_tensor);
-  auto [total_norm, clip_coef] = finalize_cpu(raw_norm, max_norm, inv_scale, out_dtype);
+  ReadResult read = reduce_tensors(plan, norm_type, per_tensor);
+  auto [total_norm, clip_coef] =
+      finalized_tensors(read.raw_norm, max_norm, read_optional_scalar(inv_scale), out_dtype);
   scale_tensors(plan, *clip_coef.const_data_ptr<double>(), clip_value, /*after_read=*/true);
-  return {total_norm, found_inf, clip_coef, per_tensor_norms};
+  return {total_norm, found_inf_tensor(read.found_inf), clip_coef, read.per_tensor_norms};
 }
 
 }  // namespace
