@@ -11,6 +11,7 @@
 // fusedclip/ops.py calls torch.ops instead.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <fusedclip/op_handles.h>
+#include <fusedclip/planned_spans.h>
 #include <fusedclip/python_module.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
@@ -29,7 +30,7 @@ namespace {
 // `storage`; nullopt where torch.ops must take the call (see the file comment).
 std::optional<at::TensorList> tensor_list(PyObject* object, std::vector<at::Tensor>& storage) {
   if (at::impl::torch_function_mode_enabled()) return std::nullopt;
-  if (const std::vector<at::Tensor>* planned = dense_gradients_tensors(object)) return *planned;
+  if (const DenseGradients* planned = dense_gradients(object)) return planned->tensors;
   if (!PyList_CheckExact(object)) return std::nullopt;
   const Py_ssize_t count = PyList_GET_SIZE(object);
   storage.reserve(static_cast<size_t>(count));
@@ -39,6 +40,14 @@ std::optional<at::TensorList> tensor_list(PyObject* object, std::vector<at::Tens
     storage.push_back(THPVariable_Unpack(item));
   }
   return storage;
+}
+
+// The spans a write op may find its tensors disjoint by (planned_spans.h): those planned for a
+// DenseGradients, none for a list.
+PlannedSpans planned_spans(PyObject* object) {
+  const DenseGradients* planned = dense_gradients(object);
+  if (planned == nullptr) return {};
+  return {planned->tensors.data(), planned->spans.data(), planned->spans.size()};
 }
 
 // A plain tensor, or nullopt for None; `ok` false for anything torch.ops must see.
@@ -108,6 +117,7 @@ PyObject* call_scale_(PyObject* /*module*/, PyObject* args) {
   const at::Tensor& clip_coef = THPVariable_Unpack(coef_object);
   {
     ReleasedGil released;
+    PublishedSpans published(planned_spans(list));
     scale_op().call(*tensors, clip_coef, clip_value);
   }
   Py_RETURN_NONE;
@@ -143,6 +153,7 @@ PyObject* call_clip_(PyObject* /*module*/, PyObject* args) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   {
     ReleasedGil released;
+    PublishedSpans published(planned_spans(list));
     result = clip_op().call(*tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype,
                             per_tensor != 0, std::string_view(launch));
   }
@@ -168,5 +179,10 @@ PyMethodDef methods[] = {
 }  // namespace
 
 PyMethodDef* python_op_methods() { return methods; }
+
+PlannedSpans& planned_spans_of_this_thread() {
+  thread_local PlannedSpans spans;
+  return spans;
+}
 
 }  // namespace fusedclip

@@ -36,20 +36,21 @@ bool is_plain_dense(const at::Tensor& tensor, const at::Device& device, bool ref
 // (csrc/python_ops.cpp), which take its tensors as they are. No Python list to build, copy, free
 // or have the garbage collector walk. In Python, a read-only sequence of the tensors.
 struct DenseGradientsObject {
-  PyObject_HEAD std::vector<at::Tensor> tensors;
+  PyObject_HEAD DenseGradients gradients;
 };
 
 void dense_gradients_dealloc(PyObject* self) {
-  reinterpret_cast<DenseGradientsObject*>(self)->tensors.~vector();
+  reinterpret_cast<DenseGradientsObject*>(self)->gradients.~DenseGradients();
   Py_TYPE(self)->tp_free(self);
 }
 
 Py_ssize_t dense_gradients_length(PyObject* self) {
-  return static_cast<Py_ssize_t>(reinterpret_cast<DenseGradientsObject*>(self)->tensors.size());
+  return static_cast<Py_ssize_t>(
+      reinterpret_cast<DenseGradientsObject*>(self)->gradients.tensors.size());
 }
 
 PyObject* dense_gradients_item(PyObject* self, Py_ssize_t index) {
-  const auto& tensors = reinterpret_cast<DenseGradientsObject*>(self)->tensors;
+  const auto& tensors = reinterpret_cast<DenseGradientsObject*>(self)->gradients.tensors;
   if (index < 0 || index >= static_cast<Py_ssize_t>(tensors.size())) {
     PyErr_SetString(PyExc_IndexError, "DenseGradients index out of range");
     return nullptr;
@@ -66,10 +67,10 @@ PySequenceMethods dense_gradients_sequence = {
 
 PyTypeObject dense_gradients_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-PyObject* new_dense_gradients(std::vector<at::Tensor>&& tensors) {
+PyObject* new_dense_gradients(DenseGradients&& gradients) {
   auto* self = PyObject_New(DenseGradientsObject, &dense_gradients_type);
   if (self == nullptr) return nullptr;
-  new (&self->tensors) std::vector<at::Tensor>(std::move(tensors));
+  new (&self->gradients) DenseGradients(std::move(gradients));
   return reinterpret_cast<PyObject*>(self);
 }
 
@@ -154,9 +155,11 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
   }
   HANDLE_TH_ERRORS
   const Py_ssize_t count = PyList_GET_SIZE(items);
-  std::vector<at::Tensor> tensors;
+  DenseGradients planned;
+  std::vector<at::Tensor>& tensors = planned.tensors;
   tensors.reserve(static_cast<size_t>(count));
-  std::vector<ByteSpan> ranges;
+  planned.spans.reserve(static_cast<size_t>(count));
+  std::vector<ByteSpan> ranges;  // the nonempty spans, sorted by the overlap check
   ranges.reserve(static_cast<size_t>(count));
   // Empty tensors hold no bytes to compare (their storages may all sit at address 0): two
   // views of one storage are found by the storage object instead.
@@ -175,8 +178,9 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
     }
     any_float64 = any_float64 || tensor->scalar_type() == at::kDouble;
     const auto index = tensors.size();
+    planned.spans.push_back(byte_span(*tensor, index));
     if (tensor->numel() > 0) {
-      ranges.push_back(byte_span(*tensor, index));
+      ranges.push_back(planned.spans.back());
     } else {
       const auto storage = reinterpret_cast<uintptr_t>(tensor->storage().unsafeGetStorageImpl());
       empty_storages.push_back({storage, storage + 1, index});
@@ -189,7 +193,7 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
   }
   PyObject* device_object = THPDevice_New(*device);
   if (device_object == nullptr) return nullptr;
-  PyObject* gradients = new_dense_gradients(std::move(tensors));
+  PyObject* gradients = new_dense_gradients(std::move(planned));
   if (gradients == nullptr) {
     Py_DECREF(device_object);
     return nullptr;
@@ -228,9 +232,9 @@ bool add_dense_gradients_type(PyObject* module) {
   return true;
 }
 
-const std::vector<at::Tensor>* dense_gradients_tensors(PyObject* object) {
+const DenseGradients* dense_gradients(PyObject* object) {
   if (Py_TYPE(object) != &dense_gradients_type) return nullptr;
-  return &reinterpret_cast<DenseGradientsObject*>(object)->tensors;
+  return &reinterpret_cast<DenseGradientsObject*>(object)->gradients;
 }
 
 }  // namespace fusedclip

@@ -328,3 +328,33 @@ def test_fast_path_hands_the_extension_a_dense_gradients_and_the_others_a_list()
     for backend, kind in (("cpu", _C.DenseGradients), ("reference", list)):
         the_plan, _ = plan.prepare(grads, "tensors", backend, writes=True)
         assert type(the_plan.groups[0].dense) is kind, backend
+
+
+@needs_fast_path
+@pytest.mark.parametrize("change", ["set_", "resize_"])
+def test_write_ops_check_again_gradients_changed_since_planning(change):
+    """The write ops skip their overlap sort for a DenseGradients whose spans are still those the
+    planner found disjoint (csrc/include/fusedclip/planned_spans.h). A gradient re-pointed or
+    resized after planning so that it shares memory with another must still be refused, with
+    nothing written."""
+    from fusedclip import _C
+
+    storage = torch.randn(1000)
+    first, second = storage[:500], storage[500:]  # disjoint views of one storage
+    planned = plan._C_PLAN_DENSE([first, second], False, True, False, False)[0]
+    coef = torch.tensor(0.5, dtype=torch.float64)
+    if change == "set_":
+        second.set_(storage.untyped_storage(), 250, (500,), (1,))  # now storage[250:750]
+    else:
+        first.resize_(600)  # now storage[:600]
+    before = storage.clone()
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] and tensors\[1\] share memory"):
+        _C.call_scale_(planned, coef, None)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] and tensors\[1\] share memory"):
+        _C.call_clip_(planned, 2.0, 1e-3, None, None, torch.float32, False, "auto")
+    assert torch.equal(storage, before)
+    # Unchanged since planning, the same list is scaled as planned.
+    fresh = [torch.randn(4), torch.randn(3)]
+    expected = [t * 0.5 for t in fresh]
+    _C.call_scale_(plan._C_PLAN_DENSE(fresh, False, True, False, False)[0], coef, None)
+    assert all(torch.equal(t, e) for t, e in zip(fresh, expected, strict=True))

@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <fusedclip/checks.h>
 #include <fusedclip/norm.h>
+#include <fusedclip/planned_spans.h>
 #include <fusedclip/prefetch.h>
 #include <torch/library.h>
 
@@ -557,7 +558,7 @@ ChunkPlan make_chunk_plan(at::TensorList tensors, bool writes) {
   ChunkPlan plan;
   plan.num_tensors = static_cast<int64_t>(tensors.size());
   plan.spans.resize(tensors.size() + 1);
-  std::vector<ByteSpan> bytes;
+  std::vector<ByteSpan> bytes;  // with writes: each tensor's, in list order
   if (writes) bytes.reserve(tensors.size());
   int64_t num_chunks = 0;
   int64_t total_numel = 0;
@@ -569,12 +570,15 @@ ChunkPlan make_chunk_plan(at::TensorList tensors, bool writes) {
     const at::ScalarType dtype = tensor.scalar_type();
     plan.spans[t] = TensorSpan{static_cast<char*>(tensor.data_ptr()), numel,
                                static_cast<int64_t>(tensor.element_size()), num_chunks, dtype};
-    if (writes && numel > 0) bytes.push_back(byte_span(tensor, static_cast<size_t>(t)));
+    if (writes) bytes.push_back(byte_span(tensor, static_cast<size_t>(t)));
     num_chunks += (numel + kChunkSize - 1) / kChunkSize;
     total_numel += numel;
     plan.any_float64 = plan.any_float64 || dtype == at::kDouble;
   }
-  if (writes) check_disjoint(bytes, "tensors");
+  if (writes && !spans_as_planned(tensors, bytes)) {
+    std::erase_if(bytes, [](const ByteSpan& span) { return span.begin == span.end; });
+    check_disjoint(bytes, "tensors");
+  }
   plan.spans[plan.num_tensors] = TensorSpan{nullptr, 0, 0, num_chunks, at::kFloat};
   plan.num_chunks = num_chunks;
   const int64_t mean_chunk_numel =

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <Python.h>
+#include <fusedclip/checks.h>
 
 #include <vector>
 
@@ -17,7 +18,14 @@ PyMethodDef* python_op_methods();
 // error set when that fails.
 bool add_dense_gradients_type(PyObject* module);
 
-// The tensors of a DenseGradients, or nullptr when `object` is something else.
-const std::vector<at::Tensor>* dense_gradients_tensors(PyObject* object);
+// What a DenseGradients holds: the checked tensors, and each one's byte span when planned (in
+// list order; the write ops' PlannedSpans, planned_spans.h).
+struct DenseGradients {
+  std::vector<at::Tensor> tensors;
+  std::vector<ByteSpan> spans;
+};
+
+// A DenseGradients' contents, or nullptr when `object` is something else.
+const DenseGradients* dense_gradients(PyObject* object);
 
 }  // namespace fusedclip
