@@ -307,10 +307,10 @@ def _clip(
         return None
     backend_ = the_plan.groups[0].backend
     inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
-    inputs = [_kernel_inputs(group) for group in the_plan.groups]
     if writes and not error_if_nonfinite and _runs_as_one_op(the_plan, process_group):
+        one_group = _kernel_inputs(the_plan.groups[0])
         total_norm, found_inf, clip_coef, per_tensor_norms = backend_.clip_(
-            inputs[0].tensors,
+            one_group.tensors,
             norm_type,
             max_norm,
             inv_scale_tensor,
@@ -318,10 +318,11 @@ def _clip(
             the_plan.out_dtype,
             per_tensor,
         )
-        _write_back(inputs[0])
+        _write_back(one_group)
         if per_tensor:
             per_tensor_norms = _in_plan_order(the_plan, [per_tensor_norms])
     else:
+        inputs = [_kernel_inputs(group) for group in the_plan.groups]
         raw_norm, found_inf, per_tensor_norms = _measure(
             the_plan, inputs, norm_type, per_tensor, process_group
         )

@@ -142,7 +142,7 @@ def select(device: torch.device, backend: str | None) -> Backend:
     name = requested_backend(backend)
     # Under torch.compile the choice is made at trace time; the dict would only add guards.
     remembers = not torch.compiler.is_compiling()
-    selected = _selected.get((name, device.type)) if remembers else None
+    selected = _selected.get((name, device)) if remembers else None
     if selected is not None:
         return selected
     if name == "auto":
@@ -153,13 +153,14 @@ def select(device: torch.device, backend: str | None) -> Backend:
             raise RuntimeError(f"backend={name!r} cannot run {device} gradients: {reason}")
         selected = _backend(name)
     if remembers:
-        _selected[(name, device.type)] = selected
+        _selected[(name, device)] = selected
     return selected
 
 
-# (requested name, device type) -> the Backend that select() chose: what can run here does not
-# change while the process lives, and select() runs on every call.
-_selected: dict[tuple[str, str], Backend] = {}
+# (requested name, device) -> the Backend that select() chose: what can run here does not change
+# while the process lives, and select() runs on every call. Keyed by the device itself, not its
+# type: torch.device.type builds a new string on every read (about 0.3 µs of every call).
+_selected: dict[tuple[str, torch.device], Backend] = {}
 
 
 @functools.cache

@@ -126,7 +126,7 @@ def _dense_plan(
     if not tensors or torch.compiler.is_compiling() or _C_PLAN_DENSE is None:
         return None
     found = _C_PLAN_DENSE(
-        tensors, of_parameters, _refuses_inference(writes), gradients_only, refuse_float16
+        tensors, of_parameters, _refuses_inference(writes, False), gradients_only, refuse_float16
     )
     if found is None:
         return None
@@ -151,10 +151,11 @@ def _load_dense_planner():
 _C_PLAN_DENSE = _load_dense_planner()
 
 
-def _refuses_inference(writes: bool) -> bool:
+def _refuses_inference(writes: bool, compiling: bool) -> bool:
     """Whether inference tensors must be refused: torch lets them be modified only inside
-    inference mode. (Under torch.compile the mode is not traceable; the graph enforces it.)"""
-    if not writes or torch.compiler.is_compiling():
+    inference mode. (Under torch.compile the mode is not traceable; the graph enforces it.)
+    `compiling`: torch.compiler.is_compiling(), which the caller knows already."""
+    if not writes or compiling:
         return False
     return not torch.is_inference_mode_enabled()
 
@@ -162,7 +163,7 @@ def _refuses_inference(writes: bool) -> bool:
 def _check_tensors(
     tensors: list, name: str, writes: bool, gradients_only: bool, refuse_float16: bool
 ) -> None:
-    refuse_inference = _refuses_inference(writes)
+    refuse_inference = _refuses_inference(writes, torch.compiler.is_compiling())
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
             if tensor is None:
