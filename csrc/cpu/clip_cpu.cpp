@@ -568,9 +568,10 @@ ChunkPlan make_chunk_plan(at::TensorList tensors, bool writes) {
     check_gradient(tensor, static_cast<size_t>(t), device, "tensors");
     const int64_t numel = tensor.numel();
     const at::ScalarType dtype = tensor.scalar_type();
-    plan.spans[t] = TensorSpan{static_cast<char*>(tensor.data_ptr()), numel,
-                               static_cast<int64_t>(tensor.element_size()), num_chunks, dtype};
-    if (writes) bytes.push_back(byte_span(tensor, static_cast<size_t>(t)));
+    char* data = static_cast<char*>(tensor.data_ptr());
+    const auto element_size = static_cast<int64_t>(tensor.element_size());
+    plan.spans[t] = TensorSpan{data, numel, element_size, num_chunks, dtype};
+    if (writes) bytes.push_back(byte_span(data, numel * element_size, static_cast<size_t>(t)));
     num_chunks += (numel + kChunkSize - 1) / kChunkSize;
     total_numel += numel;
     plan.any_float64 = plan.any_float64 || dtype == at::kDouble;

@@ -97,9 +97,13 @@ inline void check_disjoint(std::vector<ByteSpan>& spans, const char* name) {
 
 // A tensor's bytes, for check_disjoint; call after check_gradient (a dense tensor spans
 // numel * element_size bytes from its data pointer).
+inline ByteSpan byte_span(const void* data, int64_t bytes, size_t index) {
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  return {begin, begin + static_cast<uintptr_t>(bytes), index};
+}
+
 inline ByteSpan byte_span(const at::Tensor& t, size_t index) {
-  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  return {begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), index};
+  return byte_span(t.const_data_ptr(), t.numel() * static_cast<int64_t>(t.element_size()), index);
 }
 
 inline void check_norm_type(double norm_type) {
