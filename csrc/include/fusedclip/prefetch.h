@@ -3,9 +3,10 @@
 // With thousands of gradients, a walk's data no longer fits in L2: each gradient's Python object,
 // TensorImpl, autograd metadata, storage and elements are separate heap blocks, and a walk that
 // reads them one gradient at a time waits for every miss in turn. Asking for the blocks of a
-// gradient a few places ahead lets the misses of several gradients overlap. Measured with
-// bench.host at 10 000 gradients of 256 float32 (in-process A/B, bench/results/host-*.json and
-// the README): the planner's walk about 25% faster, the CPU write pass about 15%.
+// gradient a few places ahead lets the misses of several gradients overlap. Measured at 10 000
+// gradients of 256 float32, switched on and off within one process (commit 8fa042e): the
+// planner's walk about 25% faster, the CPU write pass about 15%; bench.host's before and after
+// are in bench/results/ and the README.
 #pragma once
 
 #include <cstddef>
