@@ -52,7 +52,8 @@ constexpr int kLanes = 16;
 constexpr int64_t kMinElementsPerTask = 262144;
 // Each pass asks for the first bytes of the tensor this many places ahead as it starts one: small
 // tensors are separate heap blocks that the hardware prefetchers cannot see coming (larger ones
-// they stream once their first lines are read). The distance and size measured (prefetch.h).
+// they stream once their first lines are read). These are the distance and size measured
+// (prefetch.h).
 constexpr int64_t kPrefetchTensorsAhead = 4;
 constexpr int64_t kPrefetchBytesPerTensor = 1024;
 
