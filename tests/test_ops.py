@@ -268,6 +268,96 @@ def test_reduce_is_deterministic(device, backend, dtypes, norm_type):
     assert math.isfinite(first[0].item())
 
 
+# The CPU read pass's summation order, as clip_cpu.cpp's file comment documents it: chunks of 64K
+# elements; in a chunk, element k goes to float64 lane k % 16 (in the scaled path, of each block
+# of 1024, whose terms are divided by the block's max |g|); lanes combine in a fixed tree; blocks,
+# chunks, then tensors combine in order (ScaledSum.merge of fusedclip/norm.h in the scaled path).
+CPU_CHUNK_SIZE = 65536
+CPU_SCALED_BLOCK = 1024
+CPU_LANES = 16
+
+
+def lanes_sum(terms) -> float:
+    lanes = [0.0] * CPU_LANES
+    for k, term in enumerate(terms):
+        lanes[k % CPU_LANES] += term
+    pairs = [lanes[j] + lanes[j + 8] for j in range(8)]
+    quads = [pairs[j] + pairs[j + 4] for j in range(4)]
+    return (quads[0] + quads[2]) + (quads[1] + quads[3])
+
+
+def chunks_of(tensor, size):
+    values = tensor.to(torch.float64).reshape(-1).tolist()
+    return [values[start : start + size] for start in range(0, len(values), size)]
+
+
+def cpu_order_norms(tensors, norm_type: float) -> list[float]:
+    """The plain path (p = 1, or p = 2 without float64 gradients): per tensor, the float64 sum of
+    |g|^p, then its root; last, the total's."""
+    norms, total = [], 0.0
+    for tensor in tensors:
+        tensor_power = 0.0
+        for chunk in chunks_of(tensor, CPU_CHUNK_SIZE):
+            tensor_power += lanes_sum(x * x if norm_type == 2 else abs(x) for x in chunk)
+        total += tensor_power
+        norms.append(tensor_power)
+    root = math.sqrt if norm_type == 2 else float
+    return [root(power) for power in [*norms, total]]
+
+
+def cpu_order_scaled_norms(tensors, norm_type: float) -> list[float]:
+    """The scaled path, for finite gradients none all zero: ScaledSums (scale, sum), merged."""
+
+    def merge(into, other):
+        (scale, total), (other_scale, other_sum) = into, other
+        if other_scale == 0.0:
+            return into
+        if other_scale > scale:
+            rest = 0.0 if scale == 0.0 else total * (scale / other_scale) ** norm_type
+            return other_scale, other_sum + rest
+        return scale, total + other_sum * (other_scale / scale) ** norm_type
+
+    sums, grand = [], (0.0, 0.0)
+    for tensor in tensors:
+        tensor_sum = (0.0, 0.0)
+        for chunk in chunks_of(tensor, CPU_CHUNK_SIZE):
+            chunk_sum = (0.0, 0.0)
+            for start in range(0, len(chunk), CPU_SCALED_BLOCK):
+                block = chunk[start : start + CPU_SCALED_BLOCK]
+                block_max = max(abs(x) for x in block)
+                reciprocal = 1.0 / block_max
+                power = lanes_sum(abs(x * reciprocal) ** norm_type for x in block)
+                chunk_sum = merge(chunk_sum, (block_max, power))
+            tensor_sum = merge(tensor_sum, chunk_sum)
+        grand = merge(grand, tensor_sum)
+        sums.append(tensor_sum)
+    return [scale * total ** (1.0 / norm_type) for scale, total in [*sums, grand]]
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "norm_type", "oracle"),
+    [
+        ([torch.float64], 1.0, cpu_order_norms),
+        ([torch.float32, torch.bfloat16, torch.float16], 2.0, cpu_order_norms),
+        ([torch.float64], 2.0, cpu_order_scaled_norms),
+        ([torch.float32, torch.bfloat16], 9.0, cpu_order_scaled_norms),
+    ],
+    ids=["plain-float64-p1", "plain-p2", "scaled-float64-p2", "scaled-p9"],
+)
+def test_cpu_read_pass_sums_in_its_documented_order(dtypes, norm_type, oracle):
+    """Bit for bit, per tensor and in total, on whichever clone of the loops this CPU runs. Sums
+    of float32 values in float64 are nearly exact in any order; the float64 and scaled cases tell:
+    a build that regrouped the lanes failed the two float64 cases, one whose compiler fused
+    multiplies into adds (FMA contraction) failed scaled-p9."""
+    ops = dispatch.select(torch.device("cpu"), "cpu")
+    sizes = [1, 15, 16, 17, 1000, 1023, 1025, 4096, 2 * CPU_CHUNK_SIZE + 37] * 2
+    tensors = random_gradients(sizes, dtypes, "cpu")
+    raw_norm, _, per_tensor_norms = ops.reduce(tensors, norm_type, True)
+    found = torch.cat([per_tensor_norms, raw_norm.reshape(1)])
+    expected = torch.tensor(oracle(tensors, norm_type), dtype=torch.float64)
+    assert torch.equal(bits(found), bits(expected)), (found - expected).nonzero().flatten()
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params())
 @pytest.mark.parametrize("raw_norm", [12345.678, 1e30, 0.0], ids=lambda n: f"norm{n}")
 @pytest.mark.parametrize("max_norm", [None, 0.0, 1.0, 1e-20, 1e30], ids=lambda m: f"max{m}")

@@ -10,7 +10,8 @@
 // once either way. The hot loops are plain lane loops that GCC vectorizes; target_clones builds
 // each of them twice (AVX2 and the x86-64 baseline, chosen at load time) because the extension is
 // compiled without -mavx2. The AVX2 clone enables no FMA and nothing here allows reassociation, so
-// both clones give the same bits.
+// both clones give the same bits, in the order that
+// tests/test_ops.py::test_cpu_read_pass_sums_in_its_documented_order rebuilds in Python.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
