@@ -141,6 +141,21 @@ def test_accepts_generator_single_tensor_and_no_grads(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("inv_scale", [0.5, math.inf], ids=["finite", "inf"])
+def test_no_gradients_have_norm_zero_whatever_inv_scale(device, backend, inv_scale):
+    """Nothing to unscale: torch's norm of no gradients, 0, not |inv_scale| * 0 (NaN for an
+    infinite inv_scale, which error_if_nonfinite would raise on). Found by test_properties."""
+    scale = torch.tensor(inv_scale, dtype=torch.float16, device=device)
+    no_grads = make_parameters([5], [torch.float32], device, none_grads=(0,))
+    norm = fusedclip.clip_grad_norm_(
+        no_grads, 1.0, error_if_nonfinite=True, inv_scale=scale, backend=backend
+    )
+    assert norm.item() == 0.0
+    result = fusedclip.fused_clip_([], max_norm=1.0, inv_scale=scale, backend=backend)
+    assert (result.total_norm.item(), result.found_inf.item(), result.clip_coef.item()) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=lambda p: f"p{p}")
 def test_get_total_norm_and_clip_grads_with_norm_match_torch(device, backend, norm_type):
     parameters = make_parameters([7, 4095, 300], [torch.float32, torch.float64], device)

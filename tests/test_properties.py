@@ -635,7 +635,10 @@ def expect(call: Call, gradients: Materialized) -> Expected:
     any_float64 = any(gradients.entries[i].dtype == torch.float64 for i in kept)
     out_dtype = torch.float64 if any_float64 else torch.float32
     returned_norm = torch.tensor(total_norm, dtype=torch.float64).to(out_dtype)
-    if refusal is None and call.error_if_nonfinite and not torch.isfinite(returned_norm):
+    # With no gradient at all there is nothing to unscale: the call returns torch's norm of an
+    # empty set, 0, whatever inv_scale is (not |inv_scale| * 0, which is NaN for an infinite one).
+    nonfinite = bool(kept) and not torch.isfinite(returned_norm)
+    if refusal is None and call.error_if_nonfinite and nonfinite:
         refusal = (RuntimeError, f"a norm of {returned_norm.item()} with error_if_nonfinite")
     return Expected(
         refusal,
