@@ -623,8 +623,10 @@ def expect(call: Call, gradients: Materialized) -> Expected:
     joined = np.concatenate(values) if values else np.zeros(0)
     inv_scale = _as_float(call.inv_scale)
     unscale = 1.0 if inv_scale is None else abs(inv_scale)
-    # ||s * g|| = |s| * ||g||: the norm of the unscaled gradients
-    total_norm = _times(oracle_norm(joined, call.norm_type), unscale)
+    # ||s * g|| = |s| * ||g||: the norm of the unscaled gradients. With no gradient at all there
+    # is nothing to unscale: torch's norm of an empty set, 0, whatever inv_scale is (|inv_scale| * 0
+    # would be NaN for an infinite one).
+    total_norm = _times(oracle_norm(joined, call.norm_type), unscale) if kept else 0.0
     per_tensor = [_times(oracle_norm(v, call.norm_type), unscale) for v in values]
     if call.api == "clip_grads_with_norm_":
         coef = oracle_coefficient(_as_float(call.total_norm), _as_float(call.max_norm), None)
@@ -635,10 +637,7 @@ def expect(call: Call, gradients: Materialized) -> Expected:
     any_float64 = any(gradients.entries[i].dtype == torch.float64 for i in kept)
     out_dtype = torch.float64 if any_float64 else torch.float32
     returned_norm = torch.tensor(total_norm, dtype=torch.float64).to(out_dtype)
-    # With no gradient at all there is nothing to unscale: the call returns torch's norm of an
-    # empty set, 0, whatever inv_scale is (not |inv_scale| * 0, which is NaN for an infinite one).
-    nonfinite = bool(kept) and not torch.isfinite(returned_norm)
-    if refusal is None and call.error_if_nonfinite and nonfinite:
+    if refusal is None and call.error_if_nonfinite and not torch.isfinite(returned_norm):
         refusal = (RuntimeError, f"a norm of {returned_norm.item()} with error_if_nonfinite")
     return Expected(
         refusal,
