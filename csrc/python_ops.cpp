@@ -9,7 +9,11 @@
 // sees the op. Where torch.ops would do more than that (a tensor subclass that may override
 // __torch_function__, an active torch function mode) they answer NotImplemented and
 // fusedclip/ops.py calls torch.ops instead.
+//
+// clip_dense_ is the C++ planner's common case and call_clip_ on what it planned in one call,
+// for fusedclip/plan.py's prepare_and_clip.
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/ops/full.h>
 #include <fusedclip/op_handles.h>
 #include <fusedclip/planned_spans.h>
 #include <fusedclip/python_module.h>
@@ -44,10 +48,13 @@ std::optional<at::TensorList> tensor_list(PyObject* object, std::vector<at::Tens
 
 // The spans a write op may find its tensors disjoint by (planned_spans.h): those planned for a
 // DenseGradients, none for a list.
+PlannedSpans planned_spans(const DenseGradients& planned) {
+  return {planned.tensors.data(), planned.spans.data(), planned.spans.size()};
+}
+
 PlannedSpans planned_spans(PyObject* object) {
   const DenseGradients* planned = dense_gradients(object);
-  if (planned == nullptr) return {};
-  return {planned->tensors.data(), planned->spans.data(), planned->spans.size()};
+  return planned == nullptr ? PlannedSpans{} : planned_spans(*planned);
 }
 
 // A plain tensor, or nullopt for None; `ok` false for anything torch.ops must see.
@@ -124,6 +131,24 @@ PyObject* call_scale_(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// clip_ on checked arguments, unboxed, as a Python tuple (total_norm, found_inf, clip_coef,
+// per_tensor_norms).
+PyObject* run_clip(at::TensorList tensors, const PlannedSpans& spans, double norm_type,
+                   std::optional<double> max_norm, const std::optional<at::Tensor>& inv_scale,
+                   std::optional<double> clip_value, at::ScalarType out_dtype, bool per_tensor,
+                   std::string_view launch) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  {
+    ReleasedGil released;
+    PublishedSpans published(spans);
+    result = clip_op().call(tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype,
+                            per_tensor, launch);
+  }
+  return Py_BuildValue("(NNNN)", wrap(std::move(std::get<0>(result))),
+                       wrap(std::move(std::get<1>(result))), wrap(std::move(std::get<2>(result))),
+                       wrap(std::move(std::get<3>(result))));
+}
+
 // call_clip_(tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch)
 //   -> (total_norm, found_inf, clip_coef, per_tensor_norms)
 PyObject* call_clip_(PyObject* /*module*/, PyObject* args) {
@@ -150,16 +175,69 @@ PyObject* call_clip_(PyObject* /*module*/, PyObject* args) {
   const auto tensors = tensor_list(list, storage);
   if (!tensors || !ok) Py_RETURN_NOTIMPLEMENTED;
   const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(dtype_object)->scalar_type;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
-  {
-    ReleasedGil released;
-    PublishedSpans published(planned_spans(list));
-    result = clip_op().call(*tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype,
-                            per_tensor != 0, std::string_view(launch));
+  return run_clip(*tensors, planned_spans(list), norm_type, max_norm, inv_scale, clip_value,
+                  out_dtype, per_tensor != 0, launch);
+  END_HANDLE_TH_ERRORS
+}
+
+// inv_scale for clip_dense_: None, a float (made a float64 tensor on `device`, as the general
+// path does), or a 0-dim float32/float64 plain tensor on `device`; `ok` false for anything the
+// general path must convert first.
+std::optional<at::Tensor> dense_inv_scale(PyObject* object, const at::Device& device, bool& ok) {
+  ok = true;
+  if (object == Py_None) return std::nullopt;
+  if (PyFloat_CheckExact(object)) {
+    return at::full({}, PyFloat_AS_DOUBLE(object), at::TensorOptions(at::kDouble).device(device));
   }
-  return Py_BuildValue("(NNNN)", wrap(std::move(std::get<0>(result))),
-                       wrap(std::move(std::get<1>(result))), wrap(std::move(std::get<2>(result))),
-                       wrap(std::move(std::get<3>(result))));
+  std::optional<at::Tensor> tensor = optional_tensor(object, ok);
+  ok = ok && tensor.has_value() && tensor->dim() == 0 && tensor->device() == device &&
+       (tensor->scalar_type() == at::kFloat || tensor->scalar_type() == at::kDouble);
+  return tensor;
+}
+
+// clip_dense_(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16, on_cpu,
+//             on_cuda, norm_type, max_norm, inv_scale, clip_value)
+//   -> (total_norm, found_inf, clip_coef, per_tensor_norms) or None
+// fusedclip/plan.py's prepare_and_clip: plan_dense, then clip_ (launch "auto", no per-tensor
+// norms) on what it planned, when that is on a device whose backend is these ops (on_cpu,
+// on_cuda). None, having written nothing, for anything else: the caller then plans and calls as
+// usual. The arguments are checked already; the op checks them again.
+PyObject* clip_dense_(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* items = nullptr;
+  int of_parameters = 0;
+  int refuse_inference = 0;
+  int refuse_parameters = 0;
+  int refuse_float16 = 0;
+  int on_cpu = 0;
+  int on_cuda = 0;
+  double norm_type = 0.0;
+  PyObject* max_norm_object = nullptr;
+  PyObject* inv_scale_object = nullptr;
+  PyObject* clip_value_object = nullptr;
+  if (!PyArg_ParseTuple(args, "O!ppppppdOOO", &PyList_Type, &items, &of_parameters,
+                        &refuse_inference, &refuse_parameters, &refuse_float16, &on_cpu, &on_cuda,
+                        &norm_type, &max_norm_object, &inv_scale_object, &clip_value_object)) {
+    return nullptr;
+  }
+  bool ok = false;
+  const std::optional<double> max_norm = optional_double(max_norm_object, ok);
+  if (!ok) return nullptr;
+  const std::optional<double> clip_value = optional_double(clip_value_object, ok);
+  if (!ok) return nullptr;
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
+  const std::optional<DensePlan> planned =
+      plan_common_case(items, of_parameters != 0, refuse_inference != 0, refuse_parameters != 0,
+                       refuse_float16 != 0);
+  if (!planned.has_value()) Py_RETURN_NONE;
+  const at::Device& device = planned->device;
+  if (!(device.is_cpu() ? on_cpu != 0 : device.is_cuda() && on_cuda != 0)) Py_RETURN_NONE;
+  const std::optional<at::Tensor> inv_scale = dense_inv_scale(inv_scale_object, device, ok);
+  if (!ok) Py_RETURN_NONE;
+  const DenseGradients& gradients = planned->gradients;
+  return run_clip(gradients.tensors, planned_spans(gradients), norm_type, max_norm, inv_scale,
+                  clip_value, planned->any_float64 ? at::kDouble : at::kFloat, /*per_tensor=*/false,
+                  "auto");
   END_HANDLE_TH_ERRORS
 }
 
@@ -173,6 +251,10 @@ PyMethodDef methods[] = {
     {"call_clip_", call_clip_, METH_VARARGS,
      "call_clip_(tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, "
      "launch): torch.ops.fusedclip.clip_, unboxed, or NotImplemented."},
+    {"clip_dense_", clip_dense_, METH_VARARGS,
+     "clip_dense_(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16, "
+     "on_cpu, on_cuda, norm_type, max_norm, inv_scale, clip_value): plan_dense and clip_ in one "
+     "call, or None (see csrc/python_ops.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

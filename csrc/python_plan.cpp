@@ -1,4 +1,5 @@
-// fusedclip._C.plan_dense: the common case of fusedclip/plan.py in one C++ pass over the list.
+// fusedclip._C.plan_dense: the common case of fusedclip/plan.py in one C++ pass over the list
+// (plan_common_case, which clip_dense_ in python_ops.cpp runs too).
 //
 // A Python loop over thousands of gradients costs about a microsecond each, which eager steps of
 // small and MoE models feel. This function accepts only the common case (plain tensors, each dense
@@ -139,21 +140,11 @@ void prefetch_ahead(PyObject* items, Py_ssize_t i, Py_ssize_t count, bool of_par
   }
 }
 
-// plan_dense(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16)
-//   -> (DenseGradients, device, any_float64) or None
-// items: a list of tensors (the gradients), or with of_parameters the parameters whose .grad to
-// take (None grads skipped).
-PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
-  PyObject* items = nullptr;
-  int of_parameters = 0;
-  int refuse_inference = 0;
-  int refuse_parameters = 0;
-  int refuse_float16 = 0;
-  if (!PyArg_ParseTuple(args, "O!pppp", &PyList_Type, &items, &of_parameters, &refuse_inference,
-                        &refuse_parameters, &refuse_float16)) {
-    return nullptr;
-  }
-  HANDLE_TH_ERRORS
+}  // namespace
+
+std::optional<DensePlan> plan_common_case(PyObject* items, bool of_parameters,
+                                          bool refuse_inference, bool refuse_parameters,
+                                          bool refuse_float16) {
   const Py_ssize_t count = PyList_GET_SIZE(items);
   DenseGradients planned;
   std::vector<at::Tensor>& tensors = planned.tensors;
@@ -170,11 +161,11 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
     prefetch_ahead(items, i, count, of_parameters);
     bool plain = false;
     const at::Tensor* tensor = gradient_of(PyList_GET_ITEM(items, i), of_parameters, plain);
-    if (!plain) Py_RETURN_NONE;
+    if (!plain) return std::nullopt;
     if (tensor == nullptr) continue;
     if (!device.has_value()) device = tensor->device();
     if (!is_plain_dense(*tensor, *device, refuse_inference, refuse_parameters, refuse_float16)) {
-      Py_RETURN_NONE;
+      return std::nullopt;
     }
     any_float64 = any_float64 || tensor->scalar_type() == at::kDouble;
     const auto index = tensors.size();
@@ -189,16 +180,41 @@ PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
   }
   // Nothing to plan (no gradient at all), or memory listed twice: the general path decides.
   if (!device.has_value() || first_overlap(ranges) || first_overlap(empty_storages)) {
-    Py_RETURN_NONE;
+    return std::nullopt;
   }
-  PyObject* device_object = THPDevice_New(*device);
+  return DensePlan{std::move(planned), *device, any_float64};
+}
+
+namespace {
+
+// plan_dense(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16)
+//   -> (DenseGradients, device, any_float64) or None
+// items: a list of tensors (the gradients), or with of_parameters the parameters whose .grad to
+// take (None grads skipped).
+PyObject* plan_dense(PyObject* /*module*/, PyObject* args) {
+  PyObject* items = nullptr;
+  int of_parameters = 0;
+  int refuse_inference = 0;
+  int refuse_parameters = 0;
+  int refuse_float16 = 0;
+  if (!PyArg_ParseTuple(args, "O!pppp", &PyList_Type, &items, &of_parameters, &refuse_inference,
+                        &refuse_parameters, &refuse_float16)) {
+    return nullptr;
+  }
+  HANDLE_TH_ERRORS
+  std::optional<DensePlan> planned =
+      plan_common_case(items, of_parameters != 0, refuse_inference != 0, refuse_parameters != 0,
+                       refuse_float16 != 0);
+  if (!planned.has_value()) Py_RETURN_NONE;
+  PyObject* device_object = THPDevice_New(planned->device);
   if (device_object == nullptr) return nullptr;
-  PyObject* gradients = new_dense_gradients(std::move(planned));
+  PyObject* gradients = new_dense_gradients(std::move(planned->gradients));
   if (gradients == nullptr) {
     Py_DECREF(device_object);
     return nullptr;
   }
-  return Py_BuildValue("(NNO)", gradients, device_object, any_float64 ? Py_True : Py_False);
+  return Py_BuildValue("(NNO)", gradients, device_object,
+                       planned->any_float64 ? Py_True : Py_False);
   END_HANDLE_TH_ERRORS
 }
 

@@ -291,6 +291,21 @@ def _clip(
     clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
     writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
+    if writes and not error_if_nonfinite and not per_tensor and process_group is None:
+        found = plan.prepare_and_clip(
+            items,
+            backend,
+            norm_type=norm_type,
+            max_norm=max_norm,
+            inv_scale=inv_scale,
+            clip_value=clip_value,
+            of_parameters=of_parameters,
+            gradients_only=gradients_only,
+            refuse_float16=refuse_float16,
+        )
+        if found is not None:
+            total_norm, found_inf, clip_coef, _ = found
+            return ClipResult(total_norm, found_inf, clip_coef, None)
     the_plan, process_group = plan.prepare(
         items,
         name,

@@ -112,15 +112,30 @@ def requested_backend(backend: str | None) -> str:
     return name
 
 
+# What "auto" tries for each device type, best first, before the reference: the extension's own
+# ops (the backend named as the device type) lead.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+
 def _auto_name(device_type: str) -> str:
-    if device_type == "cuda":
-        for name in ("cuda", "triton"):
-            if unavailable_reason(name, "cuda") is None:
-                return name
-    elif device_type == "cpu" and unavailable_reason("cpu", "cpu") is None:
-        return "cpu"
+    for name in _AUTO_ORDER.get(device_type, ()):
+        if unavailable_reason(name, device_type) is None:
+            return name
     _warn_reference_fallback(device_type)
     return "reference"
+
+
+def extension_device_types(backend: str | None) -> tuple[bool, bool]:
+    """(CPU, CUDA): whether select() gives that device type's gradients to the extension's own
+    ops, the "cpu" or "cuda" backend, when `backend` is asked for (for plan.prepare_and_clip,
+    which calls those ops without select())."""
+    name = requested_backend(backend)
+    return _runs_extension_ops(name, "cpu"), _runs_extension_ops(name, "cuda")
+
+
+def _runs_extension_ops(name: str, device_type: str) -> bool:
+    first_choice = _AUTO_ORDER[device_type][0] if name == "auto" else name
+    return first_choice == device_type and unavailable_reason(device_type, device_type) is None
 
 
 @functools.cache

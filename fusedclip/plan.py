@@ -15,6 +15,8 @@ The common case (plain contiguous tensors on one device, none aliasing another) 
 C++ extension in one pass (`fusedclip._C.plan_dense`) when it is built, which hands the extension's
 ops the checked tensors in a C++ vector (`fusedclip._C.DenseGradients`); everything else, and
 everything under torch.compile, by the general path below. Both give the same plans and errors.
+A clip on the extension's own ops can have its common case planned and run in one C++ call
+(`prepare_and_clip`).
 """
 
 from __future__ import annotations
@@ -138,17 +140,57 @@ def _dense_plan(
     return Plan([group], torch.float64 if any_float64 else torch.float32, len(tensors))
 
 
-def _load_dense_planner():
+def prepare_and_clip(
+    tensors: list,
+    backend: str | None,
+    *,
+    norm_type: float,
+    max_norm: float | None,
+    inv_scale: float | torch.Tensor | None,
+    clip_value: float | None,
+    of_parameters: bool = False,
+    gradients_only: bool = False,
+    refuse_float16: bool = False,
+):
+    """For the common case on a device whose backend is the extension's own ops: `prepare`, then
+    that backend's `clip_` (no per-tensor norms), in one C++ call. Between the two, Python would
+    build the plan and pick the backend: a few µs of every eager call, more once a training step
+    has pushed that code out of the caches. Arguments as `prepare` and `clip_`, checked already.
+
+    Returns clip_'s (total_norm, found_inf, clip_coef, per_tensor_norms), or None, having
+    changed nothing, for anything else: then `prepare` and the backend run as usual."""
+    if not tensors or torch.compiler.is_compiling() or _C_CLIP_DENSE is None:
+        return None
+    on_cpu, on_cuda = dispatch.extension_device_types(backend)
+    if not (on_cpu or on_cuda):
+        return None
+    return _C_CLIP_DENSE(
+        tensors,
+        of_parameters,
+        _refuses_inference(True, False),
+        gradients_only,
+        refuse_float16,
+        on_cpu,
+        on_cuda,
+        norm_type,
+        max_norm,
+        inv_scale,
+        clip_value,
+    )
+
+
+def _load_extension_function(name: str):
     from fusedclip import ops
 
     if ops.EXTENSION_ERROR is not None:
         return None
     from fusedclip import _C
 
-    return getattr(_C, "plan_dense", None)
+    return getattr(_C, name, None)
 
 
-_C_PLAN_DENSE = _load_dense_planner()
+_C_PLAN_DENSE = _load_extension_function("plan_dense")
+_C_CLIP_DENSE = _load_extension_function("clip_dense_")
 
 
 def _refuses_inference(writes: bool, compiling: bool) -> bool:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close, refusing_host_syncs
+from conftest import DEVICES, assert_close, plan_in_python, refusing_host_syncs
 
 from fusedclip import amp
 
@@ -176,10 +176,8 @@ def test_float16_gradients_are_refused_like_torch():
 def test_several_param_groups_match_torch_and_a_float16_one_changes_nothing(
     monkeypatch, fast_planner
 ):
-    from fusedclip import plan
-
     if not fast_planner:
-        monkeypatch.setattr(plan, "_C_PLAN_DENSE", None)
+        plan_in_python(monkeypatch)
 
     def setup():
         model = _model("cpu")

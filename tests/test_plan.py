@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, plan_in_python
 
 import fusedclip
 from fusedclip import plan
@@ -16,11 +16,6 @@ from fusedclip import plan
 needs_fast_path = pytest.mark.skipif(
     plan._C_PLAN_DENSE is None, reason="the C++ extension (fusedclip._C.plan_dense) is not built"
 )
-
-
-@pytest.fixture
-def general_path_only(monkeypatch):
-    monkeypatch.setattr(plan, "_C_PLAN_DENSE", None)
 
 
 def _facts(prepared):
@@ -41,9 +36,10 @@ def _facts(prepared):
 def _prepare_both_ways(monkeypatch, items, **kwargs):
     """(fast path's result or error, general path's result or error) of plan.prepare."""
     outcomes = []
-    for planner in (plan._C_PLAN_DENSE, None):
+    for in_python in (False, True):
         with monkeypatch.context() as patch:
-            patch.setattr(plan, "_C_PLAN_DENSE", planner)
+            if in_python:
+                plan_in_python(patch)
             try:
                 outcomes.append(_facts(plan.prepare(list(items), "tensors", None, **kwargs)))
             except (TypeError, ValueError) as error:
@@ -303,7 +299,7 @@ def test_parameters_are_anything_with_a_grad_as_in_torch():
 @pytest.mark.parametrize("general", [False, True], ids=["fast-path", "general-path"])
 def test_empty_tensors_repeat_only_as_views_of_one_storage(monkeypatch, general):
     if general:
-        monkeypatch.setattr(plan, "_C_PLAN_DENSE", None)
+        plan_in_python(monkeypatch)
     empty = torch.ones(0)
     same = fusedclip.measure([empty, empty, empty.view(0, 1), torch.ones(2)], per_tensor=True)
     assert same.per_tensor_norms.tolist() == [0.0, torch.tensor(2.0).sqrt().item()]
@@ -358,3 +354,136 @@ def test_write_ops_check_again_gradients_changed_since_planning(change):
     expected = [t * 0.5 for t in fresh]
     _C.call_scale_(plan._C_PLAN_DENSE(fresh, False, True, False, False)[0], coef, None)
     assert all(torch.equal(t, e) for t, e in zip(fresh, expected, strict=True))
+
+
+def _clip_calls():
+    """Calls of the API that take plan.prepare_and_clip for the common case: (id, run), where
+    run(grads) clips the gradients `grads` and returns the tensors it hands back."""
+
+    def norm(**kwargs):
+        return lambda grads: [fusedclip.clip_grad_norm_(_parameters(*grads), 0.5, **kwargs)]
+
+    def fused(**kwargs):
+        return lambda grads: list(fusedclip.fused_clip_(grads, **kwargs)[:3])
+
+    return [
+        pytest.param(norm(), id="clip_grad_norm_"),
+        pytest.param(norm(norm_type="inf"), id="clip_grad_norm_-inf"),
+        pytest.param(
+            norm(norm_type=3.5, inv_scale=0.25), id="clip_grad_norm_-p3.5-float-inv_scale"
+        ),
+        pytest.param(
+            fused(max_norm=0.5, inv_scale=torch.tensor(0.5)), id="fused-float32-inv_scale"
+        ),
+        pytest.param(
+            fused(max_norm=2.0, inv_scale=torch.tensor(0.5, dtype=torch.float64), clip_value=0.1),
+            id="fused-float64-inv_scale-and-clip_value",
+        ),
+        pytest.param(fused(clip_value=0.1, norm_type=1.0), id="fused-clip_value-only"),
+        pytest.param(fused(inv_scale=0.125), id="fused-unscale-only"),
+    ]
+
+
+@pytest.mark.skipif(plan._C_CLIP_DENSE is None, reason="fusedclip._C.clip_dense_ is not built")
+@pytest.mark.parametrize("make", COMMON_GRADIENTS)
+@pytest.mark.parametrize("run", _clip_calls())
+def test_one_call_clips_the_common_case_as_prepare_and_the_backend_do(monkeypatch, make, run):
+    """plan.prepare_and_clip runs the common case in one C++ call: its results and gradients are
+    those of the general path, bit for bit, and prepare() is never called."""
+    grads = make()
+    twins = [g.clone() for g in grads]
+    with monkeypatch.context() as patch:
+        patch.setattr(plan, "prepare", _refuse_to_plan)
+        ours = run(grads)
+    with monkeypatch.context() as patch:
+        plan_in_python(patch)
+        theirs = run(twins)
+    for mine, expected in zip(ours + grads, theirs + twins, strict=True):
+        torch.testing.assert_close(mine, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(plan._C_CLIP_DENSE is None, reason="fusedclip._C.clip_dense_ is not built")
+def test_amp_unscale_clip_runs_the_common_case_as_one_call(monkeypatch):
+    from fusedclip import amp
+
+    def setup():
+        torch.manual_seed(1)
+        parameters = _parameters(torch.randn(5) * 64, torch.randn(2, 3) * 64)
+        optimizer = torch.optim.SGD(parameters, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+        scaler.scale(torch.ones(()))  # as scaling the loss does: the scale exists from here on
+        return parameters, optimizer, scaler
+
+    parameters, optimizer, scaler = setup()
+    with monkeypatch.context() as patch:
+        patch.setattr(plan, "prepare", _refuse_to_plan)
+        result = amp.unscale_clip_(scaler, optimizer, 0.5)
+    twins, twin_optimizer, twin_scaler = setup()
+    twin_scaler.unscale_(twin_optimizer)
+    expected = torch.nn.utils.clip_grad_norm_(twins, 0.5)
+    assert_close(result.total_norm, expected, rtol=1e-6)
+    for p, q in zip(parameters, twins, strict=True):
+        assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+    assert result.found_inf.item() == 0.0
+    scaler.step(optimizer)  # the scaler knows this optimizer was unscaled: no second unscale
+
+
+def _refuse_to_plan(*args, **kwargs):
+    raise AssertionError("plan.prepare was called: the common case did not run as one call")
+
+
+def _one_call_declines():
+    grads = [torch.randn(3), torch.randn(2, 2)]
+    return [
+        *(
+            pytest.param(items, kwargs, {}, id=param.id)
+            for param in _deferred_cases()
+            for items, kwargs in [param.values]
+        ),
+        pytest.param(grads, {}, {"backend": "reference"}, id="reference-backend"),
+        pytest.param(
+            grads, {}, {"inv_scale": torch.tensor(0.5, dtype=torch.float16)}, id="float16-inv_scale"
+        ),
+        pytest.param(grads, {}, {"inv_scale": torch.tensor([0.5])}, id="inv_scale-of-shape-1"),
+        pytest.param(
+            grads, {}, {"inv_scale": torch.tensor(0.5, device="meta")}, id="inv_scale-elsewhere"
+        ),
+        pytest.param([], {}, {}, id="no-gradient"),
+    ]
+
+
+@pytest.mark.skipif(plan._C_CLIP_DENSE is None, reason="fusedclip._C.clip_dense_ is not built")
+@pytest.mark.parametrize(("items", "rules", "arguments"), _one_call_declines())
+def test_one_call_declines_the_rest_having_written_nothing(items, rules, arguments):
+    """Anything but the common case (each of the C++ planner's deferrals, another backend, an
+    inv_scale the general path must convert) gets None and unchanged gradients, so that prepare()
+    and its errors take over."""
+    snapshot = [t.clone() if isinstance(t, torch.Tensor) else t for t in items]
+    call = {"norm_type": 2.0, "max_norm": 1e-3, "inv_scale": None, "clip_value": None, **arguments}
+    backend = call.pop("backend", None)
+    rules = {key: value for key, value in rules.items() if key != "writes"}
+    assert plan.prepare_and_clip(list(items), backend, **call, **rules) is None
+    for now, before in zip(items, snapshot, strict=True):
+        if isinstance(now, torch.Tensor) and not now.is_sparse:
+            assert torch.equal(now, before)
+
+
+@pytest.mark.skipif(plan._C_CLIP_DENSE is None, reason="fusedclip._C.clip_dense_ is not built")
+def test_one_call_leaves_a_torch_function_mode_to_the_general_path():
+    seen = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    grads = [torch.randn(3), torch.randn(2, 2)]
+    with Recording():
+        assert (
+            plan.prepare_and_clip(
+                grads, None, norm_type=2.0, max_norm=1.0, inv_scale=None, clip_value=None
+            )
+            is None
+        )
+        fusedclip.fused_clip_(grads, max_norm=1e-3)
+    assert torch.ops.fusedclip.clip_.default in seen

@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <fusedclip/checks.h>
 
+#include <optional>
 #include <vector>
 
 namespace fusedclip {
@@ -27,5 +28,19 @@ struct DenseGradients {
 
 // A DenseGradients' contents, or nullptr when `object` is something else.
 const DenseGradients* dense_gradients(PyObject* object);
+
+// What the C++ planner found: the checked gradients, their one device, whether any is float64.
+struct DensePlan {
+  DenseGradients gradients;
+  at::Device device;
+  bool any_float64;
+};
+
+// The common case of fusedclip/plan.py planned in one pass over `items`, a Python list (with
+// the GIL held); nullopt for anything else, which the general path plans or refuses
+// (python_plan.cpp says what it takes).
+std::optional<DensePlan> plan_common_case(PyObject* items, bool of_parameters,
+                                          bool refuse_inference, bool refuse_parameters,
+                                          bool refuse_float16);
 
 }  // namespace fusedclip
