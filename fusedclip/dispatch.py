@@ -130,7 +130,18 @@ def extension_device_types(backend: str | None) -> tuple[bool, bool]:
     ops, the "cpu" or "cuda" backend, when `backend` is asked for (for plan.prepare_and_clip,
     which calls those ops without select())."""
     name = requested_backend(backend)
-    return _runs_extension_ops(name, "cpu"), _runs_extension_ops(name, "cuda")
+    types = _extension_device_types.get(name)
+    if types is None:
+        types = _extension_device_types[name] = (
+            _runs_extension_ops(name, "cpu"),
+            _runs_extension_ops(name, "cuda"),
+        )
+    return types
+
+
+# Remembered as select() remembers its choices (_selected): they do not change while the
+# process lives, and the answer is asked for on every clip.
+_extension_device_types: dict[str, tuple[bool, bool]] = {}
 
 
 def _runs_extension_ops(name: str, device_type: str) -> bool:

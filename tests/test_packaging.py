@@ -208,7 +208,9 @@ def test_an_extension_built_for_another_torch_is_refused_at_import(tmp_path):
 
 def test_auto_on_the_reference_warns_once_naming_how_to_build(monkeypatch):
     monkeypatch.setattr(ops, "has_kernel", lambda op_name, dispatch_key: False)
-    monkeypatch.setattr(dispatch, "_selected", {})  # select() remembers its choices
+    # select() and extension_device_types() remember their choices
+    monkeypatch.setattr(dispatch, "_selected", {})
+    monkeypatch.setattr(dispatch, "_extension_device_types", {})
     dispatch._warn_reference_fallback.cache_clear()
     try:
         parameters = [torch.nn.Parameter(torch.randn(10)) for _ in range(2)]
