@@ -10,8 +10,8 @@
 // __torch_function__, an active torch function mode) they answer NotImplemented and
 // fusedclip/ops.py calls torch.ops instead.
 //
-// clip_dense_ is the C++ planner's common case and call_clip_ on what it planned in one call,
-// for fusedclip/plan.py's prepare_and_clip.
+// clip_dense_ and scale_dense_ are the C++ planner's common case and call_clip_ / call_scale_ on
+// what it planned in one call, for fusedclip/plan.py's prepare_and_clip and prepare_and_scale.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/ops/full.h>
 #include <fusedclip/op_handles.h>
@@ -108,6 +108,14 @@ PyObject* call_reduce(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// scale_ on checked arguments, unboxed.
+void run_scale(at::TensorList tensors, const PlannedSpans& spans, const at::Tensor& clip_coef,
+               std::optional<double> clip_value) {
+  ReleasedGil released;
+  PublishedSpans published(spans);
+  scale_op().call(tensors, clip_coef, clip_value);
+}
+
 // call_scale_(tensors, clip_coef, clip_value) -> None
 PyObject* call_scale_(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -121,12 +129,7 @@ PyObject* call_scale_(PyObject* /*module*/, PyObject* args) {
   std::vector<at::Tensor> storage;
   const auto tensors = tensor_list(list, storage);
   if (!tensors || !THPVariable_CheckExact(coef_object)) Py_RETURN_NOTIMPLEMENTED;
-  const at::Tensor& clip_coef = THPVariable_Unpack(coef_object);
-  {
-    ReleasedGil released;
-    PublishedSpans published(planned_spans(list));
-    scale_op().call(*tensors, clip_coef, clip_value);
-  }
+  run_scale(*tensors, planned_spans(list), THPVariable_Unpack(coef_object), clip_value);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -180,19 +183,45 @@ PyObject* call_clip_(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// inv_scale for clip_dense_: None, a float (made a float64 tensor on `device`, as the general
-// path does), or a 0-dim float32/float64 plain tensor on `device`; `ok` false for anything the
-// general path must convert first.
-std::optional<at::Tensor> dense_inv_scale(PyObject* object, const at::Device& device, bool& ok) {
-  ok = true;
-  if (object == Py_None) return std::nullopt;
-  if (PyFloat_CheckExact(object)) {
-    return at::full({}, PyFloat_AS_DOUBLE(object), at::TensorOptions(at::kDouble).device(device));
-  }
+// What clip_dense_ and scale_dense_ run on: the common case of `items` planned, on a device whose
+// backend is these ops; nullopt for anything else (and under a torch function mode, which
+// torch.ops must see).
+std::optional<DensePlan> plan_for_these_ops(PyObject* items, int of_parameters,
+                                            int refuse_inference, int refuse_parameters,
+                                            int refuse_float16, int on_cpu, int on_cuda) {
+  if (at::impl::torch_function_mode_enabled()) return std::nullopt;
+  std::optional<DensePlan> planned =
+      plan_common_case(items, of_parameters != 0, refuse_inference != 0, refuse_parameters != 0,
+                       refuse_float16 != 0);
+  if (!planned.has_value()) return std::nullopt;
+  const at::Device& device = planned->device;
+  if (!(device.is_cpu() ? on_cpu != 0 : device.is_cuda() && on_cuda != 0)) return std::nullopt;
+  return planned;
+}
+
+// A plain tensor of one element and no dimensions on `device`, float32 or float64; nullopt
+// (with `ok` false) for anything else that is not None.
+std::optional<at::Tensor> scalar_on(PyObject* object, const at::Device& device, bool& ok) {
   std::optional<at::Tensor> tensor = optional_tensor(object, ok);
   ok = ok && tensor.has_value() && tensor->dim() == 0 && tensor->device() == device &&
        (tensor->scalar_type() == at::kFloat || tensor->scalar_type() == at::kDouble);
-  return tensor;
+  return ok ? tensor : std::nullopt;
+}
+
+at::Tensor float64_scalar(double value, const at::Device& device) {
+  return at::full({}, value, at::TensorOptions(at::kDouble).device(device));
+}
+
+// A float64 1 on `device`, made once per device (only ever read), as fusedclip/api.py's _one.
+// Called with the GIL held, which guards the cache; never freed, so that no CUDA tensor outlives
+// the CUDA runtime at exit.
+at::Tensor float64_one(const at::Device& device) {
+  static auto* ones = new std::vector<std::pair<at::Device, at::Tensor>>();
+  for (const auto& [one_device, one] : *ones) {
+    if (one_device == device) return one;
+  }
+  ones->emplace_back(device, float64_scalar(1.0, device));
+  return ones->back().second;
 }
 
 // clip_dense_(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16, on_cpu,
@@ -200,8 +229,10 @@ std::optional<at::Tensor> dense_inv_scale(PyObject* object, const at::Device& de
 //   -> (total_norm, found_inf, clip_coef, per_tensor_norms) or None
 // fusedclip/plan.py's prepare_and_clip: plan_dense, then clip_ (launch "auto", no per-tensor
 // norms) on what it planned, when that is on a device whose backend is these ops (on_cpu,
-// on_cuda). None, having written nothing, for anything else: the caller then plans and calls as
-// usual. The arguments are checked already; the op checks them again.
+// on_cuda). inv_scale as the general path hands it to clip_: None, a float (a float64 tensor on
+// the device), or a 0-dim float32/float64 tensor on the device. None, having written nothing, for
+// anything else: the caller then plans and calls as usual. The arguments are checked already;
+// the op checks them again.
 PyObject* clip_dense_(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* items = nullptr;
@@ -225,19 +256,64 @@ PyObject* clip_dense_(PyObject* /*module*/, PyObject* args) {
   if (!ok) return nullptr;
   const std::optional<double> clip_value = optional_double(clip_value_object, ok);
   if (!ok) return nullptr;
-  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
-  const std::optional<DensePlan> planned =
-      plan_common_case(items, of_parameters != 0, refuse_inference != 0, refuse_parameters != 0,
-                       refuse_float16 != 0);
+  const std::optional<DensePlan> planned = plan_for_these_ops(
+      items, of_parameters, refuse_inference, refuse_parameters, refuse_float16, on_cpu, on_cuda);
   if (!planned.has_value()) Py_RETURN_NONE;
   const at::Device& device = planned->device;
-  if (!(device.is_cpu() ? on_cpu != 0 : device.is_cuda() && on_cuda != 0)) Py_RETURN_NONE;
-  const std::optional<at::Tensor> inv_scale = dense_inv_scale(inv_scale_object, device, ok);
-  if (!ok) Py_RETURN_NONE;
+  std::optional<at::Tensor> inv_scale;
+  if (PyFloat_CheckExact(inv_scale_object)) {
+    inv_scale = float64_scalar(PyFloat_AS_DOUBLE(inv_scale_object), device);
+  } else if (inv_scale_object != Py_None) {
+    inv_scale = scalar_on(inv_scale_object, device, ok);
+    if (!ok) Py_RETURN_NONE;
+  }
   const DenseGradients& gradients = planned->gradients;
   return run_clip(gradients.tensors, planned_spans(gradients), norm_type, max_norm, inv_scale,
                   clip_value, planned->any_float64 ? at::kDouble : at::kFloat, /*per_tensor=*/false,
                   "auto");
+  END_HANDLE_TH_ERRORS
+}
+
+// scale_dense_(items, of_parameters, refuse_inference, refuse_parameters, on_cpu, on_cuda,
+//              clip_coef, clip_value) -> True or None
+// fusedclip/plan.py's prepare_and_scale: plan_dense, then scale_ on what it planned, as
+// clip_dense_ does clip_. clip_coef as fusedclip/api.py's _write_only makes it: None (1), a
+// float, or a 0-dim float32/float64 tensor on the device, each as a float64 tensor there.
+PyObject* scale_dense_(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* items = nullptr;
+  int of_parameters = 0;
+  int refuse_inference = 0;
+  int refuse_parameters = 0;
+  int on_cpu = 0;
+  int on_cuda = 0;
+  PyObject* coef_object = nullptr;
+  PyObject* clip_value_object = nullptr;
+  if (!PyArg_ParseTuple(args, "O!pppppOO", &PyList_Type, &items, &of_parameters, &refuse_inference,
+                        &refuse_parameters, &on_cpu, &on_cuda, &coef_object, &clip_value_object)) {
+    return nullptr;
+  }
+  bool ok = false;
+  const std::optional<double> clip_value = optional_double(clip_value_object, ok);
+  if (!ok) return nullptr;
+  const std::optional<DensePlan> planned =
+      plan_for_these_ops(items, of_parameters, refuse_inference, refuse_parameters,
+                         /*refuse_float16=*/0, on_cpu, on_cuda);
+  if (!planned.has_value()) Py_RETURN_NONE;
+  const at::Device& device = planned->device;
+  at::Tensor clip_coef;
+  if (coef_object == Py_None) {
+    clip_coef = float64_one(device);
+  } else if (PyFloat_CheckExact(coef_object)) {
+    clip_coef = float64_scalar(PyFloat_AS_DOUBLE(coef_object), device);
+  } else {
+    std::optional<at::Tensor> coef = scalar_on(coef_object, device, ok);
+    if (!ok) Py_RETURN_NONE;
+    clip_coef = coef->to(at::kDouble);
+  }
+  const DenseGradients& gradients = planned->gradients;
+  run_scale(gradients.tensors, planned_spans(gradients), clip_coef, clip_value);
+  Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -255,6 +331,10 @@ PyMethodDef methods[] = {
      "clip_dense_(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16, "
      "on_cpu, on_cuda, norm_type, max_norm, inv_scale, clip_value): plan_dense and clip_ in one "
      "call, or None (see csrc/python_ops.cpp)."},
+    {"scale_dense_", scale_dense_, METH_VARARGS,
+     "scale_dense_(items, of_parameters, refuse_inference, refuse_parameters, on_cpu, on_cuda, "
+     "clip_coef, clip_value): plan_dense and scale_ in one call: True, or None (see "
+     "csrc/python_ops.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -376,6 +376,15 @@ def _write_only(
     """g = clamp(g * clip_coef, -clip_value, clip_value) in one write pass, nothing measured.
 
     `clip_coef` is a float64 0-dim tensor (or a float, or None for 1) on any device."""
+    if plan.prepare_and_scale(
+        items,
+        backend,
+        clip_coef=clip_coef,
+        clip_value=clip_value,
+        of_parameters=of_parameters,
+        gradients_only=gradients_only,
+    ):
+        return
     the_plan, _ = plan.prepare(
         items,
         name,

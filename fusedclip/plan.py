@@ -15,8 +15,8 @@ The common case (plain contiguous tensors on one device, none aliasing another) 
 C++ extension in one pass (`fusedclip._C.plan_dense`) when it is built, which hands the extension's
 ops the checked tensors in a C++ vector (`fusedclip._C.DenseGradients`); everything else, and
 everything under torch.compile, by the general path below. Both give the same plans and errors.
-A clip on the extension's own ops can have its common case planned and run in one C++ call
-(`prepare_and_clip`).
+A clip or a write on the extension's own ops can have its common case planned and run in one C++
+call (`prepare_and_clip`, `prepare_and_scale`).
 """
 
 from __future__ import annotations
@@ -159,9 +159,7 @@ def prepare_and_clip(
 
     Returns clip_'s (total_norm, found_inf, clip_coef, per_tensor_norms), or None, having
     changed nothing, for anything else: then `prepare` and the backend run as usual."""
-    if not tensors or torch.compiler.is_compiling() or _C_CLIP_DENSE is None:
-        return None
-    on_cpu, on_cuda = dispatch.extension_device_types(backend)
+    on_cpu, on_cuda = _one_call_devices(tensors, _C_CLIP_DENSE, backend)
     if not (on_cpu or on_cuda):
         return None
     return _C_CLIP_DENSE(
@@ -179,6 +177,41 @@ def prepare_and_clip(
     )
 
 
+def prepare_and_scale(
+    tensors: list,
+    backend: str | None,
+    *,
+    clip_coef: float | torch.Tensor | None,
+    clip_value: float | None,
+    of_parameters: bool = False,
+    gradients_only: bool = False,
+) -> bool:
+    """As `prepare_and_clip`, for the write alone: `prepare` (writes, nothing measured), then the
+    backend's `scale_` with `clip_coef` (None for 1) as a float64 tensor on the device. True when
+    done; False, having changed nothing, where `prepare` and the backend must run."""
+    on_cpu, on_cuda = _one_call_devices(tensors, _C_SCALE_DENSE, backend)
+    if not (on_cpu or on_cuda):
+        return False
+    done = _C_SCALE_DENSE(
+        tensors,
+        of_parameters,
+        _refuses_inference(True, False),
+        gradients_only,
+        on_cpu,
+        on_cuda,
+        clip_coef,
+        clip_value,
+    )
+    return done is not None
+
+
+def _one_call_devices(tensors: list, function, backend: str | None) -> tuple[bool, bool]:
+    """dispatch.extension_device_types for a one-call path; (False, False) where it cannot run."""
+    if not tensors or torch.compiler.is_compiling() or function is None:
+        return False, False
+    return dispatch.extension_device_types(backend)
+
+
 def _load_extension_function(name: str):
     from fusedclip import ops
 
@@ -191,6 +224,7 @@ def _load_extension_function(name: str):
 
 _C_PLAN_DENSE = _load_extension_function("plan_dense")
 _C_CLIP_DENSE = _load_extension_function("clip_dense_")
+_C_SCALE_DENSE = _load_extension_function("scale_dense_")
 
 
 def _refuses_inference(writes: bool, compiling: bool) -> bool:

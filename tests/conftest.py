@@ -37,12 +37,14 @@ def backend_params(include_reference: bool = True):
 
 
 def plan_in_python(monkeypatch) -> None:
-    """Turns the C++ planner off (its plan, plan_dense, and its one-call clip, clip_dense_), so
-    that the general path of fusedclip/plan.py plans every call."""
+    """Turns the C++ planner off (its plan, plan_dense, and its one-call clip and write,
+    clip_dense_ and scale_dense_), so that the general path of fusedclip/plan.py plans every
+    call."""
     from fusedclip import plan
 
     monkeypatch.setattr(plan, "_C_PLAN_DENSE", None)
     monkeypatch.setattr(plan, "_C_CLIP_DENSE", None)
+    monkeypatch.setattr(plan, "_C_SCALE_DENSE", None)
 
 
 def is_interpreted(device: str, backend: str) -> bool:

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_close, plan_in_python
 
 import fusedclip
-from fusedclip import plan
+from fusedclip import api, plan
 
 needs_fast_path = pytest.mark.skipif(
     plan._C_PLAN_DENSE is None, reason="the C++ extension (fusedclip._C.plan_dense) is not built"
@@ -356,15 +356,27 @@ def test_write_ops_check_again_gradients_changed_since_planning(change):
     assert all(torch.equal(t, e) for t, e in zip(fresh, expected, strict=True))
 
 
-def _clip_calls():
-    """Calls of the API that take plan.prepare_and_clip for the common case: (id, run), where
-    run(grads) clips the gradients `grads` and returns the tensors it hands back."""
+def _one_calls():
+    """Calls of the API that take plan.prepare_and_clip or plan.prepare_and_scale for the common
+    case: (id, run), where run(grads) clips the gradients `grads` and returns the tensors it hands
+    back."""
 
     def norm(**kwargs):
         return lambda grads: [fusedclip.clip_grad_norm_(_parameters(*grads), 0.5, **kwargs)]
 
     def fused(**kwargs):
         return lambda grads: list(fusedclip.fused_clip_(grads, **kwargs)[:3])
+
+    def value(**kwargs):
+        return lambda grads: fusedclip.clip_grad_value_(_parameters(*grads), 0.2, **kwargs) or []
+
+    def scale(clip_coef):
+        return lambda grads: api.scale_(grads, clip_coef) or []
+
+    def with_norm(total_norm):
+        return lambda grads: (
+            fusedclip.clip_grads_with_norm_(_parameters(*grads), 0.5, total_norm) or []
+        )
 
     return [
         pytest.param(norm(), id="clip_grad_norm_"),
@@ -381,15 +393,21 @@ def _clip_calls():
         ),
         pytest.param(fused(clip_value=0.1, norm_type=1.0), id="fused-clip_value-only"),
         pytest.param(fused(inv_scale=0.125), id="fused-unscale-only"),
+        pytest.param(value(), id="clip_grad_value_"),
+        pytest.param(value(inv_scale=0.25), id="clip_grad_value_-float-inv_scale"),
+        pytest.param(value(inv_scale=torch.tensor(0.25)), id="clip_grad_value_-float32-inv_scale"),
+        pytest.param(scale(torch.tensor(0.3)), id="scale_-float32"),
+        pytest.param(scale(torch.tensor(0.3, dtype=torch.float64)), id="scale_-float64"),
+        pytest.param(with_norm(torch.tensor(4.0)), id="clip_grads_with_norm_"),
     ]
 
 
 @pytest.mark.skipif(plan._C_CLIP_DENSE is None, reason="fusedclip._C.clip_dense_ is not built")
 @pytest.mark.parametrize("make", COMMON_GRADIENTS)
-@pytest.mark.parametrize("run", _clip_calls())
+@pytest.mark.parametrize("run", _one_calls())
 def test_one_call_clips_the_common_case_as_prepare_and_the_backend_do(monkeypatch, make, run):
-    """plan.prepare_and_clip runs the common case in one C++ call: its results and gradients are
-    those of the general path, bit for bit, and prepare() is never called."""
+    """plan.prepare_and_clip and prepare_and_scale run the common case in one C++ call: results
+    and gradients are those of the general path, bit for bit, and prepare() is never called."""
     grads = make()
     twins = [g.clone() for g in grads]
     with monkeypatch.context() as patch:
@@ -463,6 +481,12 @@ def test_one_call_declines_the_rest_having_written_nothing(items, rules, argumen
     backend = call.pop("backend", None)
     rules = {key: value for key, value in rules.items() if key != "writes"}
     assert plan.prepare_and_clip(list(items), backend, **call, **rules) is None
+    if "refuse_float16" not in rules:  # a write alone never unscales for a GradScaler
+        coef = call["inv_scale"]
+        written = plan.prepare_and_scale(
+            list(items), backend, clip_coef=coef, clip_value=0.5, **rules
+        )
+        assert written is False
     for now, before in zip(items, snapshot, strict=True):
         if isinstance(now, torch.Tensor) and not now.is_sparse:
             assert torch.equal(now, before)
@@ -485,5 +509,8 @@ def test_one_call_leaves_a_torch_function_mode_to_the_general_path():
             )
             is None
         )
+        assert plan.prepare_and_scale(grads, None, clip_coef=None, clip_value=0.5) is False
         fusedclip.fused_clip_(grads, max_norm=1e-3)
+        fusedclip.clip_grad_value_(_parameters(*grads), 0.5)
     assert torch.ops.fusedclip.clip_.default in seen
+    assert torch.ops.fusedclip.scale_.default in seen
