@@ -212,16 +212,13 @@ at::Tensor float64_scalar(double value, const at::Device& device) {
   return at::full({}, value, at::TensorOptions(at::kDouble).device(device));
 }
 
-// A float64 1 on `device`, made once per device (only ever read), as fusedclip/api.py's _one.
-// Called with the GIL held, which guards the cache; never freed, so that no CUDA tensor outlives
-// the CUDA runtime at exit.
-at::Tensor float64_one(const at::Device& device) {
-  static auto* ones = new std::vector<std::pair<at::Device, at::Tensor>>();
-  for (const auto& [one_device, one] : *ones) {
-    if (one_device == device) return one;
-  }
-  ones->emplace_back(device, float64_scalar(1.0, device));
-  return ones->back().second;
+// A float64 1 on the CPU, made once (only ever read), as fusedclip/api.py's _one. Called with the
+// GIL held, which guards it; never freed. (On a GPU, scale_dense_ leaves a write without a
+// coefficient to the general path and its _one: a 1 first made while a CUDA graph is captured
+// lives in the graph's memory, and two caches could disagree on when that happened.)
+at::Tensor cpu_float64_one() {
+  static auto* one = new at::Tensor(float64_scalar(1.0, at::Device(at::kCPU)));
+  return *one;
 }
 
 // clip_dense_(items, of_parameters, refuse_inference, refuse_parameters, refuse_float16, on_cpu,
@@ -278,7 +275,8 @@ PyObject* clip_dense_(PyObject* /*module*/, PyObject* args) {
 //              clip_coef, clip_value) -> True or None
 // fusedclip/plan.py's prepare_and_scale: plan_dense, then scale_ on what it planned, as
 // clip_dense_ does clip_. clip_coef as fusedclip/api.py's _write_only makes it: None (1), a
-// float, or a 0-dim float32/float64 tensor on the device, each as a float64 tensor there.
+// float, or a 0-dim float32/float64 tensor on the device, each as a float64 tensor there (None on
+// the CPU only).
 PyObject* scale_dense_(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* items = nullptr;
@@ -303,7 +301,8 @@ PyObject* scale_dense_(PyObject* /*module*/, PyObject* args) {
   const at::Device& device = planned->device;
   at::Tensor clip_coef;
   if (coef_object == Py_None) {
-    clip_coef = float64_one(device);
+    if (!device.is_cpu()) Py_RETURN_NONE;
+    clip_coef = cpu_float64_one();
   } else if (PyFloat_CheckExact(coef_object)) {
     clip_coef = float64_scalar(PyFloat_AS_DOUBLE(coef_object), device);
   } else {
