@@ -196,6 +196,37 @@ def test_interleaved_views_do_not_overlap_and_are_clipped():
     assert_close(storage, expected * (1.0 / (expected_norm.item() + 1e-6)), rtol=1e-5)
 
 
+@needs_fast_path
+@pytest.mark.parametrize("seed", range(4))
+def test_views_in_any_order_are_disjoint_until_two_overlap(seed):
+    """The overlap check sorts the spans (checks.h first_overlap): any order of disjoint views
+    passes, and one overlap anywhere in a shuffled list is found, by the planner and by the op
+    itself, before anything is written."""
+    from fusedclip import _C
+
+    generator = torch.Generator().manual_seed(seed)
+    storage = torch.randn(600)
+    views = list(storage.split(3))
+    order = torch.randperm(len(views), generator=generator).tolist()
+    shuffled = [views[i] for i in order]
+    assert plan._C_PLAN_DENSE(shuffled, False, True, False, False) is not None
+    at = int(torch.randint(len(shuffled), (), generator=generator))
+    # Overlaps the view that begins 3 elements after it: two spans out of order somewhere.
+    overlapping = (
+        shuffled[:at] + [storage[3 * order[at] + 1 : 3 * order[at] + 5]] + shuffled[at + 1 :]
+    )
+    if 3 * order[at] + 5 > storage.numel():
+        overlapping[at] = storage[3 * order[at] - 2 : 3 * order[at] + 2]
+    assert plan._C_PLAN_DENSE(overlapping, False, True, False, False) is None
+    before = storage.clone()
+    coef = torch.tensor(0.5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="share memory"):
+        _C.call_scale_(overlapping, coef, None)
+    assert torch.equal(storage, before)
+    _C.call_scale_(shuffled, coef, None)
+    assert torch.equal(storage, before * 0.5)
+
+
 def test_a_read_only_call_measures_an_expanded_tensor_as_torch_does():
     tensors = [torch.randn(3).expand(4, 3), torch.randn(2)]
     ours = fusedclip.get_total_norm(tensors, norm_type=3.0)
