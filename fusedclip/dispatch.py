@@ -127,8 +127,8 @@ def _auto_name(device_type: str) -> str:
 
 def extension_device_types(backend: str | None) -> tuple[bool, bool]:
     """(CPU, CUDA): whether select() gives that device type's gradients to the extension's own
-    ops, the "cpu" or "cuda" backend, when `backend` is asked for (for plan.prepare_and_clip,
-    which calls those ops without select())."""
+    ops, the "cpu" or "cuda" backend, when `backend` is asked for (for plan.prepare_and_clip and
+    prepare_and_scale, which call those ops without select())."""
     name = requested_backend(backend)
     types = _extension_device_types.get(name)
     if types is None:
