@@ -14,6 +14,7 @@
 // what it planned in one call, for fusedclip/plan.py's prepare_and_clip and prepare_and_scale.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/ops/full.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <fusedclip/op_handles.h>
 #include <fusedclip/planned_spans.h>
 #include <fusedclip/python_module.h>
@@ -184,12 +185,14 @@ PyObject* call_clip_(PyObject* /*module*/, PyObject* args) {
 }
 
 // What clip_dense_ and scale_dense_ run on: the common case of `items` planned, on a device whose
-// backend is these ops; nullopt for anything else (and under a torch function mode, which
-// torch.ops must see).
+// backend is these ops; nullopt for anything else, and under a torch function or dispatch mode
+// (a mode must see every op the general path runs, and the tensors this makes are its own).
 std::optional<DensePlan> plan_for_these_ops(PyObject* items, int of_parameters,
                                             int refuse_inference, int refuse_parameters,
                                             int refuse_float16, int on_cpu, int on_cuda) {
-  if (at::impl::torch_function_mode_enabled()) return std::nullopt;
+  if (at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set()) {
+    return std::nullopt;
+  }
   std::optional<DensePlan> planned =
       plan_common_case(items, of_parameters != 0, refuse_inference != 0, refuse_parameters != 0,
                        refuse_float16 != 0);

@@ -75,25 +75,26 @@ PyObject* new_dense_gradients(DenseGradients&& gradients) {
   return reinterpret_cast<PyObject*>(self);
 }
 
-// The gradient `item` stands for: the tensor itself, or with of_parameters its .grad. `plain` is
-// false for what only Python may take (a tensor subclass; a non-leaf's missing .grad, which
-// torch warns about).
-const at::Tensor* gradient_of(PyObject* item, bool of_parameters, bool& plain) {
-  plain = THPVariable_CheckExact(item);
-  if (!plain) return nullptr;
+// The gradient `item` stands for: the tensor itself, or with of_parameters its .grad (undefined
+// when it has none: skipped). False for what only Python may take (a tensor subclass; a
+// non-leaf's missing .grad, which torch warns about). The gradient is returned as a reference of
+// its own: THPVariable_Wrap may allocate and so run the garbage collector, whose finalizers may
+// change the list and free the parameter (the caller then sees the list changed).
+bool gradient_of(PyObject* item, bool of_parameters, at::Tensor& gradient) {
+  if (!THPVariable_CheckExact(item)) return false;
   const at::Tensor& tensor = THPVariable_Unpack(item);
-  if (!of_parameters) return &tensor;
-  // TensorImpl::grad, not Tensor::grad: that asks is_leaf on every call, for its warning.
-  const at::Tensor& grad = tensor.unsafeGetTensorImpl()->grad();
-  if (!grad.defined()) {
-    plain = tensor.is_leaf();
-    return nullptr;  // no gradient: skipped
+  if (!of_parameters) {
+    gradient = tensor;
+    return true;
   }
-  PyObject* grad_object = THPVariable_Wrap(grad);  // its Python type tells a subclass
+  // TensorImpl::grad, not Tensor::grad: that asks is_leaf on every call, for its warning.
+  gradient = tensor.unsafeGetTensorImpl()->grad();
+  if (!gradient.defined()) return tensor.is_leaf();    // no gradient: skipped
+  PyObject* grad_object = THPVariable_Wrap(gradient);  // its Python type tells a subclass
   if (grad_object == nullptr) throw python_error();
-  plain = THPVariable_CheckExact(grad_object);
+  const bool plain = THPVariable_CheckExact(grad_object);
   Py_DECREF(grad_object);  // the parameter holds the gradient
-  return plain ? &grad : nullptr;
+  return plain;
 }
 
 // How many items apart the stages of prefetch_ahead work: 2 was faster than 4 or 8 at 10 000
@@ -159,24 +160,25 @@ std::optional<DensePlan> plan_common_case(PyObject* items, bool of_parameters,
   bool any_float64 = false;
   for (Py_ssize_t i = 0; i < count; ++i) {
     prefetch_ahead(items, i, count, of_parameters);
-    bool plain = false;
-    const at::Tensor* tensor = gradient_of(PyList_GET_ITEM(items, i), of_parameters, plain);
-    if (!plain) return std::nullopt;
-    if (tensor == nullptr) continue;
-    if (!device.has_value()) device = tensor->device();
-    if (!is_plain_dense(*tensor, *device, refuse_inference, refuse_parameters, refuse_float16)) {
+    at::Tensor tensor;
+    if (!gradient_of(PyList_GET_ITEM(items, i), of_parameters, tensor)) return std::nullopt;
+    // Python code ran (a finalizer) and changed the list: the general path plans what is there.
+    if (PyList_GET_SIZE(items) != count) return std::nullopt;
+    if (!tensor.defined()) continue;
+    if (!device.has_value()) device = tensor.device();
+    if (!is_plain_dense(tensor, *device, refuse_inference, refuse_parameters, refuse_float16)) {
       return std::nullopt;
     }
-    any_float64 = any_float64 || tensor->scalar_type() == at::kDouble;
+    any_float64 = any_float64 || tensor.scalar_type() == at::kDouble;
     const auto index = tensors.size();
-    planned.spans.push_back(byte_span(*tensor, index));
-    if (tensor->numel() > 0) {
+    planned.spans.push_back(byte_span(tensor, index));
+    if (tensor.numel() > 0) {
       ranges.push_back(planned.spans.back());
     } else {
-      const auto storage = reinterpret_cast<uintptr_t>(tensor->storage().unsafeGetStorageImpl());
+      const auto storage = reinterpret_cast<uintptr_t>(tensor.storage().unsafeGetStorageImpl());
       empty_storages.push_back({storage, storage + 1, index});
     }
-    tensors.push_back(*tensor);
+    tensors.push_back(std::move(tensor));
   }
   // Nothing to plan (no gradient at all), or memory listed twice: the general path decides.
   if (!device.has_value() || first_overlap(ranges) || first_overlap(empty_storages)) {

@@ -359,8 +359,14 @@ def _clip(
 
 @functools.cache
 def _one(device: torch.device) -> torch.Tensor:
-    """A float64 1 on `device`, the coefficient of clip_grad_value_ (only ever read)."""
+    """A float64 1 on `device`, the coefficient of clip_grad_value_ (only ever read). Not made
+    under a dispatch mode, which would make it its own (a FakeTensorMode's fake tensor, kept for
+    every later call)."""
     return torch.ones((), dtype=torch.float64, device=device)
+
+
+def _in_dispatch_mode() -> bool:
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def _write_only(
@@ -398,7 +404,7 @@ def _write_only(
         return
     if isinstance(clip_coef, torch.Tensor):
         coef = clip_coef.to(device=the_plan.device, dtype=torch.float64).reshape(())
-    elif clip_coef is None and not torch.compiler.is_compiling():
+    elif clip_coef is None and not torch.compiler.is_compiling() and not _in_dispatch_mode():
         coef = _one(the_plan.device)
     else:
         coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)

@@ -545,3 +545,77 @@ def test_one_call_leaves_a_torch_function_mode_to_the_general_path():
         fusedclip.clip_grad_value_(_parameters(*grads), 0.5)
     assert torch.ops.fusedclip.clip_.default in seen
     assert torch.ops.fusedclip.scale_.default in seen
+
+
+@pytest.mark.skipif(plan._C_CLIP_DENSE is None, reason="fusedclip._C.clip_dense_ is not built")
+def test_one_call_leaves_a_dispatch_mode_to_the_general_path():
+    """A dispatch mode sees every op the general path runs (the coefficient's conversions too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    grads = [torch.randn(3), torch.randn(2, 2)]
+    with Passing():
+        clip = plan.prepare_and_clip(
+            grads, None, norm_type=2.0, max_norm=1.0, inv_scale=None, clip_value=None
+        )
+        assert clip is None
+        assert plan.prepare_and_scale(grads, None, clip_coef=0.5, clip_value=None) is False
+
+
+@needs_fast_path
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "plan_dense"])
+def test_a_finalizer_that_empties_the_list_while_it_is_planned_is_survived(monkeypatch, one_call):
+    """The C++ planner wraps each .grad that has no Python object yet (every gradient fresh from
+    backward()), which may run the garbage collector and so any finalizer. One that empties the
+    list being planned must not leave the planner reading freed memory: it hands the list to the
+    general path, which finds nothing left to clip."""
+    import gc
+
+    if not one_call:
+        monkeypatch.setattr(plan, "_C_CLIP_DENSE", None)
+    items = [torch.nn.Parameter(torch.ones(2)) for _ in range(3000)]
+    sum((p * p).sum() for p in items).backward()
+
+    class EmptiesTheList:
+        fired = False
+
+        def __del__(self):
+            EmptiesTheList.fired = True
+            items.clear()
+
+    threshold = gc.get_threshold()
+    gc.collect()
+    try:
+        gc.set_threshold(50)
+        trap = EmptiesTheList()
+        trap.cycle = trap  # freed only by the collector
+        del trap
+        norm = fusedclip.clip_grad_norm_(items, 1.0)
+    finally:
+        gc.set_threshold(*threshold)
+    assert EmptiesTheList.fired and items == []
+    assert norm.item() == 0.0
+
+
+@pytest.mark.parametrize("in_python", [False, True], ids=["one-call", "general-path"])
+def test_a_call_under_a_fake_tensor_mode_leaves_later_calls_right(monkeypatch, in_python):
+    """clip_grad_value_'s coefficient of 1 is cached per device; made under a FakeTensorMode it
+    would be a fake tensor, and every later call on that device would write nothing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if in_python:
+        plan_in_python(monkeypatch)
+    api._one.cache_clear()
+    try:
+        parameter = torch.nn.Parameter(torch.zeros(3))
+        parameter.grad = torch.tensor([3.0, -3.0, 0.1])
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fusedclip.clip_grad_value_([parameter], 0.5)
+        parameter.grad = torch.tensor([3.0, -3.0, 0.1])
+        fusedclip.clip_grad_value_([parameter], 0.5)
+        assert parameter.grad.tolist() == [0.5, -0.5, pytest.approx(0.1)]
+    finally:
+        api._one.cache_clear()
