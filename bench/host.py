@@ -10,6 +10,11 @@ clip_grad_norm_ (amp_unscale_clip). On a GPU the timed region is the call alone,
 time. On a CPU it also holds the (tiny) kernels. Providers alternate sample by sample, each row
 sampled until its medians are pinned down or its budget is spent. Every provider's result is
 checked against the float64 norm first. Results go to --out/host-<device>-<commit>.json.
+
+On a CPU the kernels' work is not negligible from about 1000 gradients on (each call reads and
+writes 1 KB per gradient), so the run also splits clip_grad_norm_'s time (`breakdown`): the whole
+call, the clip_ op alone on the gradients planned beforehand, and the same op on one tensor
+holding the same elements; call − op is the host's own part (planning, gathering .grad, Python).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import sys
 
 import torch
 
+import fusedclip
+import fusedclip.ops
+import fusedclip.plan
 from bench import measure, providers, report, stats
 
 TENSOR_COUNTS = [16, 161, 1000, 4000, 10000]  # 161: ResNet-50's parameters
@@ -33,12 +41,14 @@ def target_us(count: int) -> float:
     return TARGET_BASE_US + TARGET_PER_GRADIENT_US * count
 
 
+def _check_value(name: str, value, expected: float | None) -> None:
+    if expected is not None and abs(float(value) - expected) > 1e-4 * expected:
+        raise AssertionError(f"{name}: {float(value)} against the reference {expected}")
+
+
 def _check(case: providers.Case, op: str, name: str, run) -> None:
     case.restore()
-    value = run(case)
-    expected = providers.expected_norm(case, op)
-    if expected is not None and abs(float(value) - expected) > 1e-4 * expected:
-        raise AssertionError(f"{name} {op}: {float(value)} against the reference {expected}")
+    _check_value(f"{name} {op}", run(case), providers.expected_norm(case, op))
 
 
 def run(device: str, budget: measure.Budget, counts: list[int], ops: tuple[str, ...]) -> list[dict]:
@@ -49,9 +59,9 @@ def run(device: str, budget: measure.Budget, counts: list[int], ops: tuple[str, 
     }
     rows = []
     for count in counts:
-        generator = torch.Generator().manual_seed(count)
-        tensors = [torch.randn(ELEMENTS, generator=generator).to(device) for _ in range(count)]
-        case = providers.make_case(tensors, with_optimizer="amp_unscale_clip" in ops)
+        case = providers.make_case(
+            _gradients(count, device), with_optimizer="amp_unscale_clip" in ops
+        )
         for op in ops:
             runs = {}
             for name, ops_of in table.items():
@@ -79,6 +89,69 @@ def run(device: str, budget: measure.Budget, counts: list[int], ops: tuple[str, 
             )
             print_rows(rows[-1:], header=len(rows) == 1)
     return rows
+
+
+BREAKDOWN_PARTS = ("call", "op", "bytes")
+
+
+def breakdown(count: int, budget: measure.Budget) -> dict:
+    """Where clip_grad_norm_'s time goes on the CPU backend, the parts timed interleaved after
+    the same restore: `call` the whole call; `op` the clip_ op alone on the gradients planned
+    beforehand (its kernels and per-tensor work); `bytes` the op on one tensor holding the same
+    elements (the memory traffic alone). `host`, call − op paired by round, is what the call
+    adds to the op: planning, gathering .grad, Python."""
+    case = providers.make_case(_gradients(count, "cpu"), with_optimizer=False)
+    planned, _ = fusedclip.plan.prepare(
+        case.holders, "parameters", "cpu", None, writes=True, of_parameters=True
+    )
+    gradients = planned.groups[0].dense
+    flat_saved = torch.cat([t.reshape(-1) for t in case.saved])
+    flat = flat_saved.clone()
+
+    def clip_op(tensors) -> torch.Tensor:
+        return fusedclip.ops.clip_(tensors, 2.0, case.max_norm, None, None, torch.float32, False)[0]
+
+    def restore() -> None:
+        case.restore()
+        flat.copy_(flat_saved)
+
+    runs = {
+        "call": lambda: fusedclip.clip_grad_norm_(case.holders, case.max_norm, backend="cpu"),
+        "op": lambda: clip_op(gradients),
+        "bytes": lambda: clip_op([flat]),
+    }
+    for name, run_part in runs.items():
+        restore()
+        _check_value(f"breakdown {name}", run_part(), case.norm)
+    timing = measure.time_interleaved("cpu", runs, restore, budget, host_clock=True)
+    samples = dict(timing.samples)
+    samples["host"] = [c - o for c, o in zip(samples["call"], samples["op"], strict=True)]
+    summaries = {name: stats.summarize(values) for name, values in samples.items()}
+    return {
+        "tensors": count,
+        "op": "clip",
+        "target_us": target_us(count),
+        "median_us": {name: s.median for name, s in summaries.items()},
+        "summaries": {name: s.as_dict() for name, s in summaries.items()},
+        "stopped_by": timing.stopped_by,
+        "samples": samples,
+    }
+
+
+def _gradients(count: int, device: str) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(count)
+    return [torch.randn(ELEMENTS, generator=generator).to(device) for _ in range(count)]
+
+
+def print_breakdown(part: dict, file=sys.stdout) -> None:
+    m = part["median_us"]
+    print(
+        f"{part['tensors']:>7} clip_grad_norm_ on the cpu backend: call {m['call']:.1f} us = "
+        f"op {m['op']:.1f} (the same bytes in one tensor {m['bytes']:.1f}) + host "
+        f"{m['host']:.1f} ({1e3 * m['host'] / part['tensors']:.0f} ns per gradient)",
+        file=file,
+    )
+    file.flush()
 
 
 def print_rows(rows: list[dict], header: bool = True, file=sys.stdout) -> None:
@@ -129,13 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--ops: unknown {sorted(unknown)}; choose from {','.join(OPS)}")
     budget = measure.Budget(args.budget, args.min_samples, max(args.repeats, args.min_samples))
-    rows = run(device, budget, [int(c) for c in args.counts.split(",")], ops)
+    counts = [int(c) for c in args.counts.split(",")]
+    rows = run(device, budget, counts, ops)
+    parts = []
+    cpu_backend = fusedclip.dispatch.unavailable_reason("cpu", device) is None
+    if device == "cpu" and "clip" in ops and cpu_backend:
+        for count in counts:
+            parts.append(breakdown(count, budget))
+            print_breakdown(parts[-1])
     result = report.environment(device) | {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "budget": vars(budget),
         "elements_per_tensor": ELEMENTS,
         "target": f"{TARGET_BASE_US:g} us + {1e3 * TARGET_PER_GRADIENT_US:g} ns per gradient",
         "calls": rows,
+        "breakdown": parts,
     }
     from bench.__main__ import default_out_dir
 

@@ -437,14 +437,46 @@ def host_readme_table(result: dict) -> str:
                 continue
             base = call["summaries"][TORCH_BASELINE]
             r = call["vs_torch"][name]
-            meets = "✓" if s["median"] <= call["target_us"] else "✗"
             lines.append(
-                f"| {call['tensors']} | {call['op']} | {base['median']:.0f} ±{50 * (base['q3'] - base['q1']) / base['median']:.0f}% | "
-                f"{s['median']:.0f} ±{50 * (s['q3'] - s['q1']) / s['median']:.0f}% | "
-                f"{1e3 * s['median'] / call['tensors']:.0f} | {call['target_us']:.0f} {meets} | "
+                f"| {call['tensors']} | {call['op']} | {_median_and_spread(base)} | "
+                f"{_median_and_spread(s)} | {1e3 * s['median'] / call['tensors']:.0f} | "
+                f"{_against_target(s, call)} | "
                 f"{_ratio_text(stats.Ratio(r['median'], r['low'], r['high']))} |"
             )
+    if result.get("breakdown"):
+        lines += ["", host_breakdown_table(result)]
     return "\n".join(lines)
+
+
+def host_breakdown_table(result: dict) -> str:
+    """Markdown of a bench.host file's breakdown of clip_grad_norm_ on the CPU backend."""
+    lines = [
+        "Where `clip_grad_norm_`'s time goes there (the parts timed interleaved; host = call − "
+        "op, paired by round):",
+        "",
+        "| gradients | call µs ±½IQR | op µs ±½IQR | same bytes in one tensor µs | host µs ±½IQR | host ns per gradient | host against the target µs |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for part in result["breakdown"]:
+        s = part["summaries"]
+        lines.append(
+            f"| {part['tensors']} | {_median_and_spread(s['call'])} | "
+            f"{_median_and_spread(s['op'])} | {_median_and_spread(s['bytes'])} | "
+            f"{_median_and_spread(s['host'])} | "
+            f"{1e3 * s['host']['median'] / part['tensors']:.0f} | "
+            f"{_against_target(s['host'], part)} |"
+        )
+    return "\n".join(lines)
+
+
+def _median_and_spread(s: dict) -> str:
+    """A summary's median (a decimal below 100 µs) and ±½IQR in %, as the host tables print them."""
+    median = f"{s['median']:.1f}" if s["median"] < 100 else f"{s['median']:.0f}"
+    return f"{median} ±{50 * (s['q3'] - s['q1']) / s['median']:.0f}%"
+
+
+def _against_target(s: dict, row: dict) -> str:
+    return f"{row['target_us']:.0f} {'✓' if s['median'] <= row['target_us'] else '✗'}"
 
 
 def train_readme_table(result: dict) -> str:
