@@ -129,7 +129,10 @@ def _check_not_float16(grads: list[torch.Tensor]) -> None:
 
 
 def _record_found_inf(state: dict, found_inf: torch.Tensor | None, stage: OptState) -> None:
-    state["found_inf_per_device"] = {} if found_inf is None else {found_inf.device: found_inf}
+    # A copy: with several optimizers, GradScaler.update sums their flags into the first one's
+    # tensor in place, which would change the found_inf that this call handed back.
+    recorded = {} if found_inf is None else {found_inf.device: found_inf.clone()}
+    state["found_inf_per_device"] = recorded
     state["stage"] = stage
 
 
@@ -352,7 +355,12 @@ def step(
     back off the scale (and counts toward its growth interval, as any step without overflow).
     Gradients not yet unscaled are handled as `scaler.step` does: fused optimizers unscale them
     in their own pass, others through `scaler.unscale_` first.
+
+    Raises:
+        TypeError, ValueError: `skip` is not None or a one-element tensor; nothing is unscaled.
+        RuntimeError: a second step before `scaler.update()`, as `scaler.step`.
     """
+    _check_skip(skip)
     scaling = scaler is not None and scaler._enabled
     if not scaling:
         return optimizer.step() if skip is None else _step_unless(optimizer, skip)
@@ -378,6 +386,23 @@ def step(
     result = _step_unless(optimizer, flag.clamp(max=1), grad_scale)
     state["stage"] = OptState.STEPPED
     return result
+
+
+def _check_skip(skip) -> None:
+    """Before anything is unscaled or stepped: None, or a one-element tensor (bool or number)."""
+    if skip is None:
+        return
+    if not isinstance(skip, torch.Tensor):
+        raise TypeError(
+            f"skip must be None or a one-element tensor (an on-device flag such as "
+            f"GradMonitor.should_skip), got a {type(skip).__name__}; for a flag known on the "
+            "host, call amp.step only when the step is to be taken"
+        )
+    if skip.numel() != 1 or skip.is_complex():
+        raise ValueError(
+            f"skip must be a one-element bool or real tensor, got shape {tuple(skip.shape)} and "
+            f"dtype {skip.dtype}; reduce it first (for example flags.any())"
+        )
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

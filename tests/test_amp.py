@@ -340,3 +340,42 @@ def test_clip_step_twice_before_update_names_clip_step(fused):
     scaler.update()
     scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
     amp.clip_step(optimizer, 1.0, scaler=scaler)  # after update() it works again
+
+
+def test_an_earlier_optimizers_found_inf_survives_the_scalers_update():
+    # GradScaler.update sums every optimizer's recorded flag into the first one in place.
+    for path in ("unscale_clip_", "clip_step"):
+        a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+        optimizers = [torch.optim.AdamW([p], fused=True) for p in (a, b)]
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+        scaler.scale(torch.ones(()))  # makes the scale tensor, as scaling the loss does
+        a.grad, b.grad = torch.ones(3), torch.tensor([1.0, math.inf, 1.0])
+        if path == "unscale_clip_":
+            results = [amp.unscale_clip_(scaler, o, 1.0) for o in optimizers]
+            for o in optimizers:
+                scaler.step(o)
+        else:
+            results = [amp.clip_step(o, 1.0, scaler=scaler) for o in optimizers]
+        scaler.update()
+        assert [r.found_inf.item() for r in results] == [0.0, 1.0], path
+        assert scaler.get_scale() == 1.0  # the overflow still backed the scale off
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize(
+    "skip, error",
+    [(True, TypeError), (1.0, TypeError), (torch.tensor([0.0, 1.0]), ValueError)],
+    ids=["bool", "float", "two-elements"],
+)
+def test_amp_step_refuses_a_bad_skip_before_unscaling(fused, skip, error):
+    model = _model("cpu")
+    optimizer = _optimizer("adamw", model.parameters(), fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match="skip must be"):
+        amp.step(optimizer, skip=skip, scaler=scaler)
+    for p, grad, weight in zip(model.parameters(), grads, weights, strict=True):
+        assert torch.equal(p.grad, grad) and torch.equal(p.detach(), weight)
+    amp.step(optimizer, scaler=scaler)  # the scaler was left ready: the step runs as usual
