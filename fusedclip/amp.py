@@ -178,7 +178,8 @@ def unscale_clip_(
         refuse_float16=state is not None,
     )
     if state is not None:
-        # No gradient: nothing is recorded, so scaler.step says "No inf checks were recorded".
+        # No gradient (and no process group, whose verdict a rank without any still gets):
+        # nothing is recorded, so scaler.step says "No inf checks were recorded", as torch's.
         _record_found_inf(state, None if result is None else result.found_inf, OptState.UNSCALED)
     return api._or_empty(result, per_tensor)
 

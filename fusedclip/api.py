@@ -317,9 +317,11 @@ def _clip(
         refuse_float16=refuse_float16,
     )
     if the_plan is None:
-        if process_group is not None:
-            distributed.join_empty(norm_type, process_group)
-        return None
+        if process_group is None:
+            return None
+        return _joined_without_gradients(
+            norm_type, max_norm, inv_scale, per_tensor, error_if_nonfinite, process_group, backend
+        )
     backend_ = the_plan.groups[0].backend
     inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
     if writes and not error_if_nonfinite and _runs_as_one_op(the_plan, process_group):
@@ -354,6 +356,21 @@ def _clip(
         if inv_scale_tensor is not None:
             per_tensor_norms = per_tensor_norms * inv_scale_tensor.to(torch.float64).abs()
         per_tensor_norms = per_tensor_norms.to(the_plan.out_dtype)
+    return ClipResult(total_norm, found_inf, clip_coef, per_tensor_norms)
+
+
+def _joined_without_gradients(
+    norm_type, max_norm, inv_scale, per_tensor, error_if_nonfinite, process_group, backend
+) -> ClipResult:
+    """A rank without gradients in a sharded call: it joins the others' collective and returns
+    the same norm, coefficient and overflow verdict as they do (raising where they raise)."""
+    raw_norm, found_inf = distributed.join_empty(norm_type, process_group)
+    inv_scale_tensor = _inv_scale_tensor(inv_scale, raw_norm.device)
+    finalize = plan.backend_on(raw_norm.device, backend).finalize
+    total_norm, clip_coef = finalize(raw_norm, max_norm, inv_scale_tensor, torch.float32)
+    if error_if_nonfinite and not torch.isfinite(total_norm).item():
+        raise _nonfinite_error(norm_type)
+    per_tensor_norms = torch.empty(0, device=raw_norm.device) if per_tensor else None
     return ClipResult(total_norm, found_inf, clip_coef, per_tensor_norms)
 
 

@@ -139,10 +139,11 @@ def combine_across_ranks(
     return raw_norm, (states[:, 1].amax() > 0).to(torch.float32)
 
 
-def join_empty(norm_type: float, process_group) -> None:
-    """A rank without gradients still takes part in the collective the others wait in."""
+def join_empty(norm_type: float, process_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank without gradients still takes part in the collective the others wait in, and gets
+    its result: (raw_norm, found_inf) of every rank's gradients, on the collective's device."""
     device = torch.device("cpu")
     if dist.get_backend(process_group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    combine_across_ranks(zero, zero, norm_type, process_group)
+    return combine_across_ranks(zero, zero, norm_type, process_group)

@@ -98,6 +98,12 @@ def prepare(
     return _group(tensors, backend, copies), process_group
 
 
+def backend_on(device: torch.device, backend: str | None) -> dispatch.Backend:
+    """The backend a call with no gradients of its own uses on `device` (a rank of a sharded
+    call that still finalizes the others' norm)."""
+    return dispatch.select(device, backend)
+
+
 _NO_GRAD_ATTRIBUTE = object()
 
 

@@ -92,6 +92,43 @@ def _check_overflow_on_one_rank(rank, world):
             )
 
 
+def _check_rank_without_gradients_gets_the_global_result(rank, world):
+    import fusedclip
+
+    full = _full_gradients()
+    empty_rank = world - 1
+    held = [_shard(t, r, world) for r in range(world) if r != empty_rank for t in full]
+    for norm_type in (2.0, math.inf):
+        for bad in (None, math.inf):
+            shards = [_shard(t, rank, world) for t in full] if rank != empty_rank else []
+            if bad is not None and rank == 0:
+                shards[0].view(-1)[0] = bad
+            result = fusedclip.fused_clip_(
+                shards, max_norm=1.0, norm_type=norm_type, process_group=dist.group.WORLD
+            )
+            state = torch.stack(
+                [result.total_norm.double(), result.clip_coef.double(), result.found_inf.double()]
+            )
+            gathered = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(gathered, state)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), (
+                f"rank {rank} p={norm_type} bad={bad}: {gathered}"
+            )
+            if bad is None:
+                _close(result.total_norm, _reference_norm(held, norm_type), f"rank {rank} norm")
+            assert result.found_inf.item() == (bad is not None)
+        # error_if_nonfinite: every rank raises, the one without gradients too
+        parameters = (
+            [_parameter(_shard(t, rank, world)) for t in full] if rank != empty_rank else []
+        )
+        if rank == 0:
+            parameters[0].grad.view(-1)[0] = math.nan
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fusedclip.clip_grad_norm_(
+                parameters, 1.0, norm_type, error_if_nonfinite=True, process_group=dist.group.WORLD
+            )
+
+
 def _check_dtensor(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -281,6 +318,7 @@ def test_sharded_gradients(world):
     checks = [
         "_check_process_group",
         "_check_overflow_on_one_rank",
+        "_check_rank_without_gradients_gets_the_global_result",
         "_check_dtensor",
         "_check_group_narrower_than_mesh",
         "_check_plain_tensors_among_dtensors",
