@@ -291,8 +291,10 @@ def clip_step(
     For `fused=True` Adam, AdamW and SGD the gradients are read once (norm, inf check) and the
     optimizer's own kernel divides them by `grad_scale = 1 / (inv_scale * clip factor)` and skips
     the step on `found_inf`. Any other optimizer takes the three-pass path: `unscale_clip_`, then
-    `scaler.step` (which, for a non-fused optimizer, is torch's one sync on found_inf). With a
-    scaler, call `scaler.update()` afterwards as usual.
+    `scaler.step` (which, for a non-fused optimizer, is torch's one sync on found_inf); without a
+    scaler, `fused_clip_`, then the step unless found_inf (one sync). Either way a step whose
+    gradients hold inf or NaN is skipped, scaler or not. With a scaler, call `scaler.update()`
+    afterwards as usual.
 
     Raises:
         TypeError: `optimizer` is not an Optimizer, or `scaler` neither None nor a GradScaler.
@@ -323,7 +325,7 @@ def clip_step(
                 process_group=process_group,
                 backend=backend,
             )
-            optimizer.step()
+            _step_unless(optimizer, result.found_inf)
         return result
 
     def measure(grads, inv_scale):

@@ -379,3 +379,19 @@ def test_amp_step_refuses_a_bad_skip_before_unscaling(fused, skip, error):
     for p, grad, weight in zip(model.parameters(), grads, weights, strict=True):
         assert torch.equal(p.grad, grad) and torch.equal(p.detach(), weight)
     amp.step(optimizer, scaler=scaler)  # the scaler was left ready: the step runs as usual
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_clip_step_without_scaler_skips_a_nonfinite_step_fused_or_not(kind, fused):
+    model = _model("cpu")
+    optimizer = _optimizer(kind, model.parameters(), fused)
+    model(torch.ones(2, 16)).square().sum().backward()
+    next(model.parameters()).grad.view(-1)[0] = math.nan
+    weights = [p.detach().clone() for p in model.parameters()]
+    result = amp.clip_step(optimizer, MAX_NORM)
+    assert result.found_inf.item() == 1.0
+    for param, weight in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(param.detach(), weight)
+    for state in optimizer.state.values():  # a skipped fused step may set up zeroed state
+        assert all(not torch.is_tensor(v) or not v.any() for v in state.values()), state
