@@ -250,9 +250,10 @@ def _step_measured(
 ):
     """Unscale, clip and step with a rule that decides on the device.
 
-    `measure(grads, inv_scale) -> (result, skip)` reads the gradients without writing them and
-    returns a result whose `clip_coef` (inv_scale included) and `found_inf` apply to this step,
-    and an on-device flag to skip it. Fused optimizers apply the coefficient and the skip in their
+    `measure(grads, inv_scale, writes_after) -> (result, skip)` reads the gradients without
+    writing them (`writes_after`: checking them as `api.measure` does for a caller that writes
+    each one itself, as a fused optimizer does) and returns a result whose `clip_coef`
+    (inv_scale included) and `found_inf` apply to this step, and an on-device flag to skip it. Fused optimizers apply the coefficient and the skip in their
     own pass (one read of the gradients by fusedclip, no sync); others get the gradients scaled
     in one write pass and decide on the skip with one sync. The scaler records `found_inf` alone,
     so a skip that is not an overflow does not back off the scale. Returns `result`.
@@ -262,8 +263,9 @@ def _step_measured(
     state = _scaler_state(scaler, optimizer, funcname) if scaling else None
     if scaling:
         _check_not_float16(grads)
-    result, skip = measure(grads, _inv_scale(scaler) if scaling else None)
-    if _is_fused(optimizer):
+    fused = _is_fused(optimizer)
+    result, skip = measure(grads, _inv_scale(scaler) if scaling else None, fused)
+    if fused:
         # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined
         # factor (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become
         # 0, and the skip flag covers overflow anyway).
@@ -328,7 +330,7 @@ def clip_step(
             _step_unless(optimizer, result.found_inf)
         return result
 
-    def measure(grads, inv_scale):
+    def measure(grads, inv_scale, writes_after):
         result = api.measure(
             grads,
             max_norm=max_norm,
@@ -337,6 +339,7 @@ def clip_step(
             per_tensor=per_tensor,
             process_group=process_group,
             backend=backend,
+            writes_after=writes_after,
         )
         return result, result.found_inf
 

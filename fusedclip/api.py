@@ -277,14 +277,16 @@ def _clip(
     of_parameters: bool = False,
     gradients_only: bool = False,
     refuse_float16: bool = False,
+    writes_after: bool = False,
 ) -> ClipResult | None:
     """Checks every argument, measures, then (when `apply`) scales the gradients in place; None
     when there is no gradient.
 
     `items` are the gradients, or with `of_parameters` the parameters whose `.grad` to take.
     `apply=False` only computes what the write pass would do, for callers that fold it into
-    another kernel. `name` is how error messages call `items`; `gradients_only` and
-    `refuse_float16` as `plan.prepare`.
+    another kernel; with `writes_after` such a caller writes each listed tensor itself, so the
+    gradients are checked as for a write, and the same memory listed twice is refused. `name` is
+    how error messages call `items`; `gradients_only` and `refuse_float16` as `plan.prepare`.
     """
     norm_type = _check_norm_type(norm_type)
     max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
@@ -311,10 +313,11 @@ def _clip(
         name,
         backend,
         process_group,
-        writes=writes,
+        writes=writes or writes_after,
         of_parameters=of_parameters,
         gradients_only=gradients_only,
         refuse_float16=refuse_float16,
+        refuse_repeats=writes_after,
     )
     if the_plan is None:
         if process_group is None:
@@ -488,11 +491,16 @@ def measure(
     per_tensor: bool = False,
     process_group: ProcessGroup | None = None,
     backend: BackendName | None = None,
+    writes_after: bool = False,
 ) -> ClipResult:
     """What `fused_clip_` computes, in one read, touching nothing: for callers that fold the write
     into another kernel, such as a fused optimizer's step.
 
-    Args and Raises: as `fused_clip_` (without `clip_value`).
+    Args and Raises: as `fused_clip_` (without `clip_value`), and
+        writes_after: the caller then writes each listed tensor itself: refuse what a writing
+            call refuses (gradients that partially overlap, a view that overlaps itself, an
+            inference tensor outside inference mode), and the same memory listed twice, which
+            that write would scale twice (ValueError).
 
     Returns:
         ClipResult; `clip_coef` is the factor `fused_clip_` would multiply the gradients by.
@@ -508,6 +516,7 @@ def measure(
         backend=backend,
         apply=False,
         gradients_only=True,
+        writes_after=writes_after,
     )
     return _or_empty(result, per_tensor)
 

@@ -69,6 +69,7 @@ def prepare(
     of_parameters: bool = False,
     gradients_only: bool = False,
     refuse_float16: bool = False,
+    refuse_repeats: bool = False,
 ):
     """(plan or None when there is nothing to do, process group).
 
@@ -76,7 +77,9 @@ def prepare(
     (None skipped). `name` is how messages call them; `writes`: the call modifies the gradients;
     `measured=False`: no norm is taken (no count of the ranks holding a shard);
     `gradients_only`: refuse parameters (leaves that require grad) among the gradients;
-    `refuse_float16`: refuse float16 gradients, as GradScaler.unscale_ does.
+    `refuse_float16`: refuse float16 gradients, as GradScaler.unscale_ does;
+    `refuse_repeats`: refuse the same memory listed twice instead of counting it once, for a
+    caller that writes each listed tensor itself (which would scale a repeat twice).
     """
     plan = _dense_plan(tensors, backend, writes, of_parameters, gradients_only, refuse_float16)
     if plan is not None:
@@ -94,7 +97,7 @@ def prepare(
             tensors, copies, process_group = distributed.localize(tensors, process_group)
         else:
             tensors = distributed.local_shards(tensors)
-    tensors, copies = _drop_repeats(tensors, copies, name, writes)
+    tensors, copies = _drop_repeats(tensors, copies, name, writes, refuse_repeats)
     return _group(tensors, backend, copies), process_group
 
 
@@ -337,24 +340,34 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.isin(bytes_a, bytes_b).any())
 
 
-def _drop_repeats(tensors: list, copies: list[int] | None, name: str, writes: bool):
-    """The aliasing rule (module docstring). Tensors are the local ones (no DTensor here).
+def _drop_repeats(
+    tensors: list, copies: list[int] | None, name: str, writes: bool, refuse_repeats: bool
+):
+    """The aliasing rule (module docstring), or with `refuse_repeats` a ValueError for a repeat.
+    Tensors are the local ones (no DTensor here).
 
     Under torch.compile storages are not traceable (dynamo itself guards on how its inputs
     alias): repeats are dropped by identity, which dynamo evaluates at trace time without an id()
     guard, as they are for sparse tensors."""
     by_identity = torch.compiler.is_compiling()
-    kept, kept_copies = [], []
-    seen: set[tuple] = set()
+    kept, kept_copies, kept_indices = [], [], []
+    seen: dict[tuple, int] = {}  # memory key -> index in `tensors` of its first listing
     # storage -> (first byte, last byte, the tensor, its index in `tensors`) of each kept tensor
     spans: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}
     for index, tensor in enumerate(tensors):
         if by_identity or tensor.is_sparse:
-            if any(tensor is other for other in kept):
+            first_listed = next(
+                (i for other, i in zip(kept, kept_indices, strict=True) if tensor is other), None
+            )
+            if first_listed is not None:
+                if refuse_repeats:
+                    raise _repeat_error(name, first_listed, index)
                 continue
         else:
             key = _memory_key(tensor)
             if key in seen:
+                if refuse_repeats:
+                    raise _repeat_error(name, seen[key], index)
                 continue
             if writes and _overlaps_itself(tensor):
                 raise ValueError(
@@ -375,10 +388,19 @@ def _drop_repeats(tensors: list, copies: list[int] | None, name: str, writes: bo
                                 "gradient once (the same tensor listed twice is fine)"
                             )
             spans.setdefault(key[0], []).append((first, last, tensor, index))
-            seen.add(key)
+            seen[key] = index
         kept.append(tensor)
         kept_copies.append(1 if copies is None else copies[index])
+        kept_indices.append(index)
     return kept, (None if copies is None else kept_copies)
+
+
+def _repeat_error(name: str, first: int, index: int) -> ValueError:
+    return ValueError(
+        f"{name}[{first}] and {name}[{index}] are the same memory, which a caller that writes "
+        "each listed tensor itself (a fused optimizer's step) would scale twice: give each "
+        "parameter its own gradient tensor, or use a non-fused optimizer"
+    )
 
 
 def _group(tensors: list[torch.Tensor], backend: str | None, copies: list[int] | None) -> Plan:

@@ -146,15 +146,23 @@ class ZClip:
         self._warmup_count = zero(dtype=torch.int64)
 
     def _measure(
-        self, grads: list[torch.Tensor], inv_scale: float | torch.Tensor | None
+        self,
+        grads: list[torch.Tensor],
+        inv_scale: float | torch.Tensor | None,
+        writes_after: bool = False,
     ) -> ZClipResult:
-        """One read of the gradients and the rule's update, on the device; touches no gradient.
+        """One read of the gradients and the rule's update, on the device; touches no gradient
+        (`writes_after` as `api.measure`).
 
         Warm-up and the rule after it are both computed and one is selected on the device, so
         that overflowed steps need not be counted on the host.
         """
         measured = api.measure(
-            grads, inv_scale=inv_scale, process_group=self.process_group, backend=self.backend
+            grads,
+            inv_scale=inv_scale,
+            process_group=self.process_group,
+            backend=self.backend,
+            writes_after=writes_after,
         )
         norm = measured.total_norm.to(torch.float64)
         if self.mean is None:
@@ -221,8 +229,8 @@ class ZClip:
         other optimizers get one write pass and one sync to skip, as `scaler.step`. Call
         `scaler.update()` afterwards as usual: a spike does not back off the scale."""
 
-        def measure(grads, inv_scale):
-            result = self._measure(grads, inv_scale)
+        def measure(grads, inv_scale, writes_after):
+            result = self._measure(grads, inv_scale, writes_after)
             return result, result.skip
 
         return amp._step_measured(

@@ -395,3 +395,51 @@ def test_clip_step_without_scaler_skips_a_nonfinite_step_fused_or_not(kind, fuse
         assert torch.equal(param.detach(), weight)
     for state in optimizer.state.values():  # a skipped fused step may set up zeroed state
         assert all(not torch.is_tensor(v) or not v.any() for v in state.values()), state
+
+
+def _sharing_gradients(case):
+    """Two parameters whose gradients are one tensor, overlap partly, or a self-overlapping view."""
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    if case == "shared":
+        a.grad = b.grad = torch.full((4,), 8.0)
+    elif case == "overlapping":
+        buffer = torch.full((6,), 8.0)
+        a.grad, b.grad = buffer[0:4], buffer[2:6]
+    else:  # expanded: four elements over one
+        a.grad, b.grad = torch.full((1,), 8.0).expand(4), torch.full((4,), 8.0)
+    return a, b
+
+
+@pytest.mark.parametrize("case", ["shared", "overlapping", "expanded"])
+@pytest.mark.parametrize("rule", ["clip_step", "zclip"])
+def test_fused_clip_step_refuses_gradients_it_would_scale_twice(rule, case):
+    """A fused optimizer divides each parameter's gradient itself: memory listed twice would be
+    unscaled twice, and overlaps written twice. Refused before anything changes."""
+    from fusedclip.stability import ZClip
+
+    a, b = _sharing_gradients(case)
+    optimizer = torch.optim.SGD([a, b], lr=1.0, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))
+    grads = [a.grad.clone(), b.grad.clone()]
+    match = "same memory" if case == "shared" else "overlap"
+    with pytest.raises(ValueError, match=match):
+        if rule == "clip_step":
+            amp.clip_step(optimizer, 0.1, scaler=scaler)
+        else:
+            ZClip(warmup_steps=2).clip_step(optimizer, scaler=scaler)
+    assert torch.equal(a.grad, grads[0]) and torch.equal(b.grad, grads[1])
+    assert not a.detach().any() and not b.detach().any()
+    stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
+    assert stage is torch.amp.grad_scaler.OptState.READY  # nothing recorded as unscaled
+
+
+def test_clip_step_scales_a_shared_gradient_once_with_a_non_fused_optimizer():
+    a, b = _sharing_gradients("shared")
+    optimizer = torch.optim.SGD([a, b], lr=1.0, fused=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))
+    amp.clip_step(optimizer, 0.1, scaler=scaler)
+    expected = -torch.full((4,), 0.05)  # unscaled to 1 (norm 2), clipped to norm 0.1, once
+    assert_close(a.detach(), expected, rtol=1e-5, what="a")
+    assert_close(b.detach(), expected, rtol=1e-5, what="b")

@@ -457,3 +457,18 @@ def test_calls_run_without_grad_and_restore_grad_mode():
     with torch.no_grad():
         fusedclip.clip_grad_norm_([parameter], 1.0, backend="cpu")
         assert not torch.is_grad_enabled()
+
+
+def test_measure_for_a_caller_that_writes_refuses_what_it_would_scale_twice():
+    g = torch.tensor([3.0, 4.0])
+    assert fusedclip.measure([g, g.view(-1)]).total_norm.item() == 5.0  # read: counted once
+    with pytest.raises(ValueError, match=r"tensors\[0\] and tensors\[1\] are the same memory"):
+        fusedclip.measure([g, g.view(-1)], writes_after=True)
+    with pytest.raises(ValueError, match="overlap"):
+        fusedclip.measure([g, g[1:]], writes_after=True)
+    with torch.inference_mode():
+        frozen = torch.ones(2)
+    assert fusedclip.measure([frozen]).total_norm.item() == pytest.approx(2**0.5)
+    with pytest.raises(ValueError, match="inference tensor"):
+        fusedclip.measure([frozen], writes_after=True)
+    assert torch.equal(g, torch.tensor([3.0, 4.0]))
