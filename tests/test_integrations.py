@@ -59,7 +59,10 @@ def _lightning_run(
     accumulate: int,
     extra_callbacks=(),
     monkeypatch,
+    clipping_override=None,
 ) -> list[dict]:
+    """`clipping_override(module, optimizer, clip_val, algorithm)`: the module's
+    configure_gradient_clipping (it records what it needs; no norms are recorded here then)."""
     lightning = pytest.importorskip("lightning")
     from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -88,8 +91,16 @@ def _lightning_run(
         def train_dataloader(self):
             return batches
 
+        if clipping_override is not None:
+
+            def configure_gradient_clipping(
+                self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+            ):
+                clipping_override(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    record_norms = clipping_override is None
     norms: list[float] = []
-    if not fused:
+    if not fused and record_norms:
         torch_clip = torch.nn.utils.clip_grad_norm_
 
         def recording_clip(*args, **kwargs):
@@ -109,7 +120,7 @@ def _lightning_run(
             entry = {f"weight {n}": p.detach().clone() for n, p in module.named_parameters()}
             if plugin.scaler is not None:
                 entry["loss scale"] = plugin.scaler.get_scale()
-            if fused and algorithm == "norm":
+            if fused and algorithm == "norm" and record_norms:
                 norms.append(plugin.last_result.total_norm.item())
             history.append(entry)
 
@@ -131,7 +142,7 @@ def _lightning_run(
     )
     trainer.fit(Module())
     monkeypatch.undo()
-    for entry, norm in zip(history, norms, strict=algorithm == "norm"):
+    for entry, norm in zip(history, norms, strict=algorithm == "norm" and record_norms):
         entry["norm"] = norm
     return history
 
@@ -195,6 +206,36 @@ def test_lightning_plugin_unscales_first_when_a_hook_reads_the_gradients(monkeyp
     _assert_same_run(stock, fused)
     # The hook saw unscaled gradients in both runs (inf on the overflowed batch).
     assert seen == pytest.approx(stock_seen, rel=1e-12, nan_ok=True)
+
+
+@pytest.mark.parametrize("clips_with", ["torch", "lightning-wrapper", "reads-then-clip_gradients"])
+def test_lightning_plugin_unscales_first_for_a_configure_gradient_clipping_override(
+    clips_with, monkeypatch
+):
+    """An override may read or clip the gradients itself (or pass Lightning's optimizer wrapper):
+    in stock Lightning they are unscaled by then, so they are here too."""
+    seen: list[float] = []
+
+    def override(module, optimizer, clip_val, algorithm):
+        seen.append(sum(p.grad.double().square().sum() for p in module.parameters()).item())
+        if clips_with == "torch":
+            seen.append(torch.nn.utils.clip_grad_norm_(module.parameters(), clip_val).item())
+        elif clips_with == "lightning-wrapper":
+            module.clip_gradients(module.optimizers(), clip_val, algorithm)
+        else:
+            module.clip_gradients(optimizer, clip_val, algorithm)
+
+    settings = dict(precision="16-mixed", algorithm="norm", accumulate=1)
+    stock = _lightning_run(
+        fused=False, monkeypatch=monkeypatch, clipping_override=override, **settings
+    )
+    stock_seen = list(seen)
+    seen.clear()
+    fused = _lightning_run(
+        fused=True, monkeypatch=monkeypatch, clipping_override=override, **settings
+    )
+    _assert_same_run(stock, fused)
+    assert seen == pytest.approx(stock_seen, rel=1e-6, nan_ok=True)
 
 
 # accelerate --------------------------------------------------------------------------------------

@@ -9,16 +9,18 @@ Lightning's own `MixedPrecision` unscales every step right after backward and cl
 the LightningModule's `configure_gradient_clipping` calls `clip_gradients`. This plugin holds the
 unscale back and does it inside that clip, fused; what the loop observes stays the same:
 
-- `gradient_clip_val` and `gradient_clip_algorithm` ("norm" or "value") are honoured, and so is a
-  `configure_gradient_clipping` override that calls `self.clip_gradients(...)`.
+- `gradient_clip_val` and `gradient_clip_algorithm` ("norm" or "value") are honoured.
 - Gradient accumulation: Lightning calls the plugin once per optimizer step, after the last
   micro-batch, so unscale and clip run once on the accumulated gradients.
 - Overflow: the scaler records `found_inf` as `unscale_` would, so `scaler.step` skips the step
   and `scaler.update` backs off.
 - Where holding the unscale back could be seen, the plugin unscales as Lightning does and only the
   clip is fusedclip's: an `on_before_optimizer_step` hook (of the module or a callback) reads the
-  gradients between unscale and clip; manual optimization; optimizers that unscale inside their
-  step (fused Adam: Lightning refuses to clip those); a step without clipping.
+  gradients between unscale and clip; a `configure_gradient_clipping` override (it may read the
+  gradients, or clip them with torch or through another optimizer object than the one it was
+  given; its `self.clip_gradients(...)` still runs fusedclip's clip); manual optimization;
+  optimizers that unscale inside their step (fused Adam: Lightning refuses to clip those); a
+  step without clipping.
 
 "bf16-mixed" has no scaler; its clip is fusedclip's fused clip. `last_result` is the
 `fusedclip.ClipResult` of the latest fused clip (norm, found_inf, clip_coef on the device).
@@ -56,8 +58,10 @@ class FusedMixedPrecision(MixedPrecision):
     def _can_hold_back_unscale(self, optimizer: Any, model: LightningModule) -> bool:
         if not model.automatic_optimization or _optimizer_handles_unscaling(optimizer):
             return False
-        if is_overridden("on_before_optimizer_step", model, LightningModule):
-            return False
+        # Hooks that may read the gradients, or clip them without clip_gradients(optimizer).
+        for hook in ("on_before_optimizer_step", "configure_gradient_clipping"):
+            if is_overridden(hook, model, LightningModule):
+                return False
         return not any(
             is_overridden("on_before_optimizer_step", callback, Callback)
             for callback in model.trainer.callbacks
