@@ -317,7 +317,7 @@ def _clip(
         of_parameters=of_parameters,
         gradients_only=gradients_only,
         refuse_float16=refuse_float16,
-        refuse_repeats=writes_after,
+        refuse_repeats=plan.REPEATS_WRITTEN_BY_CALLER if writes_after else None,
     )
     if the_plan is None:
         if process_group is None:
@@ -327,6 +327,16 @@ def _clip(
         )
     backend_ = the_plan.groups[0].backend
     inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
+    if torch.compiler.is_compiling():
+        # Every op below computes from inv_scale (1 changes nothing): it carries the check.
+        if inv_scale_tensor is None:
+            inv_scale_tensor = torch.ones((), dtype=torch.float64, device=the_plan.device)
+        inv_scale_tensor = plan.checked_when_run(
+            the_plan,
+            inv_scale_tensor,
+            plan.listed_name(name, of_parameters),
+            writes or writes_after,
+        )
     if writes and not error_if_nonfinite and _runs_as_one_op(the_plan, process_group):
         one_group = _kernel_inputs(the_plan.groups[0])
         total_norm, found_inf, clip_coef, per_tensor_norms = backend_.clip_(
@@ -429,6 +439,7 @@ def _write_only(
     else:
         coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)
         coef = coef.to(the_plan.device)
+    coef = plan.checked_when_run(the_plan, coef, plan.listed_name(name, of_parameters), True)
     inputs = [_kernel_inputs(group) for group in the_plan.groups]
     _scale(the_plan, inputs, coef, clip_value)
 

@@ -9,7 +9,9 @@ The aliasing rule: tensors that are the same memory (same storage, offset, sizes
 dtype; or dense views of one dtype over the same bytes, such as g and g.view(-1)) count and are
 scaled once; a call that writes refuses tensors that overlap partially, each
 other or themselves (an `expand`), with a ValueError naming them. A call that only reads measures
-every tensor as given (an expanded tensor counts each of its elements, as torch does).
+every tensor as given (an expanded tensor counts each of its elements, as torch does). Under
+torch.compile, tracing drops repeats of one tensor object and `checked_when_run` checks the rest
+when the compiled code runs, refusing the same memory listed as two tensors.
 
 The common case (plain contiguous tensors on one device, none aliasing another) is planned by the
 C++ extension in one pass (`fusedclip._C.plan_dense`) when it is built, which hands the extension's
@@ -69,7 +71,7 @@ def prepare(
     of_parameters: bool = False,
     gradients_only: bool = False,
     refuse_float16: bool = False,
-    refuse_repeats: bool = False,
+    refuse_repeats: str | None = None,
 ):
     """(plan or None when there is nothing to do, process group).
 
@@ -78,8 +80,8 @@ def prepare(
     `measured=False`: no norm is taken (no count of the ranks holding a shard);
     `gradients_only`: refuse parameters (leaves that require grad) among the gradients;
     `refuse_float16`: refuse float16 gradients, as GradScaler.unscale_ does;
-    `refuse_repeats`: refuse the same memory listed twice instead of counting it once, for a
-    caller that writes each listed tensor itself (which would scale a repeat twice).
+    `refuse_repeats`: refuse the same memory listed twice instead of counting it once, saying
+    this (why it cannot count once, and the fix) after naming the two.
     """
     plan = _dense_plan(tensors, backend, writes, of_parameters, gradients_only, refuse_float16)
     if plan is not None:
@@ -87,7 +89,7 @@ def prepare(
     dispatch.requested_backend(backend)  # an empty list must reject a bad backend too
     if of_parameters:
         tensors = _gradients(tensors, name)
-        name = f"{name}' gradients"
+    name = listed_name(name, of_parameters)
     _check_tensors(tensors, name, writes, gradients_only, refuse_float16)
     if not tensors:
         return None, process_group
@@ -105,6 +107,11 @@ def backend_on(device: torch.device, backend: str | None) -> dispatch.Backend:
     """The backend a call with no gradients of its own uses on `device` (a rank of a sharded
     call that still finalizes the others' norm)."""
     return dispatch.select(device, backend)
+
+
+def listed_name(name: str, of_parameters: bool) -> str:
+    """How messages call the planned tensors: the gradients of the parameters named `name`."""
+    return f"{name}' gradients" if of_parameters else name
 
 
 _NO_GRAD_ATTRIBUTE = object()
@@ -341,10 +348,10 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _drop_repeats(
-    tensors: list, copies: list[int] | None, name: str, writes: bool, refuse_repeats: bool
+    tensors: list, copies: list[int] | None, name: str, writes: bool, refuse_repeats: str | None
 ):
-    """The aliasing rule (module docstring), or with `refuse_repeats` a ValueError for a repeat.
-    Tensors are the local ones (no DTensor here).
+    """The aliasing rule (module docstring), or with `refuse_repeats` (why, and the fix) a
+    ValueError for a repeat. Tensors are the local ones (no DTensor here).
 
     Under torch.compile storages are not traceable (dynamo itself guards on how its inputs
     alias): repeats are dropped by identity, which dynamo evaluates at trace time without an id()
@@ -360,14 +367,14 @@ def _drop_repeats(
                 (i for other, i in zip(kept, kept_indices, strict=True) if tensor is other), None
             )
             if first_listed is not None:
-                if refuse_repeats:
-                    raise _repeat_error(name, first_listed, index)
+                if refuse_repeats is not None:
+                    raise _repeat_error(name, first_listed, index, refuse_repeats)
                 continue
         else:
             key = _memory_key(tensor)
             if key in seen:
-                if refuse_repeats:
-                    raise _repeat_error(name, seen[key], index)
+                if refuse_repeats is not None:
+                    raise _repeat_error(name, seen[key], index, refuse_repeats)
                 continue
             if writes and _overlaps_itself(tensor):
                 raise ValueError(
@@ -395,12 +402,53 @@ def _drop_repeats(
     return kept, (None if copies is None else kept_copies)
 
 
-def _repeat_error(name: str, first: int, index: int) -> ValueError:
-    return ValueError(
-        f"{name}[{first}] and {name}[{index}] are the same memory, which a caller that writes "
-        "each listed tensor itself (a fused optimizer's step) would scale twice: give each "
-        "parameter its own gradient tensor, or use a non-fused optimizer"
-    )
+def _repeat_error(name: str, first: int, index: int, why_and_fix: str) -> ValueError:
+    return ValueError(f"{name}[{first}] and {name}[{index}] are the same memory, {why_and_fix}")
+
+
+# The refuse_repeats of a caller that writes each listed tensor itself.
+REPEATS_WRITTEN_BY_CALLER = (
+    "which a caller that writes each listed tensor itself (a fused optimizer's step) would "
+    "scale twice: give each parameter its own gradient tensor, or use a non-fused optimizer"
+)
+_REPEATS_UNDER_COMPILE = (
+    "listed as two tensors, which a call compiled by torch.compile cannot count once (the "
+    "compiled code does not know where its tensors' memory lies): list that gradient once, or "
+    "the same tensor object twice"
+)
+
+
+def checked_when_run(the_plan: Plan, value: torch.Tensor, name: str, writes: bool):
+    """Under torch.compile, `value` as returned by an op that applies the aliasing rule to the
+    planned tensors when the compiled code runs. Tracing sees tensors, not their memory: it drops
+    repeats of one tensor object, but two tensors may still share memory at run time. The
+    kernels that follow compute from what this returns, so the check runs before anything is
+    written and the graph cannot leave it out. A repeat raises there: the compiled call cannot
+    count it once. Eagerly, `value` itself (prepare applied the rule)."""
+    if not torch.compiler.is_compiling():
+        return value
+    tensors: list = [None] * the_plan.count  # in planned order, for the messages' positions
+    for group in the_plan.groups:
+        for tensor, index in zip(
+            (*group.dense, *group.strided, *group.sparse), group.order, strict=True
+        ):
+            tensors[index] = tensor
+    return torch.ops.fusedclip.check_aliasing(tensors, value, name, writes)
+
+
+@torch.library.custom_op("fusedclip::check_aliasing", mutates_args=())
+def _check_aliasing(
+    tensors: list[torch.Tensor], value: torch.Tensor, name: str, writes: bool
+) -> torch.Tensor:
+    # The C++ planner accepts only dense tensors none of which shares memory with another.
+    if _C_PLAN_DENSE is None or _C_PLAN_DENSE(list(tensors), False, False, False, False) is None:
+        _drop_repeats(tensors, None, name, writes, _REPEATS_UNDER_COMPILE)
+    return value.clone()
+
+
+@_check_aliasing.register_fake
+def _check_aliasing_fake(tensors, value, name, writes):
+    return torch.empty_like(value)
 
 
 def _group(tensors: list[torch.Tensor], backend: str | None, copies: list[int] | None) -> Plan:

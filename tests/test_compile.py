@@ -142,3 +142,66 @@ def test_a_compiled_training_step_compiles_once(clip):
     graphs, compiled_norm, eager_norm = _train_step_counting_compiles(clip)
     assert graphs == 1, f"compiled {graphs} graphs in 20 steps (a recompile per step?)"
     assert_close(compiled_norm, eager_norm, rtol=1e-5, what="norm after 20 steps")
+
+
+def _aliasing_case(case):
+    """(the gradients of two parameters, the buffer they live in): one memory as two views, or
+    two views that overlap in part."""
+    buffer = torch.tensor([3.0, 4.0, 0.0])
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    p.grad = buffer[:2]
+    q.grad = buffer[:2].view(-1) if case == "same memory" else buffer[1:]
+    return [p, q], buffer
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("case", ["same memory", "overlap"])
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"])
+def test_compiled_calls_refuse_aliasing_gradients_as_eager_does(device, backend, case, call):
+    """Tracing sees tensors, not memory: the aliasing rule is checked when the compiled code
+    runs, before anything is written. A compiled call cannot count one memory once, so it
+    refuses what eager counts once; a call that only reads accepts a partial overlap, as eager."""
+    if device != "cpu":
+        pytest.skip("the check is the same on every device; the CPU case shows it")
+    torch._dynamo.reset()  # each case traced afresh: guards need not tell their aliasing apart
+
+    def run(parameters):
+        if call == "clip_grad_norm_":
+            return fusedclip.clip_grad_norm_(parameters, 1.0, backend=backend)
+        if call == "clip_grad_value_":
+            return fusedclip.clip_grad_value_(parameters, 1.0, backend=backend)
+        return fusedclip.get_total_norm([p.grad for p in parameters], backend=backend)
+
+    parameters, buffer = _aliasing_case(case)
+    compiled = torch.compile(run, fullgraph=True)
+    if call == "get_total_norm" and case == "overlap":
+        expected = run(_aliasing_case(case)[0])
+        assert_close(compiled(parameters), expected, rtol=1e-6, what="norm of overlapping views")
+        return
+    # A partial overlap may be named as either: where inputs that the compiled code writes
+    # overlap, torch hands it views of one merged base, whose layout need not be the caller's.
+    match = "same memory" if case == "same memory" else "overlap in memory|same memory"
+    with pytest.raises(ValueError, match=match):
+        compiled(parameters)
+    assert torch.equal(buffer, torch.tensor([3.0, 4.0, 0.0]))
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_compiled_clip_takes_disjoint_views_of_one_buffer(device, backend):
+    """Gradients that are views of one flat buffer (DDP's gradient_as_bucket_view) share a
+    storage but no element: the check when the compiled code runs lets them through."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        buffer = torch.tensor([3.0, 4.0, 0.0, 1.0, -2.0], device=device)
+        parameters = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in (2, 3)]
+        parameters[0].grad, parameters[1].grad = buffer[:2], buffer[2:]
+
+        def clip(parameters):
+            return fusedclip.clip_grad_norm_(parameters, 1.0, backend=backend)
+
+        norm = (torch.compile(clip, fullgraph=True) if compiled else clip)(parameters)
+        results.append((norm, buffer))
+    (eager_norm, eager_buffer), (compiled_norm, compiled_buffer) = results
+    assert_close(compiled_norm, eager_norm, rtol=1e-6, what="norm")
+    assert_close(compiled_buffer, eager_buffer, rtol=1e-6, what="clipped buffer")
