@@ -804,6 +804,31 @@ def test_writing_ops_bump_version_counters_as_in_place_ops_do(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), EXTENSION_OPS)
+def test_each_writing_call_bumps_each_version_once_and_a_refused_op_none(device, backend):
+    """Through the C++ planner's one call or the general path: once per call; an op that
+    refuses its list bumps nothing (the bump follows the write, csrc/autograd.cpp)."""
+    params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in (5, 3)]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device)
+    grads = [p.grad for p in params]
+    versions = [g._version for g in grads]
+    fusedclip.clip_grad_norm_(params, 1e-3, backend=backend)  # the C++ planner's one call
+    fusedclip.clip_grad_value_(params, 1e-4, backend=backend)
+    fusedclip.fused_clip_(grads, max_norm=1e-5, per_tensor=True, backend=backend)  # general path
+    assert [g._version for g in grads] == [v + 3 for v in versions]
+
+    if device != "cpu":
+        return  # the CPU ops refuse a list that shares memory themselves; the CUDA ops trust theirs
+    buffer = torch.randn(6, device=device)
+    overlapping = [buffer[:4], buffer[2:]]
+    before = [t._version for t in overlapping]
+    coef = torch.tensor(0.5, dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.fusedclip.scale_.default(overlapping, coef, None)
+    assert [t._version for t in overlapping] == before
+
+
+@pytest.mark.parametrize(("device", "backend"), EXTENSION_OPS)
 def test_ops_refuse_to_be_differentiated_before_writing(device, backend):
     from fusedclip import ops
 
