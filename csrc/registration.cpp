@@ -1,5 +1,6 @@
-// The one place where the fusedclip op schemas live. Backend files add kernels with
+// The one place where the extension's op schemas live. Backend files add kernels with
 // TORCH_LIBRARY_IMPL(fusedclip, <DispatchKey>, m); csrc/README.md states each op's contract.
+// (fusedclip/plan.py adds fusedclip::check_aliasing, which runs without the extension too.)
 #include <Python.h>
 #include <fusedclip/python_module.h>
 #include <torch/library.h>
@@ -41,4 +42,7 @@ TORCH_LIBRARY(fusedclip, m) {
       "clip_(Tensor(a!)[] tensors, float norm_type, float? max_norm, Tensor? inv_scale, "
       "float? clip_value, ScalarType out_dtype, bool per_tensor, str launch=\"auto\") -> "
       "(Tensor total_norm, Tensor found_inf, Tensor clip_coef, Tensor per_tensor_norms)");
+  m.def(
+      "check_dense_aliasing(Tensor[] tensors, Tensor value, str name, bool writes, "
+      "str same_memory, str overlap) -> Tensor");
 }

@@ -136,6 +136,10 @@ if EXTENSION_ERROR is None:
     def _scale_fake(tensors, clip_coef, clip_value):
         return None
 
+    @torch.library.register_fake("fusedclip::check_dense_aliasing")
+    def _check_dense_aliasing_fake(tensors, value, name, writes, same_memory, overlap):
+        return torch.empty_like(value)
+
     @torch.library.register_fake("fusedclip::clip_")
     def _clip_fake(
         tensors, norm_type, max_norm, inv_scale, clip_value, out_dtype, per_tensor, launch="auto"

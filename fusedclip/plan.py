@@ -239,6 +239,10 @@ def _load_extension_function(name: str):
 
 
 _C_PLAN_DENSE = _load_extension_function("plan_dense")
+# Read once: the dispatcher query is not traceable by torch.compile.
+_HAS_DENSE_CHECK = _C_PLAN_DENSE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fusedclip::check_dense_aliasing", "CompositeExplicitAutograd"
+)
 _C_CLIP_DENSE = _load_extension_function("clip_dense_")
 _C_SCALE_DENSE = _load_extension_function("scale_dense_")
 
@@ -389,10 +393,7 @@ def _drop_repeats(
                     if first < other_last and other_first < last:
                         if _share_elements(tensor, other):
                             raise ValueError(
-                                f"{name}[{other_index}] and {name}[{index}] "
-                                "overlap in memory without being the same view: scaling both "
-                                "in place would scale the shared elements twice; pass each "
-                                "gradient once (the same tensor listed twice is fine)"
+                                f"{name}[{other_index}] and {name}[{index}] {_OVERLAP}"
                             )
             spans.setdefault(key[0], []).append((first, last, tensor, index))
             seen[key] = index
@@ -403,7 +404,15 @@ def _drop_repeats(
 
 
 def _repeat_error(name: str, first: int, index: int, why_and_fix: str) -> ValueError:
-    return ValueError(f"{name}[{first}] and {name}[{index}] are the same memory, {why_and_fix}")
+    return ValueError(f"{name}[{first}] and {name}[{index}] {_SAME_MEMORY}{why_and_fix}")
+
+
+# What the refusals say after naming the two tensors (csrc/check_aliasing.cpp says it too).
+_SAME_MEMORY = "are the same memory, "
+_OVERLAP = (
+    "overlap in memory without being the same view: scaling both in place would scale the "
+    "shared elements twice; pass each gradient once (the same tensor listed twice is fine)"
+)
 
 
 # The refuse_repeats of a caller that writes each listed tensor itself.
@@ -433,6 +442,11 @@ def checked_when_run(the_plan: Plan, value: torch.Tensor, name: str, writes: boo
             (*group.dense, *group.strided, *group.sparse), group.order, strict=True
         ):
             tensors[index] = tensor
+    all_dense = all(not group.strided and not group.sparse for group in the_plan.groups)
+    if all_dense and _HAS_DENSE_CHECK:  # the C++ rule: no Python call when the code runs
+        return torch.ops.fusedclip.check_dense_aliasing(
+            tensors, value, name, writes, _SAME_MEMORY + _REPEATS_UNDER_COMPILE, _OVERLAP
+        )
     return torch.ops.fusedclip.check_aliasing(tensors, value, name, writes)
 
 

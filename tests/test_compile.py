@@ -7,6 +7,7 @@ import torch
 from conftest import assert_close, backend_params
 
 import fusedclip
+from fusedclip import plan
 
 
 def _model():
@@ -205,3 +206,81 @@ def test_compiled_clip_takes_disjoint_views_of_one_buffer(device, backend):
     (eager_norm, eager_buffer), (compiled_norm, compiled_buffer) = results
     assert_close(compiled_norm, eager_norm, rtol=1e-6, what="norm")
     assert_close(compiled_buffer, eager_buffer, rtol=1e-6, what="clipped buffer")
+
+
+@pytest.mark.skipif(not plan._HAS_DENSE_CHECK, reason="needs the extension's check_dense_aliasing")
+@pytest.mark.parametrize("writes", [False, True])
+@pytest.mark.parametrize("case", ["disjoint", "same memory", "overlap", "three, one repeat"])
+def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes):
+    """check_dense_aliasing (C++, dense lists) and check_aliasing (the Python rule) decide and
+    word every case alike: the compiled code takes one or the other by the traced layouts."""
+    buffer = torch.arange(8.0)
+    tensors = {
+        "disjoint": [buffer[:3], buffer[3:]],
+        "same memory": [buffer[:4], buffer[:4].view(2, 2)],
+        "overlap": [buffer[:4], buffer[2:6]],
+        "three, one repeat": [buffer[6:], buffer[:3], buffer[6:].clone(), buffer[:3].view(-1)],
+    }[case]
+    value = torch.tensor(0.5, dtype=torch.float64)
+    outcomes = []
+    for check in (
+        lambda: torch.ops.fusedclip.check_aliasing(tensors, value, "g", writes),
+        lambda: torch.ops.fusedclip.check_dense_aliasing(
+            tensors,
+            value,
+            "g",
+            writes,
+            plan._SAME_MEMORY + plan._REPEATS_UNDER_COMPILE,
+            plan._OVERLAP,
+        ),
+    ):
+        try:
+            outcomes.append(("returned", check().item()))
+        except ValueError as error:
+            outcomes.append(("refused", str(error)))
+    assert outcomes[0] == outcomes[1]
+    refused = case in ("same memory", "three, one repeat") or (case == "overlap" and writes)
+    assert outcomes[0][0] == ("refused" if refused else "returned"), outcomes[0]
+
+
+def test_a_compiled_call_with_a_strided_gradient_checks_with_the_python_rule():
+    torch._dynamo.reset()
+    buffer = torch.arange(12.0).reshape(3, 4)
+    parameters = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(4))]
+    parameters[0].grad = buffer.t()  # strided: not the dense check's
+    parameters[1].grad = buffer[0]  # shares buffer[0, :] with the first
+
+    def clip(parameters):
+        return fusedclip.clip_grad_norm_(parameters, 1.0)
+
+    with pytest.raises(ValueError, match="overlap in memory"):
+        torch.compile(clip, fullgraph=True)(parameters)
+    assert torch.equal(buffer, torch.arange(12.0).reshape(3, 4))
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("layout", ["transposed", "channels-last", "stepped"])
+def test_compiled_clip_of_a_non_contiguous_gradient_matches_eager(device, backend, layout):
+    """Tracing cannot walk a .grad's strides in every layout (fusedclip.layout.is_dense): such
+    gradients take the strided path there, with the same result."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(3)
+        if layout == "transposed":
+            grad = torch.randn(5, 7, device=device).t()
+        elif layout == "channels-last":
+            grad = torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last)
+        else:
+            grad = torch.randn(6, 8, device=device)[:, ::2]
+        parameter = torch.nn.Parameter(torch.zeros(grad.shape, device=device))
+        parameter.grad = grad
+
+        def clip(parameters):
+            return fusedclip.clip_grad_norm_(parameters, 1.0, backend=backend)
+
+        norm = (torch.compile(clip, fullgraph=True) if compiled else clip)([parameter])
+        results.append((norm, parameter.grad))
+    (eager_norm, eager_grad), (compiled_norm, compiled_grad) = results
+    assert_close(compiled_norm, eager_norm, rtol=1e-6, what="norm")
+    assert_close(compiled_grad, eager_grad, rtol=1e-6, atol=1e-9, what="clipped gradient")

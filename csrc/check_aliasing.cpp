@@ -1,0 +1,64 @@
+// fusedclip::check_dense_aliasing: the aliasing rule of fusedclip/plan.py applied when compiled
+// code runs, for lists of dense tensors (plan.checked_when_run says why it is an op, and runs the
+// Python rule, fusedclip::check_aliasing, for any other list).
+//
+// A dense tensor fills its byte span exactly, so two of them share an element exactly when
+// their spans intersect, and are the same memory exactly when their spans and dtypes are equal:
+// one sort of the spans decides the rule, with no Python call per step of a compiled loop.
+// (Empty tensors hold no bytes and are left out: listed twice they change no norm and no byte.)
+// The messages' texts come from plan.py, so both rules word their refusals alike.
+#include <fusedclip/checks.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace fusedclip {
+namespace {
+
+[[noreturn]] void refuse(std::string_view name, size_t a, size_t b, std::string_view reason) {
+  TORCH_CHECK_VALUE(false, name, "[", text(std::min(a, b)), "] and ", name, "[",
+                    text(std::max(a, b)), "] ", reason);
+}
+
+at::Tensor check_dense_aliasing(at::TensorList tensors, const at::Tensor& value,
+                                c10::string_view name, bool writes, c10::string_view same_memory,
+                                c10::string_view overlap) {
+  std::vector<ByteSpan> spans;
+  spans.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& tensor = tensors[i];
+    TORCH_CHECK(tensor.is_non_overlapping_and_dense(), "fusedclip::check_dense_aliasing: ", name,
+                "[", text(i), "] is not dense; fusedclip::check_aliasing takes such lists");
+    if (tensor.numel() > 0) spans.push_back(byte_span(tensor, i));
+  }
+  std::sort(spans.begin(), spans.end(), [](const ByteSpan& a, const ByteSpan& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  const auto same = [&](const ByteSpan& a, const ByteSpan& b) {
+    return a.begin == b.begin && a.end == b.end &&
+           tensors[a.index].scalar_type() == tensors[b.index].scalar_type();
+  };
+  // Equal spans sort next to each other; an overlap shows against the farthest-reaching span.
+  std::optional<ByteSpan> farthest;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    const ByteSpan& span = spans[k];
+    if (k > 0 && same(spans[k - 1], span)) refuse(name, spans[k - 1].index, span.index, same_memory);
+    if (writes && farthest.has_value() && span.begin < farthest->end) {
+      refuse(name, farthest->index, span.index, same(*farthest, span) ? same_memory : overlap);
+    }
+    if (!farthest.has_value() || span.end > farthest->end) farthest = span;
+  }
+  return value.clone();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CompositeExplicitAutograd, m) {
+  m.impl("check_dense_aliasing", &check_dense_aliasing);
+}
+
+}  // namespace fusedclip
