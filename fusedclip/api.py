@@ -71,6 +71,11 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
     if value is None:
         raise TypeError(f"{name} must be a non-negative number, got None{fix}")
     if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(
+                f"{name} must be a non-negative number or a one-element tensor, got a tensor of "
+                f"shape {tuple(value.shape)}; pass one value for all the gradients"
+            )
         value = value.item()
     try:
         value = float(value)

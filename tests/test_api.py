@@ -472,3 +472,15 @@ def test_measure_for_a_caller_that_writes_refuses_what_it_would_scale_twice():
     with pytest.raises(ValueError, match="inference tensor"):
         fusedclip.measure([frozen], writes_after=True)
     assert torch.equal(g, torch.tensor([3.0, 4.0]))
+
+
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_"])
+def test_a_many_element_tensor_bound_is_refused_by_name(call):
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    name = "max_norm" if call == "clip_grad_norm_" else "clip_value"
+    with pytest.raises(TypeError, match=rf"{name} must be a non-negative number or a one-element"):
+        getattr(fusedclip, call)([p], torch.tensor([1.0, 2.0]))
+    assert torch.equal(p.grad, torch.ones(3))
+    getattr(fusedclip, call)([p], torch.tensor([0.5]))  # one element: taken as its value
+    assert torch.linalg.vector_norm(p.grad) <= 0.5 * 3**0.5 + 1e-6
