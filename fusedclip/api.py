@@ -81,7 +81,7 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
         value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a non-negative number, got {value!r}") from None
-    if math.isnan(value) or value < 0:
+    if not value >= 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
             f"{name} must be a non-negative number, got {value}; a negative {name} would flip "
             "the gradients' sign (torch silently does), so pass its absolute value"

@@ -284,3 +284,40 @@ def test_compiled_clip_of_a_non_contiguous_gradient_matches_eager(device, backen
     (eager_norm, eager_grad), (compiled_norm, compiled_grad) = results
     assert_close(compiled_norm, eager_norm, rtol=1e-6, what="norm")
     assert_close(compiled_grad, eager_grad, rtol=1e-6, atol=1e-9, what="clipped gradient")
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_a_changing_max_norm_neither_breaks_the_graph_nor_recompiles_in_plain_torch(
+    device, backend
+):
+    """Dynamo makes a float that changes between calls symbolic: the argument check must not
+    break the graph on it (math.isnan does), and the backend in plain torch then reuses it."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    parameter = torch.nn.Parameter(torch.zeros(4, device=device))
+    clip = torch.compile(
+        lambda ps, m: fusedclip.clip_grad_norm_(ps, m, backend=backend),
+        backend=counter,
+        fullgraph=True,
+    )
+    for step in range(5):
+        parameter.grad = torch.ones(4, device=device)
+        max_norm = 0.5 + 0.01 * step
+        clip([parameter], max_norm)
+        assert_close(
+            torch.linalg.vector_norm(parameter.grad),
+            torch.tensor(max_norm, device=device),
+            rtol=1e-5,
+            what=f"clipped norm at step {step}",
+        )
+    if backend == "reference":  # the ops of the other backends take a float as a constant
+        assert counter.frame_count <= 2
+    # The NaN fails the guard the check left (max_norm >= 0): traced again, it raises there
+    # (fullgraph=True would wrap the ValueError in dynamo's own error).
+    lenient = torch.compile(lambda ps, m: fusedclip.clip_grad_norm_(ps, m, backend=backend))
+    lenient([parameter], 0.5)
+    lenient([parameter], 0.6)
+    with pytest.raises(ValueError, match="max_norm must be a non-negative number"):
+        lenient([parameter], float("nan"))
