@@ -46,7 +46,8 @@ at::Tensor check_dense_aliasing(at::TensorList tensors, const at::Tensor& value,
   std::optional<ByteSpan> farthest;
   for (size_t k = 0; k < spans.size(); ++k) {
     const ByteSpan& span = spans[k];
-    if (k > 0 && same(spans[k - 1], span)) refuse(name, spans[k - 1].index, span.index, same_memory);
+    if (k > 0 && same(spans[k - 1], span))
+      refuse(name, spans[k - 1].index, span.index, same_memory);
     if (writes && farthest.has_value() && span.begin < farthest->end) {
       refuse(name, farthest->index, span.index, same(*farthest, span) ? same_memory : overlap);
     }
