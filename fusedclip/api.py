@@ -325,6 +325,10 @@ def _clip(
         refuse_repeats=plan.REPEATS_WRITTEN_BY_CALLER if writes_after else None,
     )
     if the_plan is None:
+        if process_group is None and of_parameters:
+            # DTensor parameters without gradients here: the ranks that have some combine over
+            # the default group, and wait for this one.
+            process_group = distributed.group_of_dtensors(items)
         if process_group is None:
             return None
         return _joined_without_gradients(

@@ -35,6 +35,12 @@ def has_dtensor(tensors: list[torch.Tensor]) -> bool:
     return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
 
 
+def group_of_dtensors(tensors: list) -> object | None:
+    """The group that `localize` combines DTensors over when no group is given (the default
+    group), where `tensors` hold one; None otherwise."""
+    return dist.group.WORLD if has_dtensor(tensors) else None
+
+
 def localize(tensors: list[torch.Tensor], process_group):
     """(local tensors, copies per tensor, group): DTensors become their local shards.
 
@@ -43,7 +49,7 @@ def localize(tensors: list[torch.Tensor], process_group):
     group is `process_group`, or the default group when none is given.
     """
     dtensor = _dtensor_type()
-    group = process_group if process_group is not None else dist.group.WORLD
+    group = process_group if process_group is not None else group_of_dtensors(tensors)
     local = local_shards(tensors)
     copies = []
     for index, tensor in enumerate(tensors):

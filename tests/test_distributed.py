@@ -167,6 +167,31 @@ def _check_dtensor(rank, world):
         raise AssertionError("a Partial DTensor gradient must be refused")
 
 
+def _check_dtensor_parameters_without_gradients_on_one_rank(rank, world):
+    """That rank cannot see a gradient's mesh, but its parameters are DTensors: it joins the
+    default group the others combine over (instead of returning at once and leaving them
+    waiting) and returns their norm."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fusedclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = _full_gradients()
+    parameters = [
+        torch.nn.Parameter(distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)])) for t in full
+    ]
+    for parameter, grad in zip(parameters, full, strict=True):
+        parameter.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])  # a collective
+        if rank == world - 1:  # this rank's backward produced no gradient
+            parameter.grad = None
+    norm = fusedclip.clip_grad_norm_(parameters, 1.0)
+    gathered = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(gathered, norm.float())
+    assert all(torch.equal(g, gathered[0]) for g in gathered), f"rank {rank}: {gathered}"
+    assert gathered[0].item() > 0
+
+
 def _check_group_narrower_than_mesh(rank, world):
     """An explicit group counts a replicated shard once per copy it holds, not per mesh copy."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -320,6 +345,7 @@ def test_sharded_gradients(world):
         "_check_overflow_on_one_rank",
         "_check_rank_without_gradients_gets_the_global_result",
         "_check_dtensor",
+        "_check_dtensor_parameters_without_gradients_on_one_rank",
         "_check_group_narrower_than_mesh",
         "_check_plain_tensors_among_dtensors",
         "_check_amp_overflow_on_one_rank_skips_everywhere",
