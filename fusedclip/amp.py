@@ -15,13 +15,14 @@ flagged), without a sync for fused optimizers and without backing off the scale.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
-from fusedclip import api, plan
+from fusedclip import api, distributed, plan
 from fusedclip.api import ClipResult
 from fusedclip.grad_mode import without_grad
 
@@ -128,12 +129,39 @@ def _check_not_float16(grads: list[torch.Tensor]) -> None:
         raise ValueError(plan.FLOAT16_UNSCALE_ERROR)
 
 
-def _record_found_inf(state: dict, found_inf: torch.Tensor | None, stage: OptState) -> None:
-    # A copy: with several optimizers, GradScaler.update sums their flags into the first one's
-    # tensor in place, which would change the found_inf that this call handed back.
-    recorded = {} if found_inf is None else {found_inf.device: found_inf.clone()}
+def _record_found_inf(
+    scaler: GradScaler, state: dict, found_inf: torch.Tensor | None, stage: OptState
+) -> None:
+    group = _sharded_scaler_group(scaler)
+    if found_inf is None and group is not None:  # no gradient here: the other ranks still sum
+        found_inf = torch.zeros(1, device=scaler._scale.device)
+    recorded = {}
+    if found_inf is not None:
+        # A copy: with several optimizers, GradScaler.update sums their flags into the first
+        # one's tensor in place, which would change the found_inf that this call handed back.
+        flag = found_inf.clone()
+        if group is not None:
+            # What a ShardedGradScaler's unscale_ does: every rank skips if any overflowed.
+            distributed.sum_across_ranks_(flag, group)
+        recorded = {flag.device: flag}
     state["found_inf_per_device"] = recorded
     state["stage"] = stage
+
+
+def _sharded_scaler_group(scaler: GradScaler):
+    """The group of FSDP's ShardedGradScaler, which agrees on overflows across it; else None."""
+    sharded_type = _sharded_scaler_type()
+    return scaler.process_group if sharded_type and isinstance(scaler, sharded_type) else None
+
+
+@functools.cache
+def _sharded_scaler_type():
+    """torch's ShardedGradScaler class, imported once (not on every AMP call); None without it."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler
 
 
 @without_grad
@@ -180,7 +208,8 @@ def unscale_clip_(
     if state is not None:
         # No gradient (and no process group, whose verdict a rank without any still gets):
         # nothing is recorded, so scaler.step says "No inf checks were recorded", as torch's.
-        _record_found_inf(state, None if result is None else result.found_inf, OptState.UNSCALED)
+        found_inf = None if result is None else result.found_inf
+        _record_found_inf(scaler, state, found_inf, OptState.UNSCALED)
     return api._or_empty(result, per_tensor)
 
 
@@ -274,7 +303,7 @@ def _step_measured(
         api.scale_(grads, result.clip_coef, backend=backend)
         _step_unless(optimizer, skip)
     if state is not None:
-        _record_found_inf(state, result.found_inf if grads else None, OptState.STEPPED)
+        _record_found_inf(scaler, state, result.found_inf if grads else None, OptState.STEPPED)
     return result
 
 

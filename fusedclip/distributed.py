@@ -145,6 +145,11 @@ def combine_across_ranks(
     return raw_norm, (states[:, 1].amax() > 0).to(torch.float32)
 
 
+def sum_across_ranks_(tensor: torch.Tensor, process_group) -> None:
+    """tensor = its sum over the group's ranks, in place (one all-reduce)."""
+    dist.all_reduce(tensor, group=process_group)
+
+
 def join_empty(norm_type: float, process_group) -> tuple[torch.Tensor, torch.Tensor]:
     """A rank without gradients still takes part in the collective the others wait in, and gets
     its result: (raw_norm, found_inf) of every rank's gradients, on the collective's device."""

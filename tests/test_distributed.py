@@ -267,6 +267,30 @@ def _check_amp_overflow_on_one_rank_skips_everywhere(rank, world):
     assert scaler.get_scale() == 8.0, f"rank {rank} did not back off: {scaler.get_scale()}"
 
 
+def _check_sharded_grad_scaler_skips_on_every_rank(rank, world):
+    """FSDP's ShardedGradScaler all-reduces the overflow its unscale_ finds, so that every rank
+    skips alike; what unscale_clip_ records for it is all-reduced too (no process_group given:
+    the norm stays this rank's, as with torch's clip_grad_norm_ under FSDP1)."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from fusedclip import amp
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = ShardedGradScaler("cpu", init_scale=16.0)
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    if rank == 0:
+        model.weight.grad[0, 0] = math.inf
+    before = [p.detach().clone() for p in model.parameters()]
+    amp.unscale_clip_(scaler, optimizer, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    for parameter, original in zip(model.parameters(), before, strict=True):
+        assert torch.equal(parameter, original), f"rank {rank} stepped despite rank 0's overflow"
+    assert scaler.get_scale() == 8.0, f"rank {rank} did not back off: {scaler.get_scale()}"
+
+
 def _check_zclip_on_shards_decides_as_unsharded(rank, world):
     from fusedclip.stability import ZClip
 
@@ -349,6 +373,7 @@ def test_sharded_gradients(world):
         "_check_group_narrower_than_mesh",
         "_check_plain_tensors_among_dtensors",
         "_check_amp_overflow_on_one_rank_skips_everywhere",
+        "_check_sharded_grad_scaler_skips_on_every_rank",
         "_check_zclip_on_shards_decides_as_unsharded",
         "_check_fsdp2_training_matches_unsharded",
     ]
