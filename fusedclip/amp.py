@@ -129,29 +129,36 @@ def _check_not_float16(grads: list[torch.Tensor]) -> None:
         raise ValueError(plan.FLOAT16_UNSCALE_ERROR)
 
 
-def _record_found_inf(
-    scaler: GradScaler, state: dict, found_inf: torch.Tensor | None, stage: OptState
-) -> None:
-    group = _sharded_scaler_group(scaler)
-    if found_inf is None and group is not None:  # no gradient here: the other ranks still sum
+def _recorded_flag(scaler: GradScaler, found_inf: torch.Tensor | None) -> torch.Tensor | None:
+    """What the scaler records of `found_inf` (None: nothing, no gradient here). A copy: with
+    several optimizers GradScaler.update sums their flags into the first one's tensor in place,
+    which would change the found_inf handed back. For a ShardedGradScaler, summed over its group
+    as its own unscale_ does, so that every rank skips alike (a rank without gradients joins
+    with a 0)."""
+    sharded, group = _sharded_scaler(scaler)
+    if found_inf is None:
+        if not sharded:
+            return None
         found_inf = torch.zeros(1, device=scaler._scale.device)
-    recorded = {}
-    if found_inf is not None:
-        # A copy: with several optimizers, GradScaler.update sums their flags into the first
-        # one's tensor in place, which would change the found_inf that this call handed back.
-        flag = found_inf.clone()
-        if group is not None:
-            # What a ShardedGradScaler's unscale_ does: every rank skips if any overflowed.
-            distributed.sum_across_ranks_(flag, group)
-        recorded = {flag.device: flag}
-    state["found_inf_per_device"] = recorded
+    flag = found_inf.clone()
+    if sharded:
+        distributed.sum_across_ranks_(flag, group)
+    return flag
+
+
+def _record_found_inf(state: dict, flag: torch.Tensor | None, stage: OptState) -> None:
+    state["found_inf_per_device"] = {} if flag is None else {flag.device: flag}
     state["stage"] = stage
 
 
-def _sharded_scaler_group(scaler: GradScaler):
-    """The group of FSDP's ShardedGradScaler, which agrees on overflows across it; else None."""
+def _sharded_scaler(scaler: GradScaler) -> tuple[bool, object]:
+    """(whether it is FSDP's ShardedGradScaler, its group). The group may be None, the default
+    group: torch's default argument is bound when its module is imported, often before
+    init_process_group."""
     sharded_type = _sharded_scaler_type()
-    return scaler.process_group if sharded_type and isinstance(scaler, sharded_type) else None
+    if sharded_type is not None and isinstance(scaler, sharded_type):
+        return True, scaler.process_group
+    return False, None
 
 
 @functools.cache
@@ -209,7 +216,7 @@ def unscale_clip_(
         # No gradient (and no process group, whose verdict a rank without any still gets):
         # nothing is recorded, so scaler.step says "No inf checks were recorded", as torch's.
         found_inf = None if result is None else result.found_inf
-        _record_found_inf(scaler, state, found_inf, OptState.UNSCALED)
+        _record_found_inf(state, _recorded_flag(scaler, found_inf), OptState.UNSCALED)
     return api._or_empty(result, per_tensor)
 
 
@@ -294,6 +301,9 @@ def _step_measured(
         _check_not_float16(grads)
     fused = _is_fused(optimizer)
     result, skip = measure(grads, _inv_scale(scaler) if scaling else None, fused)
+    flag = _recorded_flag(scaler, result.found_inf if grads else None) if scaling else None
+    if flag is not None and _sharded_scaler(scaler)[0]:  # another rank's overflow skips here too
+        skip = skip.to(torch.bool) | (flag.reshape(()) > 0).to(skip.device)
     if fused:
         # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined
         # factor (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become
@@ -303,7 +313,7 @@ def _step_measured(
         api.scale_(grads, result.clip_coef, backend=backend)
         _step_unless(optimizer, skip)
     if state is not None:
-        _record_found_inf(scaler, state, result.found_inf if grads else None, OptState.STEPPED)
+        _record_found_inf(state, flag, OptState.STEPPED)
     return result
 
 

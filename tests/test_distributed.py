@@ -269,26 +269,45 @@ def _check_amp_overflow_on_one_rank_skips_everywhere(rank, world):
 
 def _check_sharded_grad_scaler_skips_on_every_rank(rank, world):
     """FSDP's ShardedGradScaler all-reduces the overflow its unscale_ finds, so that every rank
-    skips alike; what unscale_clip_ records for it is all-reduced too (no process_group given:
-    the norm stays this rank's, as with torch's clip_grad_norm_ under FSDP1)."""
+    skips alike; what fusedclip records in it is all-reduced too, and the steps that fusedclip
+    takes itself (clip_step) skip on it. No process_group given: the norm stays this rank's, as
+    with torch's clip_grad_norm_ under FSDP1. Its group may be None (the default group): torch's
+    default argument is bound at import, often before init_process_group."""
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     from fusedclip import amp
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = ShardedGradScaler("cpu", init_scale=16.0)
-    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
-    if rank == 0:
-        model.weight.grad[0, 0] = math.inf
-    before = [p.detach().clone() for p in model.parameters()]
-    amp.unscale_clip_(scaler, optimizer, 1.0)
-    scaler.step(optimizer)
-    scaler.update()
-    for parameter, original in zip(model.parameters(), before, strict=True):
-        assert torch.equal(parameter, original), f"rank {rank} stepped despite rank 0's overflow"
-    assert scaler.get_scale() == 8.0, f"rank {rank} did not back off: {scaler.get_scale()}"
+    cases = [
+        (path, group, fused, empty)
+        for path in ("unscale_clip_", "clip_step")
+        for group in (dist.group.WORLD, None)
+        for fused in (False, True)
+        for empty in (False, True)
+        if not (path == "unscale_clip_" and fused)
+    ]
+    for path, group, fused, empty in cases:
+        what = f"rank {rank} {path} group={group} fused={fused} empty={empty}"
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+        scaler = ShardedGradScaler("cpu", init_scale=16.0, process_group=group)
+        loss = scaler.scale(model(torch.randn(3, 4)).sum())
+        if empty and rank == world - 1:  # this rank's backward produced no gradient
+            model.zero_grad(set_to_none=True)
+        else:
+            loss.backward()
+        if rank == 0:
+            model.weight.grad[0, 0] = math.inf
+        before = [p.detach().clone() for p in model.parameters()]
+        if path == "unscale_clip_":
+            amp.unscale_clip_(scaler, optimizer, 1.0)
+            scaler.step(optimizer)
+        else:
+            amp.clip_step(optimizer, 1.0, scaler=scaler)
+        scaler.update()
+        for parameter, original in zip(model.parameters(), before, strict=True):
+            assert torch.equal(parameter, original), f"{what}: stepped despite rank 0's overflow"
+        assert scaler.get_scale() == 8.0, f"{what}: did not back off: {scaler.get_scale()}"
 
 
 def _check_zclip_on_shards_decides_as_unsharded(rank, world):
