@@ -289,10 +289,12 @@ def _step_measured(
     `measure(grads, inv_scale, writes_after) -> (result, skip)` reads the gradients without
     writing them (`writes_after`: checking them as `api.measure` does for a caller that writes
     each one itself, as a fused optimizer does) and returns a result whose `clip_coef`
-    (inv_scale included) and `found_inf` apply to this step, and an on-device flag to skip it. Fused optimizers apply the coefficient and the skip in their
-    own pass (one read of the gradients by fusedclip, no sync); others get the gradients scaled
-    in one write pass and decide on the skip with one sync. The scaler records `found_inf` alone,
-    so a skip that is not an overflow does not back off the scale. Returns `result`.
+    (inv_scale included) and `found_inf` apply to this step, and an on-device flag to skip it.
+    Fused optimizers apply the coefficient and the skip in their own pass (one read of the
+    gradients by fusedclip, no sync); others get the gradients scaled in one write pass and
+    decide on the skip with one sync. The scaler records `found_inf` alone (a ShardedGradScaler
+    the sum over its group, which then skips here too), so a skip that is not an overflow does
+    not back off the scale. Returns `result`.
     """
     scaling = scaler is not None and scaler._enabled
     grads = optimizer_gradients(optimizer)

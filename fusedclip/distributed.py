@@ -37,7 +37,7 @@ def has_dtensor(tensors: list[torch.Tensor]) -> bool:
 
 def group_of_dtensors(tensors: list) -> object | None:
     """The group that `localize` combines DTensors over when no group is given (the default
-    group), where `tensors` hold one; None otherwise."""
+    group, dist.group.WORLD), where `tensors` hold one; None otherwise."""
     return dist.group.WORLD if has_dtensor(tensors) else None
 
 
@@ -49,7 +49,7 @@ def localize(tensors: list[torch.Tensor], process_group):
     group is `process_group`, or the default group when none is given.
     """
     dtensor = _dtensor_type()
-    group = process_group if process_group is not None else group_of_dtensors(tensors)
+    group = process_group if process_group is not None else dist.group.WORLD
     local = local_shards(tensors)
     copies = []
     for index, tensor in enumerate(tensors):

@@ -453,9 +453,9 @@ def checked_when_run(the_plan: Plan, value: torch.Tensor, name: str, writes: boo
 def _check_aliasing(
     tensors: list[torch.Tensor], value: torch.Tensor, name: str, writes: bool
 ) -> torch.Tensor:
-    # The C++ planner accepts only dense tensors none of which shares memory with another.
-    if _C_PLAN_DENSE is None or _C_PLAN_DENSE(list(tensors), False, False, False, False) is None:
-        _drop_repeats(tensors, None, name, writes, _REPEATS_UNDER_COMPILE)
+    # Lists of dense tensors take check_dense_aliasing wherever the extension is built: here come
+    # the others, or every list without the extension.
+    _drop_repeats(tensors, None, name, writes, _REPEATS_UNDER_COMPILE)
     return value.clone()
 
 
