@@ -673,6 +673,7 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& clip_coef,
   const c10::cuda::CUDAGuard device_guard(tensors[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream(tensors[0].device().index());
   const auto layout = get_multi_tensor_layout(tensors, stream);
+  check_no_overlap(layout->overlap, "tensors");
   launch_scale_(*layout, clip_coef.const_data_ptr(), clip_coef.scalar_type() == at::kDouble,
                 clip_value, stream.stream());
 }
@@ -712,6 +713,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_cuda(
   const c10::cuda::CUDAGuard device_guard(device);
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const auto layout = get_multi_tensor_layout(tensors, stream);
+  check_no_overlap(layout->overlap, "tensors");
 
   const auto f64 = tensors[0].options().dtype(at::kDouble);
   at::Tensor partials = empty_chunk_partials(*layout, norm_type, f64);

@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -103,6 +104,10 @@ struct MultiTensorLayout {
   // Whether any tensor (even an empty one) is float64: then norms with p != 1 use a scaled sum
   // (fusedclip::needs_scaled_sum).
   bool any_float64;
+  // Two nonempty tensors that share memory (positions in the list), for the write kernels to
+  // refuse: their chunks would be scaled twice, by two blocks at once. The cache key holds every
+  // tensor's span, so a table found again has the same answer.
+  std::optional<std::pair<size_t, size_t>> overlap;
 
   int64_t group_chunks(int group) const {
     return group_first_chunk[group + 1] - group_first_chunk[group];

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "fusedclip/checks.h"
@@ -156,6 +158,7 @@ struct HostTable {
   std::array<int64_t, kNumDtypeGroups + 1> group_first_chunk;
   int64_t num_chunks;
   bool any_float64;
+  std::optional<std::pair<size_t, size_t>> overlap;
 };
 
 HostTable build_host_table(at::TensorList tensors) {
@@ -163,10 +166,15 @@ HostTable build_host_table(at::TensorList tensors) {
   HostTable host;
   std::array<int64_t, kNumDtypeGroups> group_chunks{};
   host.any_float64 = false;
-  for (const auto& t : tensors) {
+  std::vector<ByteSpan> spans;  // of the nonempty tensors
+  spans.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
     group_chunks[dtype_group(t.scalar_type())] += chunk_count(t.numel());
     host.any_float64 |= t.scalar_type() == at::kDouble;
+    if (t.numel() > 0) spans.push_back(byte_span(t, i));
   }
+  host.overlap = first_overlap(spans);
   host.group_first_chunk[0] = 0;
   for (int g = 0; g < kNumDtypeGroups; ++g) {
     host.group_first_chunk[g + 1] = host.group_first_chunk[g] + group_chunks[g];
@@ -214,6 +222,7 @@ std::shared_ptr<MultiTensorLayout> make_layout(const HostTable& host, at::Tensor
   layout->table.num_chunks = host.num_chunks;
   layout->group_first_chunk = host.group_first_chunk;
   layout->any_float64 = host.any_float64;
+  layout->overlap = host.overlap;
   return layout;
 }
 

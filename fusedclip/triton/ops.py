@@ -15,6 +15,7 @@ built while a stream is captured belongs to that graph, never to the eager cache
 """
 
 import contextlib
+import itertools
 import math
 import struct
 import threading
@@ -77,6 +78,10 @@ class _Tables:
     numels: torch.Tensor  # int64 [n]
     chunk_bases: torch.Tensor  # int64 [n + 1]: tensor t's partials are slots [bases[t], bases[t+1])
     groups: tuple[_DtypeGroup, ...]
+    # Two nonempty tensors that share memory (positions in the list), which the write kernel
+    # refuses: their chunks would be scaled twice, by two programs at once. The cache key holds
+    # every tensor's span, so tables found again have the same answer.
+    overlap: tuple[int, int] | None
     # The host buffer the device tables were copied from. A graph's copy node reads it at every
     # replay, so tables keep it while they live (for eager ones that only delays its reuse).
     host_buffer: torch.Tensor
@@ -166,7 +171,21 @@ def _build_tables(tensors: list[torch.Tensor], device: torch.device) -> _Tables:
         _DtypeGroup(dtype, aligned, num_chunks, view.view(num_chunks, 3))
         for (dtype, aligned, num_chunks), view in zip(group_shapes, views[3:], strict=True)
     )
-    return _Tables(views[0], views[1], views[2].view(n + 1), groups, host)
+    return _Tables(views[0], views[1], views[2].view(n + 1), groups, _first_overlap(tensors), host)
+
+
+def _first_overlap(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
+    """The positions of two nonempty tensors whose bytes intersect, or None (each tensor is dense,
+    so it spans numel * element_size bytes from data_ptr)."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+        for i, t in enumerate(tensors)
+        if t.numel()
+    )
+    for (_, previous_end, previous), (begin, _, index) in itertools.pairwise(spans):
+        if begin < previous_end:
+            return min(previous, index), max(previous, index)
+    return None
 
 
 def _captured_tables_for(
@@ -494,6 +513,13 @@ def triton_scale_(
     with _on_device(device):
         if not traced:
             tables = _tables_for(tensors, device)
+            if tables.overlap is not None:
+                first, second = tables.overlap
+                raise RuntimeError(
+                    f"tensors[{first}] and tensors[{second}] share memory, so scaling in place "
+                    "would scale it twice; list each gradient once (the fusedclip API drops "
+                    "repeats)"
+                )
             for group in tables.groups:
                 _launch(
                     kernels._scale_table_kernel,

@@ -86,13 +86,18 @@ inline std::optional<std::pair<size_t, size_t>> first_overlap(std::vector<ByteSp
   return std::nullopt;
 }
 
-// `spans`: the byte spans of the list's nonempty tensors (reordered by the check).
-inline void check_disjoint(std::vector<ByteSpan>& spans, const char* name) {
-  const auto overlap = first_overlap(spans);
+// Raises for the pair of positions first_overlap found, if any.
+inline void check_no_overlap(const std::optional<std::pair<size_t, size_t>>& overlap,
+                             const char* name) {
   TORCH_CHECK(!overlap.has_value(), name, "[", text(overlap ? overlap->first : 0), "] and ", name,
               "[", text(overlap ? overlap->second : 0),
               "] share memory, so scaling in place would scale it twice; list each gradient "
               "once (the fusedclip API drops repeats)");
+}
+
+// `spans`: the byte spans of the list's nonempty tensors (reordered by the check).
+inline void check_disjoint(std::vector<ByteSpan>& spans, const char* name) {
+  check_no_overlap(first_overlap(spans), name);
 }
 
 // A tensor's bytes, for check_disjoint; call after check_gradient (a dense tensor spans
