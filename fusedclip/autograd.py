@@ -64,6 +64,11 @@ def clip_gradient(
     """Returns x unchanged; in the backward pass the gradient flowing into x is clipped by its L2
     norm (to `max_norm`) and/or by value (to `clip_value`)."""
     _check(max_norm, clip_value)
+    if x.is_complex():
+        raise TypeError(
+            f"clip_gradient: x has dtype {x.dtype}; complex gradients are not clipped (clip "
+            "torch.view_as_real(x) instead)"
+        )
     return _clip_gradient(
         x,
         None if max_norm is None else float(max_norm),

@@ -19,17 +19,36 @@ from fusedclip.norms import NORM_EPS
 
 
 def _gradients(parameters) -> list[torch.Tensor]:
-    """Gradients of parameters (those without one skipped), or the tensors themselves."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    grads = []
-    for item in parameters:
-        if isinstance(item, torch.nn.Parameter) or getattr(item, "grad", None) is not None:
-            if item.grad is not None:
-                grads.append(item.grad)
-        else:
-            grads.append(item)
-    return grads
+    """The gradients of `parameters` when it holds any parameter (those without a gradient
+    skipped), else the tensors themselves: a list of gradients. Decided for the whole list, so a
+    frozen weight beside the parameters is never taken for a gradient and scaled, and a parameter
+    that got no gradient this step is skipped, as torch's clip_grad_norm_ skips it."""
+    items = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if any(_is_parameter(item) for item in items):
+        return [item.grad for item in items if item.grad is not None]
+    return items
+
+
+def _is_parameter(item) -> bool:
+    """A Parameter, or a leaf tensor that requires grad or holds a .grad (a gradient computed
+    with create_graph=True requires grad too, but is no leaf)."""
+    if isinstance(item, torch.nn.Parameter):
+        return True
+    return (
+        isinstance(item, torch.Tensor)
+        and item.is_leaf
+        and (item.requires_grad or item.grad is not None)
+    )
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
 class ZClipResult(NamedTuple):
@@ -51,10 +70,8 @@ class SkipBudget:
     """
 
     def __init__(self, max_skips: int = 3, window: int = 100):
-        if max_skips < 1:
-            raise ValueError(f"max_skips must be >= 1, got {max_skips}")
-        if window < max_skips:
-            raise ValueError(f"skip_window must be >= max_skips ({max_skips}), got {window}")
+        _check_count("max_skips", max_skips, 1)
+        _check_count("skip_window", window, max_skips)
         self.max_skips, self.window = max_skips, window
         self._recent: torch.Tensor | None = None  # ring of the last `window` decisions
         self._steps = 0  # a host int: the ring's position needs no sync
@@ -105,16 +122,18 @@ class ZClip:
         process_group=None,
         backend: str | None = None,
     ):
-        if not 0 < alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        _check_fraction("alpha", alpha)
         if not z_thresh > 0:
             raise ValueError(f"z_thresh must be > 0, got {z_thresh}")
         if mode not in ("adaptive", "zscore"):
             raise ValueError(f"mode must be 'adaptive' or 'zscore', got {mode!r}")
-        if warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+        _check_count("warmup_steps", warmup_steps, 1)
         if max_norm is not None and not max_norm >= 0:
             raise ValueError(f"max_norm must be a non-negative number or None, got {max_norm}")
+        if not (eps > 0 and math.isfinite(eps)):
+            # The floor of the standard deviation: a NaN one would make every z-score NaN, and
+            # so never a spike.
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
         self.skip_on_spike = skip_on_spike
@@ -240,11 +259,13 @@ class ZClip:
 
 def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
     """Norm per output unit: over all dims but the first for matrices and conv kernels (one value
-    per output row/channel, kept broadcastable); the whole tensor for vectors and scalars."""
+    per output row/channel, kept broadcastable); the whole tensor for vectors and scalars. In
+    float32, or float64 for float64 tensors."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
     if tensor.ndim <= 1:
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+        return torch.linalg.vector_norm(tensor, dtype=dtype)
     return torch.linalg.vector_norm(
-        tensor, dim=tuple(range(1, tensor.ndim)), keepdim=True, dtype=torch.float32
+        tensor, dim=tuple(range(1, tensor.ndim)), keepdim=True, dtype=dtype
     )
 
 
@@ -267,7 +288,11 @@ def agc_(
         factor = torch.where(
             grad_norm > max_norm, max_norm / grad_norm.clamp(min=1e-6), torch.ones_like(grad_norm)
         )
-        parameter.grad.mul_(factor.to(parameter.grad.dtype))
+        grad = parameter.grad
+        if grad.dtype == factor.dtype:
+            grad.mul_(factor)
+        else:  # 16-bit: the product in float32, rounded once, as the clip kernels form it
+            grad.copy_(grad.to(factor.dtype) * factor)
 
 
 class AGC:
@@ -303,8 +328,13 @@ class GradMonitor:
         max_skips: int = 3,
         skip_window: int = 100,
     ):
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        _check_count("capacity", capacity, 1)
+        if not spike_factor > 1:
+            raise ValueError(
+                f"spike_factor must be > 1 (a spike is a norm that many times the EMA of earlier "
+                f"norms), got {spike_factor}"
+            )
+        _check_fraction("ema", ema)
         self.capacity, self.names, self.spike_factor, self.ema = capacity, names, spike_factor, ema
         self._skip_budget = SkipBudget(max_skips, skip_window)
         self.steps = 0

@@ -34,6 +34,12 @@ def test_forward_is_identity_and_backward_clips(max_norm, clip_value):
     )
 
 
+def test_complex_input_is_refused_in_the_forward_pass():
+    x = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match="complex"):
+        fusedclip.clip_gradient(x, max_norm=0.1)
+
+
 def test_opcheck():
     x = torch.randn(4, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.fusedclip.clip_gradient.default, (x, 0.5, None))
