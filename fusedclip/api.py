@@ -112,8 +112,11 @@ def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Te
             )
         return inv_scale
     inv_scale = float(inv_scale)
-    if not math.isfinite(inv_scale):
-        raise ValueError(f"inv_scale must be finite, got {inv_scale}")
+    if not (inv_scale >= 0 and math.isfinite(inv_scale)):
+        # A negative one would flip every gradient's sign; the scaler's is always positive.
+        raise ValueError(
+            f"inv_scale must be a finite number >= 0 (1 / the loss scale), got {inv_scale}"
+        )
     return inv_scale
 
 
@@ -375,6 +378,10 @@ def _clip(
     if not per_tensor:
         per_tensor_norms = None  # clip_ hands back an empty tensor
     else:
+        if the_plan.listed is not None:  # a repeat has its first listing's norm
+            per_tensor_norms = per_tensor_norms[
+                torch.tensor(the_plan.listed, device=per_tensor_norms.device)
+            ]
         if inv_scale_tensor is not None:
             per_tensor_norms = per_tensor_norms * inv_scale_tensor.to(torch.float64).abs()
         per_tensor_norms = per_tensor_norms.to(the_plan.out_dtype)

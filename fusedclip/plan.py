@@ -54,6 +54,9 @@ class Plan(NamedTuple):
     count: int
     # Ranks holding the same elements as each tensor (replicated DTensor shards); None: all 1.
     copies: list[int] | None = None
+    # For each tensor as the caller listed it, its position in the planned list, where the
+    # aliasing rule dropped repeats (per-tensor norms are given per listed tensor); None: none.
+    listed: list[int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -99,8 +102,8 @@ def prepare(
             tensors, copies, process_group = distributed.localize(tensors, process_group)
         else:
             tensors = distributed.local_shards(tensors)
-    tensors, copies = _drop_repeats(tensors, copies, name, writes, refuse_repeats)
-    return _group(tensors, backend, copies), process_group
+    tensors, copies, listed = _drop_repeats(tensors, copies, name, writes, refuse_repeats)
+    return _group(tensors, backend, copies)._replace(listed=listed), process_group
 
 
 def backend_on(device: torch.device, backend: str | None) -> dispatch.Backend:
@@ -362,6 +365,7 @@ def _drop_repeats(
     guard, as they are for sparse tensors."""
     by_identity = torch.compiler.is_compiling()
     kept, kept_copies, kept_indices = [], [], []
+    listed: list[int] = []  # for each index in `tensors`, the position in `kept` it counts as
     seen: dict[tuple, int] = {}  # memory key -> index in `tensors` of its first listing
     # storage -> (first byte, last byte, the tensor, its index in `tensors`) of each kept tensor
     spans: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}
@@ -373,12 +377,14 @@ def _drop_repeats(
             if first_listed is not None:
                 if refuse_repeats is not None:
                     raise _repeat_error(name, first_listed, index, refuse_repeats)
+                listed.append(listed[first_listed])
                 continue
         else:
             key = _memory_key(tensor)
             if key in seen:
                 if refuse_repeats is not None:
                     raise _repeat_error(name, seen[key], index, refuse_repeats)
+                listed.append(listed[seen[key]])
                 continue
             if writes and _overlaps_itself(tensor):
                 raise ValueError(
@@ -397,10 +403,15 @@ def _drop_repeats(
                             )
             spans.setdefault(key[0], []).append((first, last, tensor, index))
             seen[key] = index
+        listed.append(len(kept))
         kept.append(tensor)
         kept_copies.append(1 if copies is None else copies[index])
         kept_indices.append(index)
-    return kept, (None if copies is None else kept_copies)
+    return (
+        kept,
+        (None if copies is None else kept_copies),
+        (None if len(kept) == len(tensors) else listed),
+    )
 
 
 def _repeat_error(name: str, first: int, index: int, why_and_fix: str) -> ValueError:

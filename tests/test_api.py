@@ -229,6 +229,28 @@ def test_fused_clip_unscales_measures_and_clips_in_one_call(device, backend, inv
         assert_grads_close(grad, (original64 * clip_factor).clamp(-0.9, 0.9), what=f"grad {index}")
 
 
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("repeat", ["same-tensor", "view"])
+def test_per_tensor_norms_follow_the_list_as_given_with_a_repeat(device, backend, repeat):
+    """One norm per listed gradient, a repeat the same as its first listing; the repeat counts
+    once in the total and is scaled once. Dropping it shifted every later norm one place."""
+    a, b, c = make_tensors([4, 9, 16], [torch.float32], device)
+    originals = [t.clone() for t in (a, b, c)]
+    again = a if repeat == "same-tensor" else a.view(2, 2)
+    listed = [a, b, again, c]
+    expected = torch.stack([reference_total_norm([t], 2.0) for t in (a, b, a, c)])
+    measured = fusedclip.measure(listed, per_tensor=True, backend=backend)
+    assert_close(measured.per_tensor_norms, expected, rtol=4e-6, what="measured per-tensor")
+    clipped = fusedclip.fused_clip_(listed, max_norm=1e-3, per_tensor=True, backend=backend)
+    assert_close(clipped.per_tensor_norms, expected, rtol=4e-6, what="clipped per-tensor")
+    assert_close(
+        clipped.total_norm, reference_total_norm(originals, 2.0), rtol=4e-6, what="total norm"
+    )
+    coef = clipped.clip_coef.item()
+    for name, tensor, original in zip("abc", (a, b, c), originals, strict=True):
+        assert_grads_close(tensor, original.double() * coef, what=f"gradient {name}")
+
+
 def make_tensors(sizes, dtypes, device):
     return [p.grad for p in make_parameters(sizes, dtypes, device)]
 
@@ -359,6 +381,7 @@ def _with_grad(grad):
         ({"max_norm": 1.0, "norm_type": math.nan}, ValueError, "norm_type"),
         ({"max_norm": 1.0, "norm_type": "fro"}, ValueError, "norm_type"),
         ({"max_norm": 1.0, "inv_scale": math.inf}, ValueError, "inv_scale"),
+        ({"max_norm": 1.0, "inv_scale": -0.5}, ValueError, "inv_scale"),  # flipped every sign
         ({"max_norm": 1.0, "inv_scale": torch.ones(2)}, ValueError, "inv_scale"),
         ({"max_norm": 1.0, "backend": "gpu"}, ValueError, "backend"),
     ],

@@ -332,10 +332,13 @@ def test_empty_tensors_repeat_only_as_views_of_one_storage(monkeypatch, general)
     if general:
         plan_in_python(monkeypatch)
     empty = torch.ones(0)
-    same = fusedclip.measure([empty, empty, empty.view(0, 1), torch.ones(2)], per_tensor=True)
-    assert same.per_tensor_norms.tolist() == [0.0, torch.tensor(2.0).sqrt().item()]
-    distinct = fusedclip.measure([torch.ones(0), torch.ones(0)], per_tensor=True)
-    assert distinct.per_tensor_norms.tolist() == [0.0, 0.0]
+    listed = [empty, empty, empty.view(0, 1), torch.ones(2)]
+    same, _ = plan.prepare(listed, "tensors", None, writes=False)
+    assert (same.count, same.listed) == (2, [0, 0, 0, 1])
+    norms = fusedclip.measure(listed, per_tensor=True).per_tensor_norms  # one per listed tensor
+    assert norms.tolist() == [0.0, 0.0, 0.0, torch.tensor(2.0).sqrt().item()]
+    distinct, _ = plan.prepare([torch.ones(0), torch.ones(0)], "tensors", None, writes=False)
+    assert (distinct.count, distinct.listed) == (2, None)
 
 
 @needs_fast_path

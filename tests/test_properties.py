@@ -37,7 +37,8 @@ SIZES = [0, 1, 2, 3, 7, 9, 15, 17, 31, 33, 63, 65, 127, 129, 255, 257, 1023, 102
 INTERPRETED_SIZES = [size for size in SIZES if size <= 129]
 # Magnitudes from zero to extreme, for max_norm, clip_value and inv_scale alike.
 EXTREMES = [0.0, -0.0, 1e-300, 1e-40, 1e-20, 1e-6, 0.5, 1.0, 2.0, 1e6, 1e20, 1e38, 1e300]
-# inv_scale is a scale, not a bound: a negative one is not refused (it flips the signs)
+# inv_scale is 1 / a loss scale: zero and extremes are taken, a negative float is refused (it
+# would flip every sign); a tensor's sign is not read (that would sync), so negatives stay there.
 INV_SCALES = EXTREMES + [-0.5, -1e-30, 2.0**-24, 65536.0]
 INV_SCALE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -311,17 +312,19 @@ def memory_key(view: torch.Tensor, base: int) -> tuple:
 class Unique(NamedTuple):
     kept: list[int]  # indices of the entries counted (first of each repeat)
     overlap: str | None  # why a writing call must refuse the set, or None
+    counted_as: list[int]  # for each entry, the position in `kept` of the entry it repeats
 
 
 def unique_memory(gradients: Materialized) -> Unique:
-    kept, seen = [], set()
+    kept, seen, counted_as = [], {}, []
     for index, (view, base) in enumerate(
         zip(gradients.entries, gradients.entry_bases, strict=True)
     ):
         key = memory_key(view, base)
         if key not in seen:
-            seen.add(key)
+            seen[key] = len(kept)
             kept.append(index)
+        counted_as.append(seen[key])
     overlap = None
     covered = {
         b: np.zeros(t.numel() * t.element_size(), np.int64) for b, t in enumerate(gradients.bases)
@@ -337,7 +340,7 @@ def unique_memory(gradients: Materialized) -> Unique:
         np.add.at(covered[gradients.entry_bases[index]], every_byte, 1)
     if overlap is None and any((count > 1).any() for count in covered.values()):
         overlap = "two entries overlap partially"
-    return Unique(kept, overlap)
+    return Unique(kept, overlap, counted_as)
 
 
 def oracle_norm(values: np.ndarray, norm_type: float) -> float:
@@ -618,6 +621,8 @@ class Expected(NamedTuple):
 def expect(call: Call, gradients: Materialized) -> Expected:
     unique = unique_memory(gradients)
     refusal = (ValueError, unique.overlap) if writes(call) and unique.overlap else None
+    if isinstance(call.inv_scale, float) and call.inv_scale < 0:
+        refusal = (ValueError, "a negative inv_scale")
     kept = unique.kept
     values = [values64(gradients.entries[i]) for i in kept]
     joined = np.concatenate(values) if values else np.zeros(0)
@@ -627,7 +632,9 @@ def expect(call: Call, gradients: Materialized) -> Expected:
     # is nothing to unscale: torch's norm of an empty set, 0, whatever inv_scale is (|inv_scale| * 0
     # would be NaN for an infinite one).
     total_norm = _times(oracle_norm(joined, call.norm_type), unscale) if kept else 0.0
-    per_tensor = [_times(oracle_norm(v, call.norm_type), unscale) for v in values]
+    # One per listed gradient, in the list's order: a repeat has its first listing's norm.
+    unique_norms = [_times(oracle_norm(v, call.norm_type), unscale) for v in values]
+    per_tensor = [unique_norms[position] for position in unique.counted_as]
     if call.api == "clip_grads_with_norm_":
         coef = oracle_coefficient(_as_float(call.total_norm), _as_float(call.max_norm), None)
     elif call.api == "clip_grad_value_":
@@ -708,8 +715,8 @@ def check_call(call: Call, bases: list[BaseSpec], entries: list[EntrySpec], back
     if call.api in ("fused_clip_", "measure") and not call.per_tensor:
         assert per_tensor_norms is None, "per_tensor_norms returned without per_tensor=True"
     if per_tensor_norms is not None and gradients.entries and not skip_norms:
-        assert per_tensor_norms.numel() == len(expected.kept), (
-            "one per-tensor norm per unique gradient"
+        assert per_tensor_norms.numel() == len(gradients.entries), (
+            "one per-tensor norm per listed gradient"
         )
         assert_rounded_close(
             per_tensor_norms,
@@ -823,6 +830,9 @@ CORRUPTIONS = {
     "NaN inv_scale": Corruption(
         ValueError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
     ),
+    "negative inv_scale": Corruption(
+        ValueError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
+    ),
     "two-element inv_scale": Corruption(
         ValueError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
     ),
@@ -888,6 +898,7 @@ def run_corrupted(kind: str, api: str, gradients: list[torch.Tensor], backend: s
     inv_scale = {
         "inf inv_scale": math.inf,
         "NaN inv_scale": math.nan,
+        "negative inv_scale": -0.5,
         "two-element inv_scale": torch.tensor([0.5, 0.5]),
         "integer inv_scale": torch.tensor(2),
     }.get(kind, 0.5)
@@ -983,16 +994,19 @@ def test_bug_per_tensor_norms_is_none_unless_asked_for_when_writing(device, back
 @pytest.mark.parametrize(("device", "backend"), NATIVE)
 @pytest.mark.parametrize("max_norm", [None, 1.0], ids=["reads", "writes"])
 def test_bug_an_empty_gradient_listed_twice_counts_once(device, backend, max_norm):
-    """The aliasing rule: the same tensor listed twice counts once, so it has one per-tensor
-    norm, as a non-empty one does ([g, g] gives one). A zero-size tensor listed twice got two."""
+    """The aliasing rule: the same tensor listed twice counts once in the total, and per-tensor
+    norms are one per listed tensor, for a zero-size tensor as for a non-empty one ([g, g] gives
+    two equal norms; once the empty pair and the non-empty pair disagreed)."""
     empty = torch.ones(0)
     result = fusedclip.fused_clip_(
         [empty, empty], max_norm=max_norm, per_tensor=True, backend=backend
     )
     nonempty = torch.ones(3)
     same_nonempty = fusedclip.fused_clip_([nonempty, nonempty], per_tensor=True, backend=backend)
-    assert same_nonempty.per_tensor_norms.numel() == 1
-    assert result.per_tensor_norms.numel() == 1, f"got {result.per_tensor_norms!r}"
+    norms = same_nonempty.per_tensor_norms
+    assert norms.tolist() == [pytest.approx(math.sqrt(3.0), rel=1e-6)] * 2, f"got {norms!r}"
+    assert same_nonempty.total_norm.item() == pytest.approx(math.sqrt(3.0), rel=1e-6)
+    assert result.per_tensor_norms.tolist() == [0.0, 0.0], f"got {result.per_tensor_norms!r}"
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
