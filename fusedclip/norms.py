@@ -19,6 +19,9 @@ NORM_EPS = 1e-6
 # float64, so kernels may sum it plainly; past it, or for float64 gradients with any p but 1, they
 # scale (for p < 1 the sum fits, but its root can round past float64's max).
 MAX_UNSCALED_NORM_TYPE = 6.0
+# Below this p, too: the root multiplies the sum's rounding by 1/p (one nonzero |x|^p rounds to
+# 1 + O(2^-53), and p = 1e-12 of [3, 0, 0] gave 3.0002); a scaled sum's largest term is exactly 1.
+MIN_UNSCALED_NORM_TYPE = 2.0**-10
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -35,7 +38,7 @@ def needs_scaled_sum(norm_type: float, any_float64: bool) -> bool:
     """Whether sum |g|^p, or its root, can leave float64's normal range for finite gradients."""
     if math.isinf(norm_type) or norm_type == 1.0:
         return False
-    return any_float64 or norm_type > MAX_UNSCALED_NORM_TYPE
+    return any_float64 or norm_type > MAX_UNSCALED_NORM_TYPE or norm_type < MIN_UNSCALED_NORM_TYPE
 
 
 def needs_float64_product(clip_coef: float) -> bool:

@@ -208,6 +208,26 @@ def test_reduce_large_p_and_extreme_values_against_exact_oracle(device, backend,
     assert found_inf.item() == 0.0, "found_inf is for inf/NaN elements, not for a large power"
 
 
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("norm_type", [1e-300, 1e-16, 1e-12, 1e-9, 2.0**-11, 1e-3, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduce_tiny_p_of_one_nonzero_element_is_its_magnitude(device, backend, norm_type, dtype):
+    """(|x|^p)^(1/p) = |x| for any p > 0, zeros adding nothing. Summed plainly, |x|^p rounds to
+    1 + O(2^-53) and the root magnifies that 1/p times: p = 1e-12 of [3, 0, 0] gave 3.0002, and
+    p = 1e-16 gave 1. Past that, several nonzero elements make the norm overflow (2^(1/p))."""
+    ops = dispatch.select(torch.device(device), backend)
+    zeros = torch.zeros(multi_chunk_size(device, backend), dtype=dtype, device=device)
+    value = torch.tensor(-3.0, dtype=dtype, device=device)
+    zeros[len(zeros) // 2 + 1] = value
+    tensors = [torch.zeros(5, dtype=dtype, device=device), zeros]
+    raw_norm, found_inf, per_tensor_norms = ops.reduce(tensors, norm_type, True)
+    assert_close(
+        raw_norm, torch.tensor(3.0, dtype=torch.float64), rtol=RAW_NORM_RTOL, what="raw_norm"
+    )
+    assert_close(per_tensor_norms, f64(0.0, 3.0), rtol=RAW_NORM_RTOL, what="per_tensor_norms")
+    assert found_inf.item() == 0.0
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
 @pytest.mark.parametrize("bad_value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("where", ["first", "last", "tail", "second_chunk"])

@@ -31,6 +31,10 @@ constexpr double kNormEps = 1e-6;
 // safe and accurate. Past it, or for float64 gradients with any p but 1, sums are scaled (for
 // p < 1 the sum is fine but its root, sum^(1/p), can round past DBL_MAX: [DBL_MAX] at p = 0.5).
 constexpr double kMaxUnscaledNormType = 6.0;
+// Below this p (2^-10) sums are scaled too: the root multiplies the sum's relative rounding by
+// 1/p, and a plain sum rounds every term, so one nonzero |x|^p = 1 + O(2^-53) came back ~1/p
+// ulps from |x| (p = 1e-12 of [3, 0, 0] gave 3.0002). In a scaled sum the largest term is 1.
+constexpr double kMinUnscaledNormType = 0x1p-10;
 
 enum class NormKind { kOne, kTwo, kInf, kGeneral };
 
@@ -45,7 +49,7 @@ FUSEDCLIP_HOST_DEVICE NormKind norm_kind(double norm_type) {
 // accumulate a ScaledSum instead of a plain float64 sum. Never for p = 1 or p = inf.
 FUSEDCLIP_HOST_DEVICE bool needs_scaled_sum(double norm_type, bool any_float64) {
   if (isinf(norm_type) || norm_type == 1.0) return false;
-  return any_float64 || norm_type > kMaxUnscaledNormType;
+  return any_float64 || norm_type > kMaxUnscaledNormType || norm_type < kMinUnscaledNormType;
 }
 
 // NaN-propagating max: once NaN, stays NaN.
