@@ -79,8 +79,8 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
         value = value.item()
     try:
         value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a non-negative number, got {value!r}") from None
+    except (TypeError, ValueError) as error:  # the class float() (and so torch) raises
+        raise type(error)(f"{name} must be a non-negative number, got {value!r}") from None
     if not value >= 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
             f"{name} must be a non-negative number, got {value}; a negative {name} would flip "
@@ -92,8 +92,8 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
 def _check_norm_type(norm_type: float | str) -> float:
     try:
         norm_type = float(norm_type)
-    except (TypeError, ValueError):
-        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
+    except (TypeError, ValueError) as error:  # the class float() (and so torch) raises
+        raise type(error)(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
     if math.isnan(norm_type) or norm_type <= 0:
         raise ValueError(
             f"norm_type must be > 0 or inf, got {norm_type}; use 2.0 for the usual L2 norm"

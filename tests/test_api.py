@@ -372,6 +372,34 @@ def _with_grad(grad):
 
 
 @pytest.mark.parametrize(
+    ("function", "kwargs"),
+    [
+        ("clip_grad_norm_", {"max_norm": 1.0, "norm_type": None}),
+        ("clip_grad_norm_", {"max_norm": 1.0, "norm_type": [2.0]}),
+        ("clip_grad_norm_", {"max_norm": 1.0, "norm_type": 2 + 0j}),
+        ("clip_grad_norm_", {"max_norm": "abc"}),
+        ("clip_grad_norm_", {"max_norm": None}),
+        ("clip_grad_value_", {"clip_value": "abc"}),
+        ("get_total_norm", {"norm_type": "fro"}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={v[k]!r}" for k in v),
+)
+def test_a_bad_argument_raises_the_class_torch_raises(function, kwargs):
+    """Code written for torch.nn.utils catches what torch raises: float()'s TypeError for a value
+    of the wrong type, its ValueError for a string that is no number; fusedclip's message names
+    the argument. (A ValueError for norm_type=None, a TypeError for max_norm='abc' escaped such
+    handlers.)"""
+    raised = []
+    for module in (torch.nn.utils, fusedclip):
+        parameters = make_parameters([5], [torch.float32], "cpu")
+        listed = [p.grad for p in parameters] if function == "get_total_norm" else parameters
+        with pytest.raises((TypeError, ValueError)) as caught:
+            getattr(module, function)(listed, **kwargs)
+        raised.append(type(caught.value))
+    assert raised[1] is raised[0], f"torch raises {raised[0].__name__}, fusedclip {raised[1]}"
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"max_norm": -1.0}, ValueError, "max_norm"),
