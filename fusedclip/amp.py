@@ -264,6 +264,10 @@ def _step_unless(
     if _is_fused(optimizer):
         if _fills_momentum_on_this_step(optimizer) and bool(skip):
             return None
+        # As GradScaler.step: a grad_scale the user set multiplies ours (and is taken, as there).
+        user_scale = getattr(optimizer, "grad_scale", None)
+        if user_scale is not None:
+            grad_scale = user_scale if grad_scale is None else grad_scale * user_scale
         optimizer.grad_scale = grad_scale
         optimizer.found_inf = skip.to(torch.float32)
         try:
@@ -407,13 +411,18 @@ def step(
         TypeError, ValueError: `skip` is not None or a one-element tensor; nothing is unscaled.
         RuntimeError: a second step before `scaler.update()`, as `scaler.step`.
     """
-    _check_skip(skip)
+    skip = _skip_flag(skip)
     scaling = scaler is not None and scaler._enabled
     if not scaling:
         return optimizer.step() if skip is None else _step_unless(optimizer, skip)
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("step() has already been called since the last update().")
+    # Summed on the scale's device, as GradScaler.step does; moved there before anything is
+    # unscaled, so a skip that cannot be moved changes nothing.
+    device = scaler._scale.device
+    if skip is not None:
+        skip = _to_device(skip, device)
     fused = _is_fused(optimizer)
     grad_scale = None
     if state["stage"] is OptState.READY:
@@ -422,23 +431,26 @@ def step(
             grad_scale = scaler._scale
         else:
             scaler.unscale_(optimizer)
-    overflows = list(state["found_inf_per_device"].values())
-    if not overflows:
+    overflows = [
+        _to_device(overflow, device) for overflow in state["found_inf_per_device"].values()
+    ]
+    if not overflows and not fused:  # scaler.step raises here; a fused optimizer steps nothing
         raise AssertionError("No inf checks were recorded for this optimizer.")
-    # Summed on the scale's device, as GradScaler.step does.
-    device = scaler._scale.device
-    flag = sum(_to_device(overflow, device) for overflow in overflows)
+    flag = sum(overflows, torch.zeros((), device=device))
     if skip is not None:
-        flag = flag + _to_device(skip, device).to(torch.float32)
-    result = _step_unless(optimizer, flag.clamp(max=1), grad_scale)
+        flag = flag + skip
+    result = _step_unless(optimizer, flag.clamp(max=1).reshape(()), grad_scale)
     state["stage"] = OptState.STEPPED
     return result
 
 
-def _check_skip(skip) -> None:
-    """Before anything is unscaled or stepped: None, or a one-element tensor (bool or number)."""
+def _skip_flag(skip) -> torch.Tensor | None:
+    """`skip` as a 0-dim float32 0 or 1 on its device (any nonzero or NaN value sets it, as
+    bool() would), checked before anything is unscaled or stepped. Fused optimizers subtract
+    their found_inf from the step count and skip only on exactly 1: a count of 2 stepped there
+    and moved Adam's step back, a negative one cancelled a recorded overflow."""
     if skip is None:
-        return
+        return None
     if not isinstance(skip, torch.Tensor):
         raise TypeError(
             f"skip must be None or a one-element tensor (an on-device flag such as "
@@ -450,6 +462,7 @@ def _check_skip(skip) -> None:
             f"skip must be a one-element bool or real tensor, got shape {tuple(skip.shape)} and "
             f"dtype {skip.dtype}; reduce it first (for example flags.any())"
         )
+    return skip.reshape(()).ne(0).to(torch.float32)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

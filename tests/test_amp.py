@@ -443,3 +443,105 @@ def test_clip_step_scales_a_shared_gradient_once_with_a_non_fused_optimizer():
     expected = -torch.full((4,), 0.05)  # unscaled to 1 (norm 2), clipped to norm 0.1, once
     assert_close(a.detach(), expected, rtol=1e-5, what="a")
     assert_close(b.detach(), expected, rtol=1e-5, what="b")
+
+
+SKIP_VALUES = {
+    "count-2": (torch.tensor(2), True),
+    "half": (torch.tensor(0.5), True),
+    "nan": (torch.tensor(math.nan), True),
+    "negative": (torch.tensor(-1.0), True),
+    "shape-1x1": (torch.tensor([[1.0]]), True),
+    "bool-true": (torch.tensor(True), True),
+    "zero": (torch.tensor(0.0), False),
+    "bool-false-1x1": (torch.tensor([[False]]), False),
+}
+
+
+def _adam_after_a_step(fused):
+    """An AdamW that has stepped once, with a new gradient ready."""
+    torch.manual_seed(0)
+    model = _model("cpu")
+    optimizer = _optimizer("adamw", model.parameters(), fused)
+    model(torch.ones(3, 16)).square().sum().backward()
+    optimizer.step()
+    model(torch.ones(3, 16)).square().sum().backward()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("value", list(SKIP_VALUES))
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaler"])
+def test_amp_step_skips_on_any_nonzero_skip_fused_or_not(value, fused, scaled):
+    """Any nonzero (or NaN) skip skips, as bool() decides for a non-fused optimizer. A fused one
+    subtracts its found_inf from the step count and skips only on exactly 1: a count of 2
+    stepped and moved Adam's step back, 0.5 and NaN corrupted it, a (1, 1) skip failed midway
+    after the parameters had moved, and a negative one cancelled a recorded overflow."""
+    skip, skips = SKIP_VALUES[value]
+    model, optimizer = _adam_after_a_step(fused)
+    twin_model, twin = _adam_after_a_step(fused)
+    scaler = None
+    if scaled:  # a scale of 1: the gradients are as the scaler would have scaled them
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        scaler.scale(torch.ones(()))
+        if value == "negative":  # and an overflow, which the negative skip must not cancel
+            next(model.parameters()).grad.view(-1)[0] = math.inf
+            skips = True
+    amp.step(optimizer, skip=skip, scaler=scaler)
+    if not skips:
+        twin.step()
+    for param, expected in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(param.detach(), expected.detach()), value
+    for state, expected in zip(optimizer.state.values(), twin.state.values(), strict=True):
+        assert torch.equal(state["step"], expected["step"]), f"{value}: step {state['step']}"
+
+
+def test_amp_step_moves_skip_to_the_scales_device_before_unscaling():
+    """A skip that cannot reach the scale's device raises before the gradients are unscaled:
+    once it raised after, with the scaler marked unscaled."""
+    model = _model("cpu")
+    optimizer = _optimizer("sgd", model.parameters(), False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(NotImplementedError):
+        amp.step(optimizer, skip=torch.zeros((), device="meta"), scaler=scaler)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    amp.step(optimizer, scaler=scaler)  # still ready: it unscales and steps as usual
+
+
+def test_amp_step_multiplies_a_grad_scale_the_user_set_as_scaler_step_does():
+    results = []
+    for use_amp_step in (False, True):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([param], lr=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        scaler.scale(param.square().sum()).backward()
+        optimizer.grad_scale = torch.tensor(2.0)
+        (amp.step(optimizer, scaler=scaler) if use_amp_step else scaler.step(optimizer))
+        results.append(param.detach().clone())
+    assert torch.equal(results[1], results[0]), results
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+@pytest.mark.parametrize("how", ["step", "clip_step"])
+def test_a_step_without_gradients_does_what_scaler_step_does(fused, how):
+    """scaler.step raises for an optimizer whose parameters have no gradient, except a fused
+    one, which it steps (changing nothing)."""
+    outcomes = []
+    for ours in (False, True):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([param], fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.ones(()))  # a scale exists, but no parameter has a gradient
+        try:
+            if not ours:
+                scaler.step(optimizer)
+            elif how == "step":
+                amp.step(optimizer, scaler=scaler)
+            else:
+                amp.clip_step(optimizer, MAX_NORM, scaler=scaler)
+            outcome = ("stepped", torch.equal(param.detach(), torch.ones(3)))
+        except AssertionError as error:
+            outcome = ("raised", str(error))
+        outcomes.append((outcome, scaler._per_optimizer_states[id(optimizer)]["stage"]))
+    assert outcomes[1] == outcomes[0]
