@@ -6,7 +6,9 @@
 // their spans intersect, and are the same memory exactly when their spans and dtypes are equal:
 // one sort of the spans decides the rule, with no Python call per step of a compiled loop.
 // (Empty tensors hold no bytes and are left out: listed twice they change no norm and no byte.)
-// The messages' texts come from plan.py, so both rules word their refusals alike.
+// The messages' texts come from plan.py, so both rules word their refusals alike. Inference
+// tensors are refused here too (when writing outside inference mode): tracing cannot see them.
+#include <c10/core/InferenceMode.h>
 #include <fusedclip/checks.h>
 #include <torch/library.h>
 
@@ -26,13 +28,17 @@ namespace {
 
 at::Tensor check_dense_aliasing(at::TensorList tensors, const at::Tensor& value,
                                 c10::string_view name, bool writes, c10::string_view same_memory,
-                                c10::string_view overlap) {
+                                c10::string_view overlap, c10::string_view inference_tensor) {
+  // As eager torch: inference tensors are written only inside inference mode.
+  const bool refuse_inference = writes && !c10::InferenceMode::is_enabled();
   std::vector<ByteSpan> spans;
   spans.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& tensor = tensors[i];
     TORCH_CHECK(tensor.is_non_overlapping_and_dense(), "fusedclip::check_dense_aliasing: ", name,
                 "[", text(i), "] is not dense; fusedclip::check_aliasing takes such lists");
+    TORCH_CHECK_VALUE(!(refuse_inference && tensor.is_inference()), name, "[", text(i), "] ",
+                      inference_tensor);
     if (tensor.numel() > 0) spans.push_back(byte_span(tensor, i));
   }
   std::sort(spans.begin(), spans.end(), [](const ByteSpan& a, const ByteSpan& b) {

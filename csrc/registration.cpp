@@ -44,5 +44,5 @@ TORCH_LIBRARY(fusedclip, m) {
       "(Tensor total_norm, Tensor found_inf, Tensor clip_coef, Tensor per_tensor_norms)");
   m.def(
       "check_dense_aliasing(Tensor[] tensors, Tensor value, str name, bool writes, "
-      "str same_memory, str overlap) -> Tensor");
+      "str same_memory, str overlap, str inference_tensor) -> Tensor");
 }

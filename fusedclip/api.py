@@ -94,7 +94,7 @@ def _check_norm_type(norm_type: float | str) -> float:
         norm_type = float(norm_type)
     except (TypeError, ValueError) as error:  # the class float() (and so torch) raises
         raise type(error)(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
-    if math.isnan(norm_type) or norm_type <= 0:
+    if not norm_type > 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
             f"norm_type must be > 0 or inf, got {norm_type}; use 2.0 for the usual L2 norm"
         )

@@ -7,8 +7,6 @@ autograd and torch.compile see it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fusedclip.norms import NORM_EPS
@@ -18,7 +16,7 @@ def _check(max_norm: float | None, clip_value: float | None) -> None:
     if max_norm is None and clip_value is None:
         raise ValueError("clip_gradient needs max_norm or clip_value (or both)")
     for name, value in (("max_norm", max_norm), ("clip_value", clip_value)):
-        if value is not None and (math.isnan(value) or value < 0):
+        if value is not None and not value >= 0:  # NaN too, and a SymFloat when compiled
             raise ValueError(f"{name} must be a non-negative number, got {value}")
 
 

@@ -31,12 +31,13 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def is_inf_norm(norm_type: float) -> bool:
-    return math.isinf(norm_type)
+    """For a checked norm_type (> 0); a comparison, which torch.compile traces on a SymFloat."""
+    return norm_type == math.inf
 
 
 def needs_scaled_sum(norm_type: float, any_float64: bool) -> bool:
     """Whether sum |g|^p, or its root, can leave float64's normal range for finite gradients."""
-    if math.isinf(norm_type) or norm_type == 1.0:
+    if is_inf_norm(norm_type) or norm_type == 1.0:
         return False
     return any_float64 or norm_type > MAX_UNSCALED_NORM_TYPE or norm_type < MIN_UNSCALED_NORM_TYPE
 

@@ -137,7 +137,9 @@ if EXTENSION_ERROR is None:
         return None
 
     @torch.library.register_fake("fusedclip::check_dense_aliasing")
-    def _check_dense_aliasing_fake(tensors, value, name, writes, same_memory, overlap):
+    def _check_dense_aliasing_fake(
+        tensors, value, name, writes, same_memory, overlap, inference_tensor
+    ):
         return torch.empty_like(value)
 
     @torch.library.register_fake("fusedclip::clip_")

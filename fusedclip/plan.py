@@ -252,7 +252,8 @@ _C_SCALE_DENSE = _load_extension_function("scale_dense_")
 
 def _refuses_inference(writes: bool, compiling: bool) -> bool:
     """Whether inference tensors must be refused: torch lets them be modified only inside
-    inference mode. (Under torch.compile the mode is not traceable; the graph enforces it.)
+    inference mode. (Neither the mode nor is_inference() is traceable by torch.compile: there
+    the check runs when the compiled code does, in checked_when_run's op.)
     `compiling`: torch.compiler.is_compiling(), which the caller knows already."""
     if not writes or compiling:
         return False
@@ -290,10 +291,14 @@ def _check_tensors(
         if refuse_float16 and tensor.dtype == torch.float16:
             raise ValueError(FLOAT16_UNSCALE_ERROR)
         if refuse_inference and tensor.is_inference():
-            raise ValueError(
-                f"{name}[{index}] is an inference tensor, which torch allows to be modified only "
-                "inside torch.inference_mode(): call there, or pass a clone made outside it"
-            )
+            raise ValueError(f"{name}[{index}] {_INFERENCE_TENSOR}")
+
+
+# What refusing an inference tensor says after naming it (checked_when_run passes it to C++).
+_INFERENCE_TENSOR = (
+    "is an inference tensor, which torch allows to be modified only inside "
+    "torch.inference_mode(): call there, or pass a clone made outside it"
+)
 
 
 def _memory_key(tensor: torch.Tensor) -> tuple:
@@ -456,7 +461,13 @@ def checked_when_run(the_plan: Plan, value: torch.Tensor, name: str, writes: boo
     all_dense = all(not group.strided and not group.sparse for group in the_plan.groups)
     if all_dense and _HAS_DENSE_CHECK:  # the C++ rule: no Python call when the code runs
         return torch.ops.fusedclip.check_dense_aliasing(
-            tensors, value, name, writes, _SAME_MEMORY + _REPEATS_UNDER_COMPILE, _OVERLAP
+            tensors,
+            value,
+            name,
+            writes,
+            _SAME_MEMORY + _REPEATS_UNDER_COMPILE,
+            _OVERLAP,
+            _INFERENCE_TENSOR,
         )
     return torch.ops.fusedclip.check_aliasing(tensors, value, name, writes)
 
@@ -466,6 +477,10 @@ def _check_aliasing(
 ) -> torch.Tensor:
     # Lists of dense tensors take check_dense_aliasing wherever the extension is built: here come
     # the others, or every list without the extension.
+    if _refuses_inference(writes, False):
+        for index, tensor in enumerate(tensors):
+            if tensor.is_inference():
+                raise ValueError(f"{name}[{index}] {_INFERENCE_TENSOR}")
     _drop_repeats(tensors, None, name, writes, _REPEATS_UNDER_COMPILE)
     return value.clone()
 

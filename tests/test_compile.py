@@ -210,16 +210,21 @@ def test_compiled_clip_takes_disjoint_views_of_one_buffer(device, backend):
 
 @pytest.mark.skipif(not plan._HAS_DENSE_CHECK, reason="needs the extension's check_dense_aliasing")
 @pytest.mark.parametrize("writes", [False, True])
-@pytest.mark.parametrize("case", ["disjoint", "same memory", "overlap", "three, one repeat"])
+@pytest.mark.parametrize(
+    "case", ["disjoint", "same memory", "overlap", "three, one repeat", "inference"]
+)
 def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes):
     """check_dense_aliasing (C++, dense lists) and check_aliasing (the Python rule) decide and
     word every case alike: the compiled code takes one or the other by the traced layouts."""
     buffer = torch.arange(8.0)
+    with torch.inference_mode():
+        inference = torch.arange(3.0)
     tensors = {
         "disjoint": [buffer[:3], buffer[3:]],
         "same memory": [buffer[:4], buffer[:4].view(2, 2)],
         "overlap": [buffer[:4], buffer[2:6]],
         "three, one repeat": [buffer[6:], buffer[:3], buffer[6:].clone(), buffer[:3].view(-1)],
+        "inference": [buffer, inference],
     }[case]
     value = torch.tensor(0.5, dtype=torch.float64)
     outcomes = []
@@ -232,6 +237,7 @@ def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes
             writes,
             plan._SAME_MEMORY + plan._REPEATS_UNDER_COMPILE,
             plan._OVERLAP,
+            plan._INFERENCE_TENSOR,
         ),
     ):
         try:
@@ -239,7 +245,9 @@ def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes
         except ValueError as error:
             outcomes.append(("refused", str(error)))
     assert outcomes[0] == outcomes[1]
-    refused = case in ("same memory", "three, one repeat") or (case == "overlap" and writes)
+    refused = case in ("same memory", "three, one repeat") or (
+        case in ("overlap", "inference") and writes
+    )
     assert outcomes[0][0] == ("refused" if refused else "returned"), outcomes[0]
 
 
@@ -321,3 +329,102 @@ def test_a_changing_max_norm_neither_breaks_the_graph_nor_recompiles_in_plain_to
     lenient([parameter], 0.6)
     with pytest.raises(ValueError, match="max_norm must be a non-negative number"):
         lenient([parameter], float("nan"))
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("layout", ["dense", "strided"])
+@pytest.mark.parametrize("in_inference_mode", [False, True], ids=["outside", "inside"])
+def test_compiled_calls_treat_inference_gradients_as_eager_does(
+    device, backend, layout, in_inference_mode
+):
+    """Inference tensors may be modified only inside inference mode: tracing cannot ask whether
+    a tensor is one, so the check runs when the compiled code does, before anything is written."""
+    if device != "cpu":
+        pytest.skip("the check is the same on every device; the CPU case shows it")
+    torch._dynamo.reset()
+
+    def gradients():
+        with torch.inference_mode():
+            dense = torch.full((4,), 3.0)
+            other = torch.full((2, 4), 4.0)
+            return [dense, other if layout == "dense" else other.t()]
+
+    def clip(grads):
+        return fusedclip.fused_clip_(grads, max_norm=1.0, backend=backend)
+
+    outcomes = []
+    for run in (clip, torch.compile(clip, fullgraph=True)):
+        grads = gradients()
+        before = [g.clone() for g in grads]
+        try:
+            if in_inference_mode:
+                with torch.inference_mode():
+                    run(grads)
+            else:
+                run(grads)
+            outcomes.append(("clipped", grads))
+        except ValueError as error:
+            assert all(torch.equal(g, b) for g, b in zip(grads, before, strict=True))
+            outcomes.append((str(error), None))
+    (eager, eager_grads), (compiled, compiled_grads) = outcomes
+    assert compiled == eager
+    assert (eager == "clipped") == in_inference_mode, eager
+    if in_inference_mode:
+        for got, expected in zip(compiled_grads, eager_grads, strict=True):
+            assert_close(got, expected, rtol=1e-6, what="clipped inference gradient")
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "fused_clip_", "get_total_norm"])
+def test_dynamic_compiles_take_norm_type_as_eager_does(device, backend, call):
+    """dynamic=True makes the floats symbolic, norm_type too: its check must trace (math.isnan
+    on a SymFloat does not), for the default and for a norm_type that changes between calls."""
+    torch._dynamo.reset()
+
+    def run(parameters, norm_type):
+        if call == "clip_grad_norm_":
+            return fusedclip.clip_grad_norm_(parameters, 1.0, norm_type, backend=backend)
+        grads = [p.grad for p in parameters]
+        if call == "fused_clip_":
+            return fusedclip.fused_clip_(
+                grads, max_norm=1.0, norm_type=norm_type, backend=backend
+            ).total_norm
+        return fusedclip.get_total_norm(grads, norm_type, backend=backend)
+
+    compiled = torch.compile(run, fullgraph=True, dynamic=True)
+    for norm_type in (2.0, 3.0, 1.0, float("inf"), 2.0):
+        results = []
+        for function in (run, compiled):
+            parameter = torch.nn.Parameter(torch.zeros(5, device=device))
+            parameter.grad = torch.arange(5.0, device=device) - 1.5
+            results.append((function([parameter], norm_type), parameter.grad))
+        (eager, eager_grad), (got, got_grad) = results
+        assert_close(got, eager, rtol=1e-6, what=f"result at norm_type={norm_type}")
+        assert_close(got_grad, eager_grad, rtol=1e-6, what=f"gradient at norm_type={norm_type}")
+    default = torch.compile(
+        lambda ps: fusedclip.clip_grad_norm_(ps, 1.0, backend=backend), fullgraph=True, dynamic=True
+    )
+    parameter = torch.nn.Parameter(torch.zeros(5, device=device))
+    parameter.grad = torch.arange(5.0, device=device)
+    assert_close(
+        default([parameter]),
+        torch.linalg.vector_norm(torch.arange(5.0)).to(device),
+        rtol=1e-6,
+        what="norm with the default norm_type",
+    )
+
+
+def test_dynamic_compiles_of_clip_gradient_take_a_symbolic_max_norm():
+    torch._dynamo.reset()
+
+    def loss(x, limit):
+        return (fusedclip.clip_gradient(x, max_norm=limit, clip_value=limit) * x.detach()).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for limit in (0.5, 0.7, 3.0):
+        grads = []
+        for function in (loss, compiled):
+            x = torch.arange(4.0, requires_grad=True)
+            function(x, limit).backward()
+            grads.append(x.grad)
+        assert_close(grads[1], grads[0], rtol=1e-6, what=f"clipped gradient at limit={limit}")

@@ -16,7 +16,6 @@ built while a stream is captured belongs to that graph, never to the eager cache
 
 import contextlib
 import itertools
-import math
 import struct
 import threading
 import weakref
@@ -30,7 +29,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.library import triton_op, wrap_triton
 
 from fusedclip.layout import is_dense
-from fusedclip.norms import needs_scaled_sum
+from fusedclip.norms import is_inf_norm, needs_scaled_sum
 
 from . import kernels
 
@@ -115,7 +114,7 @@ def _float64_bits(value: float) -> int:
 
 
 def _norm_kind(norm_type: float) -> int:
-    if math.isinf(norm_type):
+    if is_inf_norm(norm_type):
         return kernels.NORM_INF.value
     if norm_type == 2.0:
         return kernels.NORM_TWO.value
