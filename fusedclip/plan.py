@@ -6,9 +6,11 @@ parameter passed where its gradient belongs), applies the aliasing rule, replace
 their local shards, groups the tensors by device and picks each device's backend.
 
 The aliasing rule: tensors that are the same memory (same storage, offset, sizes, strides and
-dtype; or dense views of one dtype over the same bytes, such as g and g.view(-1)) count and are
-scaled once; a call that writes refuses tensors that overlap partially, each
-other or themselves (an `expand`), with a ValueError naming them. A call that only reads measures
+dtype; or dense views of one dtype over the same bytes, such as g and g.view(-1); coalesced
+sparse tensors over the same indices and values) count and are scaled once; a call that writes
+refuses tensors that overlap partially (a coalesced sparse tensor by its values), each other or
+themselves (an `expand`), with a ValueError naming them. An uncoalesced sparse tensor is written
+through a coalesced copy, so it aliases nothing: only the same object repeats. A call that only reads measures
 every tensor as given (an expanded tensor counts each of its elements, as torch does). Under
 torch.compile, tracing drops repeats of one tensor object and `checked_when_run` checks the rest
 when the compiled code runs, refusing the same memory listed as two tensors.
@@ -367,7 +369,7 @@ def _drop_repeats(
 
     Under torch.compile storages are not traceable (dynamo itself guards on how its inputs
     alias): repeats are dropped by identity, which dynamo evaluates at trace time without an id()
-    guard, as they are for sparse tensors."""
+    guard."""
     by_identity = torch.compiler.is_compiling()
     kept, kept_copies, kept_indices = [], [], []
     listed: list[int] = []  # for each index in `tensors`, the position in `kept` it counts as
@@ -375,7 +377,9 @@ def _drop_repeats(
     # storage -> (first byte, last byte, the tensor, its index in `tensors`) of each kept tensor
     spans: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}
     for index, tensor in enumerate(tensors):
-        if by_identity or tensor.is_sparse:
+        # An uncoalesced sparse tensor is written through a coalesced copy that then replaces
+        # its indices and values: it shares no written memory, and repeats only as one object.
+        if by_identity or (tensor.is_sparse and not tensor.is_coalesced()):
             first_listed = next(
                 (i for other, i in zip(kept, kept_indices, strict=True) if tensor is other), None
             )
@@ -385,28 +389,35 @@ def _drop_repeats(
                 listed.append(listed[first_listed])
                 continue
         else:
-            key = _memory_key(tensor)
+            # A coalesced sparse tensor is written through its values; it is the same gradient
+            # as another over the same indices and values.
+            memory = tensor._values() if tensor.is_sparse else tensor
+            key = _memory_key(memory)
+            if tensor.is_sparse:
+                key = ("sparse", _memory_key(tensor._indices()), key, tuple(tensor.shape))
             if key in seen:
                 if refuse_repeats is not None:
                     raise _repeat_error(name, seen[key], index, refuse_repeats)
                 listed.append(listed[seen[key]])
                 continue
-            if writes and _overlaps_itself(tensor):
+            if writes and _overlaps_itself(memory):
                 raise ValueError(
                     f"{name}[{index}] overlaps itself in memory (an expanded or strided view whose "
-                    f"elements share storage, shape {tuple(tensor.shape)}, strides "
-                    f"{tuple(tensor.stride())}): it cannot be scaled in place; pass a "
+                    f"elements share storage, shape {tuple(memory.shape)}, strides "
+                    f"{tuple(memory.stride())}): it cannot be scaled in place; pass a "
                     "contiguous copy (tensor.contiguous()) and copy the result back yourself"
                 )
-            first, last = _byte_span(tensor)
+            first, last = _byte_span(memory)
+            storage = memory.untyped_storage().data_ptr()
             if writes and last > first:
-                for other_first, other_last, other, other_index in spans.get(key[0], ()):
+                for other_first, other_last, other, other_index in spans.get(storage, ()):
                     if first < other_last and other_first < last:
-                        if _share_elements(tensor, other):
+                        if _share_elements(memory, other):
                             raise ValueError(
                                 f"{name}[{other_index}] and {name}[{index}] {_OVERLAP}"
                             )
-            spans.setdefault(key[0], []).append((first, last, tensor, index))
+            if last > first:
+                spans.setdefault(storage, []).append((first, last, memory, index))
             seen[key] = index
         listed.append(len(kept))
         kept.append(tensor)

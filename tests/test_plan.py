@@ -153,6 +153,44 @@ def test_same_memory_listed_twice_counts_and_is_scaled_once(call):
     assert_close(grad, expected / (expected_norm + 1e-6), rtol=1e-6, what="scaled once")
 
 
+def _sparse_pair(case):
+    """Two sparse gradients of 4 elements over the memory of one (values [3, 4]) and, for
+    "values view", a dense gradient whose memory the first one's values are."""
+    dense = torch.tensor([3.0, 4.0, 1.0])
+    values = dense[:2] if case == "values view" else torch.tensor([3.0, 4.0])
+    indices = torch.tensor([[0, 2]])
+    coalesced = case != "uncoalesced"
+    first = torch.sparse_coo_tensor(indices, values, (4,), is_coalesced=coalesced)
+    if case == "values view":
+        return [dense, first]
+    other_indices = torch.tensor([[1, 3]]) if case == "values only" else indices
+    return [first, torch.sparse_coo_tensor(other_indices, values, (4,), is_coalesced=coalesced)]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", ["same memory", "uncoalesced", "values only", "values view"])
+def test_sparse_gradients_follow_the_aliasing_rule_by_their_values(backend, case):
+    """Coalesced sparse gradients are written through their values: two over the same indices
+    and values are one gradient (counted and scaled once), two whose values overlap otherwise
+    are refused before anything is written. An uncoalesced one is written through a coalesced
+    copy that replaces its memory, so it aliases nothing and counts as listed, as in torch."""
+    grads = _sparse_pair(case)
+    expected = [g.to_dense().double() for g in grads]
+    if case in ("values only", "values view"):
+        snapshot = [g.to_dense() for g in grads]
+        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+            fusedclip.fused_clip_(grads, max_norm=1.0, backend=backend)
+        assert all(torch.equal(g.to_dense(), s) for g, s in zip(grads, snapshot, strict=True))
+        return
+    counted = expected[:1] if case == "same memory" else expected
+    expected_norm = torch.linalg.vector_norm(torch.cat(counted))
+    result = fusedclip.fused_clip_(grads, max_norm=1.0, backend=backend)
+    assert_close(result.total_norm, expected_norm, rtol=1e-6, what="norm")
+    for got, want in zip(grads, expected, strict=True):
+        assert_close(got.to_dense(), want / (expected_norm + 1e-6), rtol=1e-6, what="scaled once")
+
+
 def _snapshot(tensors):
     return [t.clone() for t in tensors]
 
