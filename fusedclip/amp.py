@@ -194,6 +194,7 @@ def unscale_clip_(
         TypeError: `scaler` is not a GradScaler or `optimizer` not an Optimizer.
         RuntimeError: torch's own errors for a second unscale before `scaler.update()`.
         ValueError: float16 gradients (as `scaler.unscale_`), or a bad argument.
+        AssertionError: torch's own, when `scaler.scale()` was not called in this iteration.
     """
     _check_scaler_and_optimizer(scaler, optimizer, "unscale_clip_", scaler_optional=False)
     state = _scaler_state(scaler, optimizer, "unscale_") if scaler._enabled else None
@@ -346,6 +347,12 @@ def clip_step(
     Raises:
         TypeError: `optimizer` is not an Optimizer, or `scaler` neither None nor a GradScaler.
         RuntimeError: a second call before `scaler.update()`.
+        ValueError: a bad argument, float16 gradients with a scaler (as `scaler.unscale_`), or,
+            for a fused optimizer, one gradient memory listed for two parameters (its step
+            would scale it twice).
+        AssertionError: as `scaler.step`, when the scaler holds no scale or, for a non-fused
+            optimizer, no parameter has a gradient.
+        No gradient is changed when it raises.
     """
     _check_scaler_and_optimizer(scaler, optimizer, "clip_step", scaler_optional=True)
     scaling = scaler is not None and scaler._enabled
@@ -410,6 +417,7 @@ def step(
     Raises:
         TypeError, ValueError: `skip` is not None or a one-element tensor; nothing is unscaled.
         RuntimeError: a second step before `scaler.update()`, as `scaler.step`.
+        AssertionError: as `scaler.step`: no parameter of a non-fused optimizer has a gradient.
     """
     skip = _skip_flag(skip)
     scaling = scaler is not None and scaler._enabled

@@ -4,7 +4,8 @@ Every call checks its arguments, has fusedclip.plan check the gradients and grou
 (every refusal is decided there, before a byte is read or written), and runs the fused ops of each
 device's backend: `reduce` (one read pass), `finalize` (the scalar epilogue) and `scale_` (one
 write pass, skipped on the device when there is nothing to do), or `clip_`, the three in one op.
-Nothing here syncs with the host except `error_if_nonfinite=True`.
+Nothing here syncs with the host except `error_if_nonfinite=True`, and reading a one-element
+tensor passed as `max_norm` or `clip_value` (the ops take a float).
 """
 
 from __future__ import annotations
@@ -111,8 +112,15 @@ def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Te
                 f"1 / scaler.get_scale()), got a {inv_scale.dtype} tensor of shape {tuple(inv_scale.shape)}"
             )
         return inv_scale
-    inv_scale = float(inv_scale)
-    if not (inv_scale >= 0 and math.isfinite(inv_scale)):
+    try:
+        inv_scale = float(inv_scale)
+    except (TypeError, ValueError) as error:  # the class float() (and so torch) raises
+        raise type(error)(
+            f"inv_scale must be a finite number >= 0 or a one-element floating-point tensor, "
+            f"got {inv_scale!r}"
+        ) from None
+    # NaN fails too; comparisons, not math.isfinite, so that a SymFloat traces under compile.
+    if not (inv_scale >= 0 and inv_scale < math.inf):
         # A negative one would flip every gradient's sign; the scaler's is always positive.
         raise ValueError(
             f"inv_scale must be a finite number >= 0 (1 / the loss scale), got {inv_scale}"
@@ -491,6 +499,7 @@ def fused_clip_(
     Raises:
         TypeError: a tensor is not a floating-point tensor, or is a parameter (pass its .grad).
         ValueError: a bad argument, or gradients that partially overlap in memory.
+        RuntimeError: an explicit `backend` that cannot run these tensors here.
         Nothing is modified when it raises.
     """
     result = _clip(
@@ -576,8 +585,8 @@ def clip_grad_norm_(
         device: float32, or float64 if any gradient is float64.
 
     Raises:
-        TypeError, ValueError: as `fused_clip_`; RuntimeError: a non-finite norm with
-        `error_if_nonfinite`. Nothing is modified when it raises.
+        TypeError, ValueError, RuntimeError: as `fused_clip_`; RuntimeError also for a
+        non-finite norm with `error_if_nonfinite`. Nothing is modified when it raises.
     """
     max_norm = _check_nonnegative(
         max_norm, "max_norm", "; to measure without clipping use get_total_norm"
@@ -641,7 +650,8 @@ def clip_grads_with_norm_(
             the coefficient is computed from it in float64.
 
     Raises:
-        TypeError, ValueError: a bad argument. Nothing is modified when it raises.
+        TypeError, ValueError: a bad argument; RuntimeError: an explicit `backend` that cannot
+        run these tensors here. Nothing is modified when it raises.
     """
     max_norm = _check_nonnegative(max_norm, "max_norm")
     total_norm = _check_total_norm(total_norm)
@@ -664,7 +674,8 @@ def clip_grad_value_(
     [-clip_value, clip_value], after unscaling by `inv_scale` when given (one write pass).
 
     Raises:
-        TypeError, ValueError: a bad argument. Nothing is modified when it raises.
+        TypeError, ValueError: a bad argument; RuntimeError: an explicit `backend` that cannot
+        run these tensors here. Nothing is modified when it raises.
     """
     clip_value = _check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)

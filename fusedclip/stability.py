@@ -15,7 +15,7 @@ import torch
 
 from fusedclip import amp, api
 from fusedclip.grad_mode import without_grad
-from fusedclip.norms import NORM_EPS
+from fusedclip.norms import NORM_EPS, SUPPORTED_DTYPES
 
 
 def _gradients(parameters) -> list[torch.Tensor]:
@@ -275,24 +275,50 @@ def agc_(
 ) -> None:
     """Unit-wise adaptive gradient clipping (Brock et al., 2021): each unit's gradient G_i is
     scaled by min(1, clipping * max(||W_i||, eps) / ||G_i||). Vectors and scalars count as one unit,
-    as in the NFNets reference code. Exclude the final classifier, as the paper does."""
+    as in the NFNets reference code. Exclude the final classifier, as the paper does.
+
+    Raises:
+        ValueError: `clipping` or `eps` is not > 0.
+        TypeError: a parameter or gradient that is not dense floating point (a sparse
+            nn.Embedding's), before any gradient is clipped.
+    """
     if not clipping > 0:
         raise ValueError(f"clipping must be > 0, got {clipping}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    for parameter in parameters:
-        if parameter.grad is None:
-            continue
+    for parameter, grad in _agc_pairs(parameters):
         max_norm = clipping * unitwise_norm(parameter.detach()).clamp(min=eps)
-        grad_norm = unitwise_norm(parameter.grad)
+        grad_norm = unitwise_norm(grad)
         factor = torch.where(
             grad_norm > max_norm, max_norm / grad_norm.clamp(min=1e-6), torch.ones_like(grad_norm)
         )
-        grad = parameter.grad
         if grad.dtype == factor.dtype:
             grad.mul_(factor)
         else:  # 16-bit: the product in float32, rounded once, as the clip kernels form it
             grad.copy_(grad.to(factor.dtype) * factor)
+
+
+def _agc_pairs(parameters) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, gradient) of each parameter with a gradient, every one checked before the
+    first is clipped: AGC clips unit by unit, so a refusal midway would leave some clipped."""
+    pairs = []
+    for index, parameter in enumerate(parameters):
+        grad = getattr(parameter, "grad", None)
+        if grad is None:
+            continue
+        for what, tensor in (("", parameter), (".grad", grad)):
+            if tensor.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"parameters[{index}]{what} has dtype {tensor.dtype}; AGC needs float32, "
+                    "float16, bfloat16 or float64 parameters and gradients"
+                )
+            if tensor.layout is not torch.strided:
+                raise TypeError(
+                    f"parameters[{index}]{what} has layout {tensor.layout}; AGC's unit-wise norms "
+                    "need dense tensors: leave sparse parameters (a sparse nn.Embedding) out"
+                )
+        pairs.append((parameter, grad))
+    return pairs
 
 
 class AGC:

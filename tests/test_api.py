@@ -411,6 +411,8 @@ def test_a_bad_argument_raises_the_class_torch_raises(function, kwargs):
         ({"max_norm": 1.0, "inv_scale": math.inf}, ValueError, "inv_scale"),
         ({"max_norm": 1.0, "inv_scale": -0.5}, ValueError, "inv_scale"),  # flipped every sign
         ({"max_norm": 1.0, "inv_scale": torch.ones(2)}, ValueError, "inv_scale"),
+        ({"max_norm": 1.0, "inv_scale": "x"}, ValueError, "inv_scale must be"),
+        ({"max_norm": 1.0, "inv_scale": [0.5]}, TypeError, "inv_scale must be"),
         ({"max_norm": 1.0, "backend": "gpu"}, ValueError, "backend"),
     ],
     ids=lambda v: (
@@ -535,3 +537,15 @@ def test_a_many_element_tensor_bound_is_refused_by_name(call):
     assert torch.equal(p.grad, torch.ones(3))
     getattr(fusedclip, call)([p], torch.tensor([0.5]))  # one element: taken as its value
     assert torch.linalg.vector_norm(p.grad) <= 0.5 * 3**0.5 + 1e-6
+
+
+def test_total_norm_plus_eps_above_max_norm_tells_whether_the_gradients_were_clipped():
+    """The README's test for a clipped step: the factor is max_norm / (norm + 1e-6) capped at 1,
+    so a norm just at or below max_norm is clipped too (a bare norm > max_norm misses those)."""
+    for step in range(-30, 30):
+        grad = torch.tensor([1.0 + step * 1e-7])
+        before = grad.clone()
+        result = fusedclip.fused_clip_([grad], max_norm=1.0)
+        clipped = bool(result.total_norm + 1e-6 > 1.0)
+        assert clipped == bool(result.clip_coef < 1), step
+        assert clipped == (not torch.equal(grad, before)), step

@@ -428,3 +428,32 @@ def test_dynamic_compiles_of_clip_gradient_take_a_symbolic_max_norm():
             function(x, limit).backward()
             grads.append(x.grad)
         assert_close(grads[1], grads[0], rtol=1e-6, what=f"clipped gradient at limit={limit}")
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_", "fused_clip_"])
+def test_a_changing_float_inv_scale_keeps_the_graph_whole(device, backend, call):
+    """Dynamo makes an inv_scale float that changes between calls symbolic: its check must
+    trace (math.isfinite does not), so a fullgraph compile unscales by each new value."""
+    torch._dynamo.reset()
+
+    def run(parameters, inv_scale):
+        if call == "fused_clip_":
+            grads = [p.grad for p in parameters]
+            return fusedclip.fused_clip_(
+                grads, max_norm=100.0, inv_scale=inv_scale, backend=backend
+            )
+        clip = getattr(fusedclip, call)
+        return clip(parameters, 100.0, inv_scale=inv_scale, backend=backend)
+
+    compiled = torch.compile(run, fullgraph=True)
+    for inv_scale in (1 / 65536, 1 / 32768, 0.25):
+        parameter = torch.nn.Parameter(torch.zeros(4, device=device))
+        parameter.grad = torch.full((4,), 8.0, device=device)
+        compiled([parameter], inv_scale)
+        assert_close(
+            parameter.grad,
+            torch.full((4,), 8.0 * inv_scale, device=device),
+            rtol=1e-6,
+            what=f"unscaled by {inv_scale}",
+        )

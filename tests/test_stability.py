@@ -363,6 +363,17 @@ def test_agc_rejects_a_clipping_factor_that_is_not_positive():
         AGC(torch.nn.Linear(2, 2).parameters(), clipping=0.0)
 
 
+def test_agc_refuses_a_gradient_it_cannot_clip_before_clipping_any():
+    """AGC clips unit by unit: every gradient is checked before the first is scaled."""
+    linear, embedding = torch.nn.Linear(3, 3), torch.nn.Embedding(4, 3, sparse=True)
+    (linear(embedding(torch.tensor([1]))).sum() * 1000).backward()
+    parameters = [*linear.parameters(), *embedding.parameters()]
+    before = [p.grad.clone() for p in parameters[:2]]
+    with pytest.raises(TypeError, match=r"parameters\[2\]\.grad has layout torch.sparse_coo"):
+        AGC(parameters, clipping=0.01).step()
+    assert all(torch.equal(p.grad, b) for p, b in zip(parameters, before, strict=False))
+
+
 def test_grad_monitor_statistics_match_direct_computation():
     names = ["embedding", "layer.weight", "layer.bias"]
     monitor = GradMonitor(capacity=8, names=names, spike_factor=5.0)
