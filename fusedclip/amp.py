@@ -291,9 +291,10 @@ def _step_measured(
 ):
     """Unscale, clip and step with a rule that decides on the device.
 
-    `measure(grads, inv_scale, writes_after) -> (result, skip)` reads the gradients without
-    writing them (`writes_after`: checking them as `api.measure` does for a caller that writes
-    each one itself, as a fused optimizer does) and returns a result whose `clip_coef`
+    `measure(grads, inv_scale, writes_after, dtensor_group) -> (result, skip)` reads the
+    gradients without writing them (`writes_after`: checking them as `api.measure` does for a
+    caller that writes each one itself, as a fused optimizer does; `dtensor_group`: the group to
+    join when no group is given, see distributed.group_to_join) and returns a result whose `clip_coef`
     (inv_scale included) and `found_inf` apply to this step, and an on-device flag to skip it.
     Fused optimizers apply the coefficient and the skip in their own pass (one read of the
     gradients by fusedclip, no sync); others get the gradients scaled in one write pass and
@@ -307,7 +308,8 @@ def _step_measured(
     if scaling:
         _check_not_float16(grads)
     fused = _is_fused(optimizer)
-    result, skip = measure(grads, _inv_scale(scaler) if scaling else None, fused)
+    dtensor_group = distributed.group_to_join(None, grads, _parameters(optimizer))
+    result, skip = measure(grads, _inv_scale(scaler) if scaling else None, fused, dtensor_group)
     flag = _recorded_flag(scaler, result.found_inf if grads else None) if scaling else None
     if flag is not None and _sharded_scaler(scaler)[0]:  # another rank's overflow skips here too
         skip = skip.to(torch.bool) | (flag.reshape(()) > 0).to(skip.device)
@@ -371,25 +373,28 @@ def clip_step(
             )
             scaler.step(optimizer)
         else:
+            grads = optimizer_gradients(optimizer)
             result = api.fused_clip_(
-                optimizer_gradients(optimizer),
+                grads,
                 max_norm=max_norm,
                 norm_type=norm_type,
                 per_tensor=per_tensor,
-                process_group=process_group,
+                process_group=distributed.group_to_join(
+                    process_group, grads, _parameters(optimizer)
+                ),
                 backend=backend,
             )
             _step_unless(optimizer, result.found_inf)
         return result
 
-    def measure(grads, inv_scale, writes_after):
+    def measure(grads, inv_scale, writes_after, dtensor_group):
         result = api.measure(
             grads,
             max_norm=max_norm,
             norm_type=norm_type,
             inv_scale=inv_scale,
             per_tensor=per_tensor,
-            process_group=process_group,
+            process_group=process_group if process_group is not None else dtensor_group,
             backend=backend,
             writes_after=writes_after,
         )

@@ -3,7 +3,8 @@
 Each rank reduces its local gradients in the fused read (their norm and found_inf); one
 all-gather per call brings every rank's pair to every rank, which combines them in rank order;
 the finalize (1e-6, clip coefficient) runs after it, once, on the global value. DTensor gradients need no group: they are replaced by
-their local shards, a shard held by several ranks of the group (Replicate placements) counts once,
+their local shards, a shard held by several ranks of the group (Replicate placements, or the
+other submeshes of the mesh a DTensor's submesh was cut from) counts once,
 and the collective runs over the default group, so gradients on several meshes combine in one
 collective. Partial placements (a pending sum) are refused, and so are plain tensors among
 DTensors when no group says what they are.
@@ -39,6 +40,15 @@ def group_of_dtensors(tensors: list) -> object | None:
     """The group that `localize` combines DTensors over when no group is given (the default
     group, dist.group.WORLD), where `tensors` hold one; None otherwise."""
     return dist.group.WORLD if has_dtensor(tensors) else None
+
+
+def group_to_join(process_group, grads: list, parameters: list) -> object | None:
+    """The group of a call over `grads`, the gradients of `parameters`: `process_group`, or,
+    where this rank has no gradient but its parameters are DTensors, the group the other ranks
+    combine theirs over (which it must join, or they wait for it)."""
+    if process_group is not None or grads:
+        return process_group
+    return group_of_dtensors(parameters)
 
 
 def localize(tensors: list[torch.Tensor], process_group):
@@ -91,6 +101,36 @@ def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 _copies_cache: dict = {}
 
 
+def _on_root_mesh(mesh, placements: tuple) -> tuple[object, list[int]]:
+    """(mesh, its sharded dims) with a submesh (mesh["tp"] of a (dp, tp) mesh) lifted to the
+    mesh it was cut from: a DTensor on a submesh is the same on every submesh of that root, so
+    along the root's other dims it is replicated. Counting it on the submesh alone would count
+    each replica again (tensor parallelism with data-parallel replicas). A submesh whose dims
+    the root does not name (a flattened one) is counted as it is."""
+    root = _root_mesh(mesh)
+    names, root_names = mesh.mesh_dim_names, getattr(root, "mesh_dim_names", None)
+    if root is mesh or not names or not root_names or not set(names) <= set(root_names):
+        return mesh, [
+            dim for dim, placement in enumerate(placements) if not placement.is_replicate()
+        ]
+    sharded_names = {
+        name
+        for name, placement in zip(names, placements, strict=True)
+        if not placement.is_replicate()
+    }
+    return root, [dim for dim, name in enumerate(root_names) if name in sharded_names]
+
+
+def _root_mesh(mesh):
+    getter = getattr(mesh, "_get_root_mesh", None)  # torch >= 2.9
+    if getter is not None:
+        return getter() or mesh
+    from torch.distributed import device_mesh
+
+    resources = getattr(device_mesh, "_mesh_resources", None)
+    return (resources.get_root_mesh(mesh) if resources is not None else None) or mesh
+
+
 def _copies_in_group(mesh, placements: tuple, group, index: int) -> int:
     """Ranks of `group` holding this rank's shard; checks that the group holds every shard.
 
@@ -100,11 +140,11 @@ def _copies_in_group(mesh, placements: tuple, group, index: int) -> int:
     cached = _copies_cache.get(key)
     if cached is not None:
         return cached
+    mesh, sharded = _on_root_mesh(mesh, placements)
     coordinate = mesh.get_coordinate()
     if coordinate is None:  # not on this mesh: the local tensor is empty
         return 1
     shape = tuple(mesh.mesh.shape)
-    sharded = [dim for dim, placement in enumerate(placements) if not placement.is_replicate()]
     group_ranks = set(dist.get_process_group_ranks(group))
     # mesh.mesh holds the global rank at each coordinate; product() walks it in the same order.
     members = [

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusedclip import amp, api
+from fusedclip import amp, api, distributed
 from fusedclip.grad_mode import without_grad
 from fusedclip.norms import NORM_EPS, SUPPORTED_DTYPES
 
@@ -169,9 +169,11 @@ class ZClip:
         grads: list[torch.Tensor],
         inv_scale: float | torch.Tensor | None,
         writes_after: bool = False,
+        dtensor_group=None,
     ) -> ZClipResult:
         """One read of the gradients and the rule's update, on the device; touches no gradient
-        (`writes_after` as `api.measure`).
+        (`writes_after` as `api.measure`; `dtensor_group`: the group to join without
+        `process_group`, see distributed.group_to_join).
 
         Warm-up and the rule after it are both computed and one is selected on the device, so
         that overflowed steps need not be counted on the host.
@@ -179,7 +181,7 @@ class ZClip:
         measured = api.measure(
             grads,
             inv_scale=inv_scale,
-            process_group=self.process_group,
+            process_group=self.process_group if self.process_group is not None else dtensor_group,
             backend=self.backend,
             writes_after=writes_after,
         )
@@ -233,8 +235,10 @@ class ZClip:
     def step(self, parameters, inv_scale: float | torch.Tensor | None = None) -> ZClipResult:
         """Clips the gradients in place (unscaling them by `inv_scale` too); steps nothing. With a
         GradScaler use `clip_step`, which also tells the scaler that the gradients are unscaled."""
-        grads = _gradients(parameters)
-        result = self._measure(grads, inv_scale)
+        items = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        grads = _gradients(items)
+        group = distributed.group_to_join(None, grads, items)
+        result = self._measure(grads, inv_scale, dtensor_group=group)
         api.scale_(grads, result.clip_coef, backend=self.backend)
         return result
 
@@ -248,8 +252,8 @@ class ZClip:
         other optimizers get one write pass and one sync to skip, as `scaler.step`. Call
         `scaler.update()` afterwards as usual: a spike does not back off the scale."""
 
-        def measure(grads, inv_scale, writes_after):
-            result = self._measure(grads, inv_scale, writes_after)
+        def measure(grads, inv_scale, writes_after, dtensor_group):
+            result = self._measure(grads, inv_scale, writes_after, dtensor_group)
             return result, result.skip
 
         return amp._step_measured(

@@ -175,21 +175,63 @@ def _check_dtensor_parameters_without_gradients_on_one_rank(rank, world):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import fusedclip
+    from fusedclip import amp
+    from fusedclip.stability import ZClip
 
     mesh = init_device_mesh("cpu", (world,))
     full = _full_gradients()
-    parameters = [
-        torch.nn.Parameter(distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)])) for t in full
-    ]
-    for parameter, grad in zip(parameters, full, strict=True):
-        parameter.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])  # a collective
-        if rank == world - 1:  # this rank's backward produced no gradient
-            parameter.grad = None
-    norm = fusedclip.clip_grad_norm_(parameters, 1.0)
-    gathered = [torch.zeros(()) for _ in range(world)]
-    dist.all_gather(gathered, norm.float())
-    assert all(torch.equal(g, gathered[0]) for g in gathered), f"rank {rank}: {gathered}"
-    assert gathered[0].item() > 0
+    calls = {
+        "clip_grad_norm_": lambda ps: fusedclip.clip_grad_norm_(ps, 1.0),
+        # These take the gradients from the optimizer or the list: the rank holding none must
+        # still join through the parameters.
+        "clip_step": lambda ps: amp.clip_step(torch.optim.AdamW(ps), 1.0).total_norm,
+        "fused clip_step": lambda ps: (
+            amp.clip_step(torch.optim.AdamW(ps, fused=True), 1.0).total_norm
+        ),
+        "fused clip_step, scaler": lambda ps: _clip_step_with_scaler(ps),
+        "ZClip.step": lambda ps: ZClip().step(ps).total_norm,
+    }
+    for name, call in calls.items():
+        parameters = [
+            torch.nn.Parameter(distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]))
+            for t in full
+        ]
+        for parameter, grad in zip(parameters, full, strict=True):
+            parameter.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])  # a collective
+            if rank == world - 1:  # this rank's backward produced no gradient
+                parameter.grad = None
+        norm = call(parameters)
+        gathered = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(gathered, norm.float())
+        assert all(torch.equal(g, gathered[0]) for g in gathered), f"{name} rank {rank}: {gathered}"
+        assert gathered[0].item() > 0, name
+
+
+def _clip_step_with_scaler(parameters):
+    from fusedclip import amp
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))
+    return amp.clip_step(torch.optim.AdamW(parameters, fused=True), 1.0, scaler=scaler).total_norm
+
+
+def _check_tensor_parallel_submesh_with_data_parallel_replicas(rank, world):
+    """DTensors on the "tp" submesh of a (dp, tp) mesh, the same on every dp replica (tensor
+    parallelism under DDP): each element counts once, as torch's norm over the DTensor's mesh,
+    not once per replica (the other submeshes are the mesh's other dp rows)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fusedclip
+
+    tp = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))["tp"]
+    full = _full_gradients()
+    placements = [[Shard(0)], [Replicate()], [Shard(0)], [Shard(1)]]
+    for norm_type in NORM_TYPES:
+        grads = [distribute_tensor(t.clone(), tp, p) for t, p in zip(full, placements, strict=True)]
+        expected_norm = _reference_norm(full, norm_type)
+        result = fusedclip.fused_clip_(grads, max_norm=expected_norm / 2, norm_type=norm_type)
+        _close(result.total_norm, expected_norm, f"rank {rank} p={norm_type} submesh norm")
 
 
 def _check_group_narrower_than_mesh(rank, world):
@@ -389,6 +431,7 @@ def test_sharded_gradients(world):
         "_check_rank_without_gradients_gets_the_global_result",
         "_check_dtensor",
         "_check_dtensor_parameters_without_gradients_on_one_rank",
+        "_check_tensor_parallel_submesh_with_data_parallel_replicas",
         "_check_group_narrower_than_mesh",
         "_check_plain_tensors_among_dtensors",
         "_check_amp_overflow_on_one_rank_skips_everywhere",
