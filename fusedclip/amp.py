@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
@@ -34,6 +34,11 @@ def _parameters(optimizer: torch.optim.Optimizer) -> list:
     if len(groups) == 1:
         return groups[0]["params"]
     return list(itertools.chain.from_iterable(group["params"] for group in groups))
+
+
+def _each_parameter(optimizer: torch.optim.Optimizer) -> Iterable:
+    """`optimizer`'s parameters, lazily: for a test that most calls never make."""
+    return itertools.chain.from_iterable(group["params"] for group in optimizer.param_groups)
 
 
 def optimizer_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -308,7 +313,7 @@ def _step_measured(
     if scaling:
         _check_not_float16(grads)
     fused = _is_fused(optimizer)
-    dtensor_group = distributed.group_to_join(None, grads, _parameters(optimizer))
+    dtensor_group = distributed.group_to_join(None, grads, _each_parameter(optimizer))
     result, skip = measure(grads, _inv_scale(scaler) if scaling else None, fused, dtensor_group)
     flag = _recorded_flag(scaler, result.found_inf if grads else None) if scaling else None
     if flag is not None and _sharded_scaler(scaler)[0]:  # another rank's overflow skips here too
@@ -380,7 +385,7 @@ def clip_step(
                 norm_type=norm_type,
                 per_tensor=per_tensor,
                 process_group=distributed.group_to_join(
-                    process_group, grads, _parameters(optimizer)
+                    process_group, grads, _each_parameter(optimizer)
                 ),
                 backend=backend,
             )
@@ -449,7 +454,7 @@ def step(
     ]
     if not overflows and not fused:  # scaler.step raises here; a fused optimizer steps nothing
         raise AssertionError("No inf checks were recorded for this optimizer.")
-    flag = sum(overflows, torch.zeros((), device=device))
+    flag = sum(overflows) if overflows else torch.zeros((), device=device)
     if skip is not None:
         flag = flag + skip
     result = _step_unless(optimizer, flag.clamp(max=1).reshape(()), grad_scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -31,21 +32,22 @@ def _dtensor_type():
     return DTensor
 
 
-def has_dtensor(tensors: list[torch.Tensor]) -> bool:
+def has_dtensor(tensors: Iterable[torch.Tensor]) -> bool:
     dtensor = _dtensor_type()
     return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
 
 
-def group_of_dtensors(tensors: list) -> object | None:
+def group_of_dtensors(tensors: Iterable) -> object | None:
     """The group that `localize` combines DTensors over when no group is given (the default
     group, dist.group.WORLD), where `tensors` hold one; None otherwise."""
     return dist.group.WORLD if has_dtensor(tensors) else None
 
 
-def group_to_join(process_group, grads: list, parameters: list) -> object | None:
+def group_to_join(process_group, grads: list, parameters: Iterable) -> object | None:
     """The group of a call over `grads`, the gradients of `parameters`: `process_group`, or,
     where this rank has no gradient but its parameters are DTensors, the group the other ranks
-    combine theirs over (which it must join, or they wait for it)."""
+    combine theirs over (which it must join, or they wait for it). `parameters` is read only
+    in that case (an iterator will do)."""
     if process_group is not None or grads:
         return process_group
     return group_of_dtensors(parameters)
