@@ -60,9 +60,12 @@ def _lightning_run(
     extra_callbacks=(),
     monkeypatch,
     clipping_override=None,
+    before_clip_gradients=None,
 ) -> list[dict]:
     """`clipping_override(module, optimizer, clip_val, algorithm)`: the module's
-    configure_gradient_clipping (it records what it needs; no norms are recorded here then)."""
+    configure_gradient_clipping (it records what it needs; no norms are recorded here then).
+    `before_clip_gradients(module)`: runs in the module's clip_gradients override, before
+    Lightning's own."""
     lightning = pytest.importorskip("lightning")
     from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -97,6 +100,12 @@ def _lightning_run(
                 self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
             ):
                 clipping_override(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+        if before_clip_gradients is not None:
+
+            def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+                before_clip_gradients(self)
+                super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     record_norms = clipping_override is None
     norms: list[float] = []
@@ -236,6 +245,27 @@ def test_lightning_plugin_unscales_first_for_a_configure_gradient_clipping_overr
     )
     _assert_same_run(stock, fused)
     assert seen == pytest.approx(stock_seen, rel=1e-6, nan_ok=True)
+
+
+def test_lightning_plugin_unscales_first_for_a_clip_gradients_override(monkeypatch):
+    """A module's clip_gradients override that reads the gradients before calling Lightning's
+    sees them unscaled in stock Lightning, so it does here too."""
+    seen: list[float] = []
+
+    def read_gradients(module):
+        seen.append(sum(p.grad.double().square().sum() for p in module.parameters()).item())
+
+    settings = dict(precision="16-mixed", algorithm="norm", accumulate=1)
+    stock = _lightning_run(
+        fused=False, monkeypatch=monkeypatch, before_clip_gradients=read_gradients, **settings
+    )
+    stock_seen = list(seen)
+    seen.clear()
+    fused = _lightning_run(
+        fused=True, monkeypatch=monkeypatch, before_clip_gradients=read_gradients, **settings
+    )
+    _assert_same_run(stock, fused)
+    assert len(seen) == len(stock) and seen == pytest.approx(stock_seen, rel=1e-6, nan_ok=True)
 
 
 # accelerate --------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ unscale back and does it inside that clip, fused; what the loop observes stays t
   clip is fusedclip's: an `on_before_optimizer_step` hook (of the module or a callback) reads the
   gradients between unscale and clip; a `configure_gradient_clipping` override (it may read the
   gradients, or clip them with torch or through another optimizer object than the one it was
-  given; its `self.clip_gradients(...)` still runs fusedclip's clip); manual optimization;
+  given; its `self.clip_gradients(...)` still runs fusedclip's clip); a `clip_gradients` override
+  (it may read the gradients before it calls Lightning's); manual optimization;
   optimizers that unscale inside their step (fused Adam: Lightning refuses to clip those); a
   step without clipping.
 
@@ -59,7 +60,7 @@ class FusedMixedPrecision(MixedPrecision):
         if not model.automatic_optimization or _optimizer_handles_unscaling(optimizer):
             return False
         # Hooks that may read the gradients, or clip them without clip_gradients(optimizer).
-        for hook in ("on_before_optimizer_step", "configure_gradient_clipping"):
+        for hook in ("on_before_optimizer_step", "configure_gradient_clipping", "clip_gradients"):
             if is_overridden(hook, model, LightningModule):
                 return False
         return not any(
