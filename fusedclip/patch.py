@@ -11,10 +11,14 @@ Undoing restores exactly what was patched: every module global that holds one of
 stand-ins goes back to torch's function, including globals of modules imported while patched
 (they bound the stand-in). Only the stand-ins are touched: a module that imported fusedclip's
 own `clip_grad_norm_` keeps it, and a global rebound by someone else meanwhile is left alone.
-Attributes outside module globals (a class attribute, a `functools.partial`) are not followed.
+Attributes outside module globals (a class attribute, a `functools.partial`) are not followed:
+one that holds torch's `clip_grad_norm_` still calls torch's, but torch's looks its two halves up
+in torch.nn.utils.clip_grad, so while patched it runs fusedclip's `get_total_norm` and then
+`clip_grads_with_norm_` (fusedclip's results, in two passes instead of one fused call).
 
 Patches nest: each `patch()` returns a handle; torch's functions come back when the last
-handle is undone (or at once with `unpatch()`).
+handle is undone (or at once with `unpatch()`). As a decorator, `@fusedclip.patch()` patches
+for each call of the function it decorates, not from the decoration on.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ def is_patched() -> bool:
 
 
 class Patch:
-    """What `patch()` returns: `undo()` (or leaving a `with` block) removes this patch."""
+    """What `patch()` returns: `undo()` (or leaving a `with` block) removes this patch. Used as
+    a decorator it removes itself and patches each call of the decorated function instead."""
 
     def __init__(self) -> None:
         self._undone = False
@@ -122,6 +127,21 @@ class Patch:
     def __exit__(self, *exc_info) -> None:
         self.undo()
 
+    def __call__(self, function: Callable) -> Callable:
+        if not callable(function):
+            raise TypeError(
+                f"fusedclip.patch() decorates a function, got {type(function).__name__}; "
+                "write `@fusedclip.patch()` above a def, or `with fusedclip.patch(): ...`"
+            )
+        self.undo()
+
+        @functools.wraps(function)
+        def patched_while_running(*args, **kwargs):
+            with patch():
+                return function(*args, **kwargs)
+
+        return patched_while_running
+
 
 _open_handles: list[Patch] = []
 
@@ -129,7 +149,7 @@ _open_handles: list[Patch] = []
 def patch() -> Patch:
     """Make torch.nn.utils' four clipping functions, and every module global already bound to
     them, fusedclip's drop-ins. Returns a handle: `handle.undo()`, or use it as a context manager
-    (`with fusedclip.patch(): trainer.fit(...)`)."""
+    (`with fusedclip.patch(): trainer.fit(...)`) or a decorator (`@fusedclip.patch()`)."""
     with _lock:
         if not _open_handles:
             _apply()

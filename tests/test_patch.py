@@ -3,6 +3,7 @@ fusedclip while patched and are torch's again, exactly, after undo."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import types
@@ -190,3 +191,46 @@ def test_torchs_deprecated_clip_grad_norm_runs_fusedclip_while_patched(monkeypat
     with fusedclip.patch(), pytest.warns(FutureWarning):
         torch.nn.utils.clip_grad_norm(_parameters(3), 1.0)
     assert calls == ["clip_grad_norm_"]
+
+
+def test_patch_as_a_decorator_patches_each_call_of_the_function(monkeypatch):
+    calls = _calls_recorded(monkeypatch)
+
+    @fusedclip.patch()
+    def train_step(parameters, fail=False):
+        assert patch_module.is_patched()
+        norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        if fail:
+            raise ZeroDivisionError
+        return norm
+
+    assert not patch_module.is_patched(), "decorating alone left the patch on"
+    expected = _parameters(4)
+    torch_norm = TORCH_FUNCTIONS["clip_grad_norm_"](expected, 1.0)
+    actual = _parameters(4)
+    torch.testing.assert_close(train_step(actual), torch_norm)
+    assert calls == ["clip_grad_norm_"] and not patch_module.is_patched()
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
+    with pytest.raises(ZeroDivisionError):
+        train_step(_parameters(5), fail=True)
+    assert calls == ["clip_grad_norm_"] * 2 and not patch_module.is_patched()
+    with pytest.raises(TypeError, match=r"decorates a function, got int"):
+        fusedclip.patch()(3)
+
+
+def test_torchs_clip_grad_norm_held_outside_module_globals_runs_fusedclips_halves(monkeypatch):
+    """The patch does not follow a functools.partial; torch's function it holds looks up its
+    two halves in torch.nn.utils.clip_grad, which are fusedclip's while patched."""
+    calls = _calls_recorded(monkeypatch)
+    held = functools.partial(TORCH_FUNCTIONS["clip_grad_norm_"], max_norm=1.0)
+    fused, through_held = _parameters(6), _parameters(6)
+    with fusedclip.patch():
+        norm = held(through_held)
+        assert calls == ["get_total_norm", "clip_grads_with_norm_"]
+    expected_norm = fusedclip.clip_grad_norm_(fused, 1.0)
+    assert torch.equal(norm, expected_norm)
+    for got, want in zip(through_held, fused, strict=True):
+        assert torch.equal(got.grad, want.grad)
+    held(_parameters(7))  # torch's own again after undo
+    assert calls == ["get_total_norm", "clip_grads_with_norm_"]
