@@ -396,6 +396,32 @@ def test_a_subset_of_the_optimizers_parameters_keeps_accelerates_unscale(fresh_a
         torch.testing.assert_close(got, want, rtol=WEIGHT_RTOL, atol=0)
 
 
+@pytest.mark.parametrize("clip", ["norm", "value"])
+@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
+def test_a_single_tensor_is_clipped_as_torch_nn_utils_clips_it(
+    mixed_precision, clip, fresh_accelerate_state
+):
+    """Decision: `clip_grad_norm_(weight)` clips that weight, as torch.nn.utils and accelerate's
+    own clip_grad_value_ do (accelerate's clip_grad_norm_ iterates a tensor's rows)."""
+    accelerator = _new_accelerator(True, mixed_precision)
+    model = _tiny_net()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    inputs, targets = _batches(1)[0]
+    accelerator.backward(torch.nn.functional.mse_loss(model(inputs).float(), targets))
+    weight = model[0].weight
+    expected = torch.nn.Parameter(weight.detach().clone())
+    scale = accelerator.scaler.get_scale() if mixed_precision == "fp16" else 1.0
+    expected.grad = weight.grad / scale  # a power of two: exact
+    if clip == "norm":
+        torch_norm = torch.nn.utils.clip_grad_norm_(expected, 1e-3)
+        norm = accelerator.clip_grad_norm_(weight, 1e-3)
+        torch.testing.assert_close(norm, torch_norm, rtol=NORM_RTOL, atol=0)
+    else:
+        torch.nn.utils.clip_grad_value_(expected, 1e-5)
+        assert accelerator.clip_grad_value_(weight, 1e-5) is None
+    torch.testing.assert_close(weight.grad, expected.grad, rtol=WEIGHT_RTOL, atol=0)
+
+
 # Hugging Face Trainer ----------------------------------------------------------------------------
 
 

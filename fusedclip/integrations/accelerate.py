@@ -11,6 +11,10 @@ measured and clipped by one `fusedclip.amp.unscale_clip_` call, recorded in the 
 `accelerator.optimizer_step_was_skipped` says so). The returned norm is the same number, a
 float32 tensor. Without a scaler (fp32, bf16) the clip is `fusedclip.clip_grad_norm_`.
 
+One difference, on purpose: `clip_grad_norm_(tensor)` clips that tensor's gradient, as
+torch.nn.utils does (and accelerate's own `clip_grad_value_`); accelerate's `clip_grad_norm_`
+iterates the tensor's rows, which have no gradients, and clips nothing.
+
 Kept as accelerate does it: FSDP, DeepSpeed, XLA and Megatron (they clip through their own
 engines), DTensor gradients, and parameters that several optimizers (or a subset of one) hold,
 where accelerate's unscale of all optimizers comes first and only the clip is fusedclip's.
