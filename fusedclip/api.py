@@ -657,7 +657,7 @@ def clip_grads_with_norm_(
     total_norm = _check_total_norm(total_norm)
     clip_coef = clip_coefficient(total_norm.to(torch.float64), max_norm, None)
     _write_only(
-        _parameters_list(parameters), "parameters", clip_coef, None, backend, of_parameters=True
+        _as_list(parameters), "parameters", clip_coef, None, backend, of_parameters=True
     )
 
 
