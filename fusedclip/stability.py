@@ -432,7 +432,9 @@ class GradMonitor:
 
     def summary(self, top_k: int = 5) -> dict:
         """Reads the history back (one sync): clip frequency, norm percentiles, overflow steps,
-        and the tensors with the largest mean norm."""
+        and with per-tensor norms `largest_norms`, the `top_k` (name, mean) by the mean of each
+        tensor's finite norms in the window (one never finite ranks last, its mean NaN), and
+        `nonfinite_norms`, the `top_k` (name, count) of tensors whose norm was inf or NaN."""
         filled = min(self.steps, self.capacity)
         if filled == 0:
             return {"steps": 0}
@@ -455,8 +457,18 @@ class GradMonitor:
             "norm_max": float(finite.max()) if finite.numel() else math.nan,
         }
         if self.per_tensor is not None:
-            means = self.per_tensor[:filled].cpu().nanmean(dim=0)
-            order = torch.argsort(means, descending=True)[:top_k].tolist()
+            per_tensor = self.per_tensor[:filled].cpu()
+            is_finite = torch.isfinite(per_tensor)
+            # 0/0 = NaN for a tensor whose norms were never finite: it has no mean and ranks
+            # last (argsort would put NaN first).
+            means = per_tensor.where(is_finite, 0).sum(dim=0) / is_finite.sum(dim=0)
+            order = torch.argsort(means.nan_to_num(nan=-1.0), descending=True, stable=True)
+            nonfinite = (~is_finite).sum(dim=0)
             names = self.names or [f"tensor {i}" for i in range(means.numel())]
-            summary["largest_norms"] = [(names[i], float(means[i])) for i in order]
+            summary["largest_norms"] = [(names[i], float(means[i])) for i in order[:top_k]]
+            summary["nonfinite_norms"] = [
+                (names[i], int(nonfinite[i]))
+                for i in torch.argsort(nonfinite, descending=True, stable=True)[:top_k]
+                if nonfinite[i] > 0
+            ]
         return summary

@@ -410,9 +410,26 @@ def test_grad_monitor_statistics_match_direct_computation():
     assert summary["norm_p50"] == pytest.approx(torch.quantile(finite, 0.5).item())
     assert summary["norm_p90"] == pytest.approx(torch.quantile(finite, 0.9).item())
     assert summary["norm_max"] == pytest.approx(finite.max().item())
-    per_tensor = torch.tensor([p for _, _, _, p in window], dtype=torch.float64).nanmean(dim=0)
-    top = torch.argsort(per_tensor, descending=True)[:2].tolist()
-    assert [name for name, _ in summary["largest_norms"]] == [names[i] for i in top]
+    finite_means = [
+        statistics.fmean(n for n in column if math.isfinite(n))
+        for column in zip(*(p for _, _, _, p in window), strict=True)
+    ]
+    top = sorted(range(len(names)), key=lambda i: -finite_means[i])[:2]
+    assert summary["largest_norms"] == [
+        (names[i], pytest.approx(finite_means[i], rel=1e-12)) for i in top
+    ]
+    assert summary["nonfinite_norms"] == [(names[1], 1)]  # the inf at step 4
+
+
+def test_grad_monitor_ranks_a_tensor_that_was_never_finite_last():
+    monitor = GradMonitor(capacity=4, names=["nan", "small", "large"])
+    for _ in range(3):
+        grads = [torch.full((3,), math.nan), torch.full((3,), 0.1), torch.full((3,), 5.0)]
+        monitor.record(fusedclip.measure(grads, per_tensor=True))
+    summary = monitor.summary(top_k=3)
+    assert [name for name, _ in summary["largest_norms"]] == ["large", "small", "nan"]
+    assert math.isnan(summary["largest_norms"][2][1])
+    assert summary["nonfinite_norms"] == [("nan", 3)]
 
 
 def test_grad_monitor_names_must_match_the_gradients():
