@@ -130,6 +130,7 @@ def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Te
 
 def _check_total_norm(total_norm) -> torch.Tensor:
     if isinstance(total_norm, torch.Tensor):
+        total_norm = distributed.plain_value(total_norm)  # torch's get_total_norm of DTensors
         if total_norm.numel() != 1 or not total_norm.is_floating_point():
             raise ValueError(
                 "total_norm must be a number or a one-element floating-point tensor (what "

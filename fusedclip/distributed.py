@@ -43,6 +43,17 @@ def group_of_dtensors(tensors: Iterable) -> object | None:
     return dist.group.WORLD if has_dtensor(tensors) else None
 
 
+def plain_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's value as a plain tensor: a DTensor's local tensor when it is replicated along
+    every mesh dim, else its full tensor (a collective, as any DTensor op on it would be)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return tensor
+    if all(placement.is_replicate() for placement in tensor.placements):
+        return tensor.to_local()
+    return tensor.full_tensor()
+
+
 def group_to_join(process_group, grads: list, parameters: Iterable) -> object | None:
     """The group of a call over `grads`, the gradients of `parameters`: `process_group`, or,
     where this rank has no gradient but its parameters are DTensors, the group the other ranks

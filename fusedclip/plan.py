@@ -398,6 +398,8 @@ def _drop_repeats(
             if key in seen:
                 if refuse_repeats is not None:
                     raise _repeat_error(name, seen[key], index, refuse_repeats)
+                if copies is not None and copies[index] != copies[seen[key]]:
+                    raise _repeat_error(name, seen[key], index, _COUNTED_DIFFERENTLY)
                 listed.append(listed[seen[key]])
                 continue
             if writes and _overlaps_itself(memory):
@@ -436,6 +438,10 @@ def _repeat_error(name: str, first: int, index: int, why_and_fix: str) -> ValueE
 
 # What the refusals say after naming the two tensors (csrc/check_aliasing.cpp says it too).
 _SAME_MEMORY = "are the same memory, "
+_COUNTED_DIFFERENTLY = (
+    "one held by more ranks than the other (a DTensor and its local tensor, or two DTensors "
+    "placed differently), so it has no one count in the global norm; list it once"
+)
 _OVERLAP = (
     "overlap in memory without being the same view: scaling both in place would scale the "
     "shared elements twice; pass each gradient once (the same tensor listed twice is fine)"

@@ -289,6 +289,40 @@ def _check_plain_tensors_among_dtensors(rank, world):
     assert sharded.to_local().abs().max() <= 0.5 and plain.abs().max() <= 0.5
 
 
+def _check_dtensor_total_norm_and_a_dtensor_listed_with_its_local_tensor(rank, world):
+    """torch's get_total_norm of DTensors is a Replicate DTensor: clip_grads_with_norm_ takes
+    it (and a Partial one) as its value. A DTensor listed beside its own local tensor has no
+    one count in the global norm: refused, whichever comes first."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    import fusedclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = _full_gradients()[:2]
+    for total_kind in ("torch", "partial"):
+        mine = [_parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+        theirs = [_parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+        total = torch.nn.utils.get_total_norm([p.grad for p in theirs])
+        assert isinstance(total, DTensor), type(total)
+        torch.nn.utils.clip_grads_with_norm_(theirs, 0.5, total)
+        if total_kind == "partial":  # a pending sum whose value is the same norm
+            total = DTensor.from_local(total.to_local() / world, mesh, [Partial()])
+        fusedclip.clip_grads_with_norm_(mine, 0.5, total)
+        for got, want in zip(mine, theirs, strict=True):
+            assert torch.allclose(got.grad.full_tensor(), want.grad.full_tensor(), rtol=1e-6), (
+                f"rank {rank} {total_kind} total_norm"
+            )
+    replicated = distribute_tensor(full[0].clone(), mesh, [Replicate()])
+    for listed in ([replicated.to_local(), replicated], [replicated, replicated.to_local()]):
+        try:
+            fusedclip.get_total_norm(listed, process_group=dist.group.WORLD)
+        except ValueError as error:
+            assert "held by more ranks than the other" in str(error), str(error)
+        else:
+            raise AssertionError("a DTensor beside its own local tensor must be refused")
+
+
 def _check_amp_overflow_on_one_rank_skips_everywhere(rank, world):
     from fusedclip import amp
 
@@ -434,6 +468,7 @@ def test_sharded_gradients(world):
         "_check_tensor_parallel_submesh_with_data_parallel_replicas",
         "_check_group_narrower_than_mesh",
         "_check_plain_tensors_among_dtensors",
+        "_check_dtensor_total_norm_and_a_dtensor_listed_with_its_local_tensor",
         "_check_amp_overflow_on_one_rank_skips_everywhere",
         "_check_sharded_grad_scaler_skips_on_every_rank",
         "_check_zclip_on_shards_decides_as_unsharded",
