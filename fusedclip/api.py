@@ -657,9 +657,7 @@ def clip_grads_with_norm_(
     max_norm = _check_nonnegative(max_norm, "max_norm")
     total_norm = _check_total_norm(total_norm)
     clip_coef = clip_coefficient(total_norm.to(torch.float64), max_norm, None)
-    _write_only(
-        _as_list(parameters), "parameters", clip_coef, None, backend, of_parameters=True
-    )
+    _write_only(_as_list(parameters), "parameters", clip_coef, None, backend, of_parameters=True)
 
 
 @without_grad

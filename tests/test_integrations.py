@@ -103,7 +103,9 @@ def _lightning_run(
 
         if before_clip_gradients is not None:
 
-            def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            def clip_gradients(
+                self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+            ):
                 before_clip_gradients(self)
                 super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
