@@ -57,11 +57,7 @@ def _scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, funcname
     Reads the scaler's fields rather than calling its methods: torch.compile does not trace into
     torch.amp, and this keeps unscale_clip_ free of graph breaks.
     """
-    if scaler._scale is None:
-        raise AssertionError(
-            f"Attempted {funcname} but _scale is None.  This may indicate your script did not use "
-            "scaler.scale(loss or outputs) earlier in the iteration."
-        )
+    _check_scale(scaler, funcname)
     states = scaler._per_optimizer_states
     state = states.get(id(optimizer))
     if state is None:
@@ -80,6 +76,15 @@ def _scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, funcname
             "scaler.update(); call scaler.update() after each step (one clip_step per update)"
         )
     return state
+
+
+def _check_scale(scaler: GradScaler, funcname: str) -> None:
+    # torch's own check and message (GradScaler._check_scale_growth_tracker).
+    if scaler._scale is None:
+        raise AssertionError(
+            f"Attempted {funcname} but _scale is None.  This may indicate your script did not use "
+            "scaler.scale(loss or outputs) earlier in the iteration."
+        )
 
 
 def _check_scaler_and_optimizer(scaler, optimizer, funcname: str, *, scaler_optional: bool) -> None:
@@ -108,11 +113,14 @@ def _inv_scale(scaler: GradScaler) -> torch.Tensor:
     """As GradScaler.unscale_: the reciprocal in float64, then float32. Three small ops (three
     launches on a GPU) per step for a scale that changes only in scaler.update(), which writes it
     in place: the last one is kept with the scale tensor and its version. Not while traced or
-    captured: a compiled function or a CUDA graph must compute it from the scale on every run."""
+    captured: a compiled function or a CUDA graph must compute it from the scale on every run
+    (nor for an inference tensor, which has no version)."""
     global _last_inv_scale
     scale = scaler._scale
-    if torch.compiler.is_compiling() or (
-        scale.is_cuda and torch.cuda.is_current_stream_capturing()
+    if (
+        torch.compiler.is_compiling()
+        or (scale.is_cuda and torch.cuda.is_current_stream_capturing())
+        or scale.is_inference()  # created by a first scaler.scale() in inference mode: no version
     ):
         return scale.double().reciprocal().float()
     last = _last_inv_scale  # one read: another thread may replace it
@@ -128,9 +136,14 @@ def _inv_scale(scaler: GradScaler) -> torch.Tensor:
 _last_inv_scale: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
 
-def _check_not_float16(grads: list[torch.Tensor]) -> None:
-    # GradScaler refuses float16 gradients (float16 parameters); so do we, with its message.
-    if any(grad.dtype == torch.float16 for grad in grads):
+def _refuses_float16(scaler: GradScaler) -> bool:
+    """GradScaler.unscale_ refuses float16 gradients (float16 parameters), with the message
+    plan.FLOAT16_UNSCALE_ERROR; FSDP's ShardedGradScaler unscales them."""
+    return not _sharded_scaler(scaler)[0]
+
+
+def _check_not_float16(scaler: GradScaler, grads: list[torch.Tensor]) -> None:
+    if _refuses_float16(scaler) and any(grad.dtype == torch.float16 for grad in grads):
         raise ValueError(plan.FLOAT16_UNSCALE_ERROR)
 
 
@@ -139,15 +152,16 @@ def _recorded_flag(scaler: GradScaler, found_inf: torch.Tensor | None) -> torch.
     several optimizers GradScaler.update sums their flags into the first one's tensor in place,
     which would change the found_inf handed back. For a ShardedGradScaler, summed over its group
     as its own unscale_ does, so that every rank skips alike (a rank without gradients joins
-    with a 0)."""
+    with a 0). Shaped as the scaler's own flags: update() sums them in place into the first, so
+    a () flag among ShardedGradScaler's (1,) ones would not broadcast."""
     sharded, group = _sharded_scaler(scaler)
+    if not sharded:
+        return None if found_inf is None else found_inf.clone()
     if found_inf is None:
-        if not sharded:
-            return None
-        found_inf = torch.zeros(1, device=scaler._scale.device)
-    flag = found_inf.clone()
-    if sharded:
-        distributed.sum_across_ranks_(flag, group)
+        flag = torch.zeros(1, device=scaler._scale.device)
+    else:
+        flag = found_inf.reshape(1).clone()
+    distributed.sum_across_ranks_(flag, group)
     return flag
 
 
@@ -216,7 +230,7 @@ def unscale_clip_(
         process_group=process_group,
         backend=backend,
         of_parameters=True,
-        refuse_float16=state is not None,
+        refuse_float16=state is not None and _refuses_float16(scaler),
     )
     if state is not None:
         # No gradient (and no process group, whose verdict a rank without any still gets):
@@ -311,14 +325,16 @@ def _step_measured(
     grads = optimizer_gradients(optimizer)
     state = _scaler_state(scaler, optimizer, funcname) if scaling else None
     if scaling:
-        _check_not_float16(grads)
+        _check_not_float16(scaler, grads)
     fused = _is_fused(optimizer)
     dtensor_group = distributed.group_to_join(None, grads, _each_parameter(optimizer))
     result, skip = measure(grads, _inv_scale(scaler) if scaling else None, fused, dtensor_group)
     flag = _recorded_flag(scaler, result.found_inf if grads else None) if scaling else None
     if flag is not None and _sharded_scaler(scaler)[0]:  # another rank's overflow skips here too
         skip = skip.to(torch.bool) | (flag.reshape(()) > 0).to(skip.device)
-    if fused:
+    # A fused optimizer's grad_scale is float32: float64 gradients (the norm's dtype says there
+    # are some) take their coefficient at their own precision in the write pass instead.
+    if fused and result.total_norm.dtype != torch.float64:
         # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined
         # factor (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become
         # 0, and the skip flag covers overflow anyway).
@@ -433,6 +449,7 @@ def step(
     scaling = scaler is not None and scaler._enabled
     if not scaling:
         return optimizer.step() if skip is None else _step_unless(optimizer, skip)
+    _check_scale(scaler, "step")
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("step() has already been called since the last update().")

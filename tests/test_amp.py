@@ -545,3 +545,55 @@ def test_a_step_without_gradients_does_what_scaler_step_does(fused, how):
             outcome = ("raised", str(error))
         outcomes.append((outcome, scaler._per_optimizer_states[id(optimizer)]["stage"]))
     assert outcomes[1] == outcomes[0]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_fused_clip_step_applies_float64_gradients_at_float64(kind):
+    """A fused optimizer's grad_scale is float32: float64 gradients get the factor in the write
+    pass instead, as exact as unscale_clip_ then scaler.step (3e-8 off through grad_scale)."""
+    params = []
+    for path in ("unscale_clip_", "clip_step"):
+        param = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        optimizer = torch.optim.SGD([param], lr=1.0, fused=True)
+        if kind == "adamw":
+            optimizer = torch.optim.AdamW([param], lr=1.0, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(torch.ones(()))
+        param.grad = torch.tensor([3.0, 4.0, 1e-3], dtype=torch.float64) * 1024
+        if path == "unscale_clip_":
+            amp.unscale_clip_(scaler, optimizer, 1.0)
+            scaler.step(optimizer)
+        else:
+            amp.clip_step(optimizer, 1.0, scaler=scaler)
+        params.append(param.detach())
+    assert_close(params[1], params[0], rtol=1e-15, what="float64 parameter")
+
+
+def test_amp_step_without_a_scale_raises_scaler_steps_assertion():
+    errors = []
+    for step in (torch.amp.GradScaler.step, lambda s, o: amp.step(o, scaler=s)):
+        param = torch.nn.Parameter(torch.ones(3))
+        param.grad = torch.ones(3)
+        scaler = torch.amp.GradScaler("cpu")  # scaler.scale() never called: no scale yet
+        with pytest.raises(AssertionError) as caught:
+            step(scaler, torch.optim.SGD([param], lr=0.1))
+        errors.append(str(caught.value))
+    assert errors[1] == errors[0]
+
+
+def test_a_scale_created_in_inference_mode_unscales_as_torch_does():
+    grads = []
+    for ours in (False, True):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([param], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        with torch.inference_mode():
+            scaler.scale(torch.ones(()))  # the scale tensor is made here: an inference tensor
+        param.grad = torch.tensor([8.0, 16.0, 24.0])
+        if ours:
+            amp.unscale_clip_(scaler, optimizer, 1.0)
+        else:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([param], 1.0)
+        grads.append(param.grad.clone())
+    assert_close(grads[1], grads[0], rtol=1e-6, what="gradient")

@@ -386,6 +386,52 @@ def _check_sharded_grad_scaler_skips_on_every_rank(rank, world):
         assert scaler.get_scale() == 8.0, f"{what}: did not back off: {scaler.get_scale()}"
 
 
+def _check_sharded_grad_scaler_takes_float16_and_its_own_flags_shape(rank, world):
+    """ShardedGradScaler.unscale_ unscales float16 gradients, so fusedclip does too; and its
+    update() sums the recorded flags in place into the first, so fusedclip records them in its
+    shape (1,), mixed with its own unscale_'s and with a rank that has no gradient."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from fusedclip import amp
+
+    grads = []
+    for path in ("torch", "unscale_clip_", "clip_step"):
+        parameter = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+        optimizer = torch.optim.SGD([parameter], lr=1.0)
+        scaler = ShardedGradScaler("cpu", init_scale=8.0)
+        scaler.scale(torch.tensor(1.0))
+        parameter.grad = torch.tensor([8.0, 16.0, 24.0 + rank], dtype=torch.float16)
+        if path == "torch":
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([parameter], 1.0)
+        elif path == "unscale_clip_":
+            amp.unscale_clip_(scaler, optimizer, 1.0)
+        else:
+            amp.clip_step(optimizer, 1.0, scaler=scaler)
+            parameter.grad = -parameter.detach()  # what the lr=1 step applied
+        grads.append(parameter.grad.clone())
+    for path, grad in zip(("unscale_clip_", "clip_step"), grads[1:], strict=True):
+        assert torch.allclose(grad.float(), grads[0].float(), rtol=1e-3), f"rank {rank} {path}"
+    for order in ("fusedclip first", "scaler's own first", "both fusedclip"):
+        first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (first, second)]
+        scaler = ShardedGradScaler("cpu", init_scale=8.0)
+        scaler.scale(first(torch.ones(1, 2)).sum()).backward()  # `second` has no gradient
+        if order == "fusedclip first":
+            amp.unscale_clip_(scaler, optimizers[0], 1.0)
+            scaler.step(optimizers[0])
+            scaler.step(optimizers[1])  # the scaler's own unscale_: a (1,) flag
+        elif order == "scaler's own first":
+            scaler.unscale_(optimizers[0])
+            scaler.step(optimizers[0])
+            amp.clip_step(optimizers[1], 1.0, scaler=scaler)
+        else:
+            amp.clip_step(optimizers[0], 1.0, scaler=scaler)
+            amp.clip_step(optimizers[1], 1.0, scaler=scaler)
+        scaler.update()
+        assert scaler.get_scale() == 8.0, f"rank {rank} {order}: {scaler.get_scale()}"
+
+
 def _check_zclip_on_shards_decides_as_unsharded(rank, world):
     from fusedclip.stability import ZClip
 
@@ -471,6 +517,7 @@ def test_sharded_gradients(world):
         "_check_dtensor_total_norm_and_a_dtensor_listed_with_its_local_tensor",
         "_check_amp_overflow_on_one_rank_skips_everywhere",
         "_check_sharded_grad_scaler_skips_on_every_rank",
+        "_check_sharded_grad_scaler_takes_float16_and_its_own_flags_shape",
         "_check_zclip_on_shards_decides_as_unsharded",
         "_check_fsdp2_training_matches_unsharded",
     ]
