@@ -154,7 +154,7 @@ class _KernelInputs(NamedTuple):
 
 def _kernel_inputs(group: plan.DeviceGroup) -> _KernelInputs:
     """Dense gradients as they are; strided ones as contiguous copies; sparse ones as their
-    coalesced values (the tensor's own values when it is coalesced already)."""
+    coalesced values (the tensor's own values when it is coalesced already, else float64 ones)."""
     if not group.strided and not group.sparse:
         return _KernelInputs(group.dense, [])
     tensors = list(group.dense)
@@ -164,7 +164,10 @@ def _kernel_inputs(group: plan.DeviceGroup) -> _KernelInputs:
         tensors.append(buffer)
         write_backs.append((tensor, buffer))
     for tensor in group.sparse:
-        coalesced = tensor.coalesce()
+        # Duplicates are summed at float64: summed at the gradient's own precision, scaled
+        # (AMP) values would overflow where the unscaled sum fits (scaler.unscale_ unscales the
+        # values before anything sums them); the write back rounds once.
+        coalesced = tensor if tensor.is_coalesced() else tensor.to(torch.float64).coalesce()
         values = coalesced._values()
         contiguous = values.contiguous()
         tensors.append(contiguous)

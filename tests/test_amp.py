@@ -597,3 +597,29 @@ def test_a_scale_created_in_inference_mode_unscales_as_torch_does():
             torch.nn.utils.clip_grad_norm_([param], 1.0)
         grads.append(param.grad.clone())
     assert_close(grads[1], grads[0], rtol=1e-6, what="gradient")
+
+
+def test_uncoalesced_sparse_gradients_do_not_overflow_where_the_unscaled_sum_fits():
+    """scaler.unscale_ unscales a float32 sparse gradient's values before anything sums its
+    duplicates; fusedclip sums them at float64, so no false overflow skips the step."""
+    outcomes = []
+    for ours in (False, True):
+        embedding = torch.nn.Embedding(4, 2, sparse=True)
+        optimizer = torch.optim.SparseAdam(embedding.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        scaler.scale(torch.ones(()))
+        values = torch.tensor([[3e38, 0.0], [3e38, 1.0]])  # scaled; duplicates of row 0
+        embedding.weight.grad = torch.sparse_coo_tensor([[0, 0]], values, (4, 2))
+        if ours:
+            norm = amp.unscale_clip_(scaler, optimizer, 1.0).total_norm.item()
+        else:
+            scaler.unscale_(optimizer)
+            norm = None  # torch's float32 norm of these overflows: the oracle's is below
+        found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        outcomes.append((sum(flag.item() for flag in found_inf.values()), norm))
+        scaler.step(optimizer)
+        scaler.update()
+        outcomes[-1] += (scaler.get_scale(),)
+    (torch_found, _, torch_scale), (found, norm, scale) = outcomes
+    assert found == torch_found == 0.0 and scale == torch_scale
+    assert norm == pytest.approx(math.hypot(2 * 3e38 / 2**16, 1 / 2**16), rel=1e-6)

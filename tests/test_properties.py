@@ -265,9 +265,9 @@ class Materialized(NamedTuple):
 
 def values64(tensor: torch.Tensor) -> np.ndarray:
     """A gradient's values in float64, flat. A sparse one: the dense form of its coalesced values
-    (README: the norm is over those; duplicates are summed in the gradient's dtype)."""
+    (README: the norm is over those; duplicates are summed at float64)."""
     if tensor.is_sparse:
-        tensor = tensor.coalesce().to_dense()
+        tensor = tensor.to(torch.float64).coalesce().to_dense()
     return tensor.detach().to(torch.float64).reshape(-1).numpy().copy()
 
 
