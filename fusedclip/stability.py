@@ -273,6 +273,12 @@ def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _check_agc_arguments(clipping: float, eps: float) -> None:
+    for name, value in (("clipping", clipping), ("eps", eps)):
+        if not 0 < value < math.inf:  # NaN too
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
 @without_grad
 def agc_(
     parameters: Iterable[torch.nn.Parameter], clipping: float = 0.01, eps: float = 1e-3
@@ -282,15 +288,12 @@ def agc_(
     as in the NFNets reference code. Exclude the final classifier, as the paper does.
 
     Raises:
-        ValueError: `clipping` or `eps` is not > 0.
-        TypeError: a parameter or gradient that is not dense floating point (a sparse
-            nn.Embedding's), before any gradient is clipped.
+        ValueError: `clipping` or `eps` is not finite and > 0.
+        TypeError: a parameter that is not a tensor, or a parameter or gradient that is not
+            dense floating point (a sparse nn.Embedding's), before any gradient is clipped.
     """
-    if not clipping > 0:
-        raise ValueError(f"clipping must be > 0, got {clipping}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    for parameter, grad in _agc_pairs(parameters):
+    _check_agc_arguments(clipping, eps)
+    for parameter, grad in _agc_pairs(_agc_parameters(parameters)):
         max_norm = clipping * unitwise_norm(parameter.detach()).clamp(min=eps)
         grad_norm = unitwise_norm(grad)
         factor = torch.where(
@@ -302,12 +305,27 @@ def agc_(
             grad.copy_(grad.to(factor.dtype) * factor)
 
 
-def _agc_pairs(parameters) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _agc_parameters(parameters) -> list[torch.Tensor]:
+    """The parameters as a list (a single tensor as torch's clip functions take it), each one a
+    tensor: AGC reads the weights, so a (name, parameter) pair or a param group, which has no
+    .grad, must not be skipped as a parameter without a gradient."""
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    for index, parameter in enumerate(parameters):
+        if not isinstance(parameter, torch.Tensor):
+            raise TypeError(
+                f"parameters[{index}] is a {type(parameter).__name__}, not a tensor: pass "
+                "model.parameters() (of named_parameters() the tensors, of param groups their "
+                "'params')"
+            )
+    return parameters
+
+
+def _agc_pairs(parameters: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, gradient) of each parameter with a gradient, every one checked before the
     first is clipped: AGC clips unit by unit, so a refusal midway would leave some clipped."""
     pairs = []
     for index, parameter in enumerate(parameters):
-        grad = getattr(parameter, "grad", None)
+        grad = parameter.grad
         if grad is None:
             continue
         for what, tensor in (("", parameter), (".grad", grad)):
@@ -329,9 +347,10 @@ class AGC:
     """`agc_` bound to a set of parameters: `AGC(model.parameters()).step()` after backward."""
 
     def __init__(self, parameters, clipping: float = 0.01, eps: float = 1e-3):
-        self.parameters = list(parameters)
+        # Checked now, not at the first step.
+        _check_agc_arguments(clipping, eps)
+        self.parameters = _agc_parameters(parameters)
         self.clipping, self.eps = clipping, eps
-        agc_([], clipping, eps)  # argument checks now, not at the first step
 
     def step(self) -> None:
         agc_(self.parameters, self.clipping, self.eps)

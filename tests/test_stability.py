@@ -358,9 +358,34 @@ def test_agc_matches_its_formula_on_linear_and_conv_weights(dtype):
             assert differs.double().mean() < 1e-3, f"{what}: {int(differs.sum())} elements"
 
 
-def test_agc_rejects_a_clipping_factor_that_is_not_positive():
-    with pytest.raises(ValueError, match="clipping"):
-        AGC(torch.nn.Linear(2, 2).parameters(), clipping=0.0)
+@pytest.mark.parametrize(
+    "argument, value", [("clipping", 0.0), ("clipping", math.inf), ("eps", math.inf), ("eps", -1)]
+)
+def test_agc_rejects_a_factor_that_is_not_finite_and_positive(argument, value):
+    with pytest.raises(ValueError, match=f"{argument} must be a finite number > 0"):
+        AGC(torch.nn.Linear(2, 2).parameters(), **{argument: value})
+
+
+def test_agc_clips_a_single_tensor_and_refuses_what_is_not_a_parameter():
+    """A tensor is one parameter (as torch's clip functions take it); a (name, parameter) pair or
+    a param group has no .grad and was skipped, clipping nothing."""
+    linear = torch.nn.Linear(4, 4)
+    (linear(torch.randn(2, 4)) * 100).sum().backward()
+    unclipped = linear.weight.grad.clone()
+    as_list = torch.nn.Parameter(linear.weight.detach().clone())
+    as_list.grad = unclipped.clone()
+    agc_([as_list])
+    assert not torch.equal(as_list.grad, unclipped), "the case must clip"
+    AGC(linear.weight).step()
+    assert torch.equal(linear.weight.grad, as_list.grad)
+    before = linear.weight.grad.clone()
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1)
+    for wrong, kind in [(linear.named_parameters(), "tuple"), (optimizer.param_groups, "dict")]:
+        with pytest.raises(TypeError, match=rf"parameters\[0\] is a {kind}, not a tensor"):
+            AGC(list(wrong))
+    with pytest.raises(TypeError, match=r"parameters\[0\] is a tuple, not a tensor"):
+        agc_(linear.named_parameters())
+    assert torch.equal(linear.weight.grad, before)
 
 
 def test_agc_refuses_a_gradient_it_cannot_clip_before_clipping_any():
