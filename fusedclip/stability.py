@@ -388,6 +388,7 @@ class GradMonitor:
         self._skip_budget = SkipBudget(max_skips, skip_window)
         self.steps = 0
         self.norms = self.coefs = self.found_inf = self.per_tensor = None
+        self._has_per_tensor: list[bool] = []  # per slot: whether per_tensor holds that step
         self.norm_ema: torch.Tensor | None = None  # NaN until the first finite, nonzero norm
         self.should_skip: torch.Tensor | None = None
 
@@ -424,10 +425,22 @@ class GradMonitor:
                 f"{per_tensor.numel()} per-tensor norms: pass one name per gradient that exists, "
                 "e.g. names=[n for n, p in model.named_parameters() if p.grad is not None]"
             )
+        if (
+            per_tensor is not None
+            and self.per_tensor is not None
+            and self.per_tensor.shape[1] != per_tensor.numel()
+        ):
+            raise ValueError(
+                f"GradMonitor recorded {self.per_tensor.shape[1]} per-tensor norms per step "
+                f"before, and this result has {per_tensor.numel()}: its columns are the "
+                "gradients by position, so record per-tensor norms of the same gradients every "
+                "step (or names=... for the ones that exist)"
+            )
         if per_tensor is not None and self.per_tensor is None:
             self.per_tensor = torch.zeros(
                 self.capacity, per_tensor.numel(), dtype=torch.float64, device=norm.device
             )
+            self._has_per_tensor = [False] * self.capacity
         slot = self.steps % self.capacity
         self.norms[slot] = norm
         coef = result.clip_coef.to(torch.float64)
@@ -437,6 +450,8 @@ class GradMonitor:
         self.found_inf[slot] = result.found_inf.to(torch.float32)
         if per_tensor is not None:
             self.per_tensor[slot] = per_tensor.to(torch.float64)
+        if self.per_tensor is not None:  # on the host: a step without them is left out
+            self._has_per_tensor[slot] = per_tensor is not None
         finite = torch.isfinite(norm)
         above = finite & (norm > self.spike_factor * self.norm_ema)  # False while the EMA is NaN
         spike = self._skip_budget.take(above)
@@ -452,8 +467,9 @@ class GradMonitor:
     def summary(self, top_k: int = 5) -> dict:
         """Reads the history back (one sync): clip frequency, norm percentiles, overflow steps,
         and with per-tensor norms `largest_norms`, the `top_k` (name, mean) by the mean of each
-        tensor's finite norms in the window (one never finite ranks last, its mean NaN), and
-        `nonfinite_norms`, the `top_k` (name, count) of tensors whose norm was inf or NaN."""
+        tensor's finite norms over the window's steps that recorded them (one never finite
+        ranks last, its mean NaN), and `nonfinite_norms`, the `top_k` (name, count) of tensors
+        whose norm was inf or NaN."""
         filled = min(self.steps, self.capacity)
         if filled == 0:
             return {"steps": 0}
@@ -476,7 +492,8 @@ class GradMonitor:
             "norm_max": float(finite.max()) if finite.numel() else math.nan,
         }
         if self.per_tensor is not None:
-            per_tensor = self.per_tensor[:filled].cpu()
+            recorded = [slot for slot in range(filled) if self._has_per_tensor[slot]]
+            per_tensor = self.per_tensor[:filled].cpu()[recorded]
             is_finite = torch.isfinite(per_tensor)
             # 0/0 = NaN for a tensor whose norms were never finite: it has no mean and ranks
             # last (argsort would put NaN first).

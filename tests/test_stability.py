@@ -520,3 +520,23 @@ def test_stability_tools_refuse_bad_arguments_when_made(make, argument):
     after some of the state had changed."""
     with pytest.raises(ValueError, match=rf"^{argument} must be"):
         make()
+
+
+def test_grad_monitor_refuses_a_changed_gradient_count_and_skips_steps_without_per_tensor():
+    def result(values, per_tensor=True):
+        grads = [torch.full((4,), value) for value in values]
+        return fusedclip.measure(grads, per_tensor=per_tensor)
+
+    monitor = GradMonitor(capacity=4)
+    monitor.record(result([1.0, 1.0]))
+    for values in ([50.0], [1.0, 1.0, 1.0]):  # a shorter list broadcast into every column
+        with pytest.raises(ValueError, match=r"recorded 2 per-tensor norms per step before"):
+            monitor.record(result(values))
+    assert monitor.steps == 1 and monitor.summary()["norm_max"] == pytest.approx(2 * math.sqrt(2))
+    monitor = GradMonitor(capacity=4)
+    for per_tensor in (True, True, False, False, True):  # logging steps without them; wraps
+        monitor.record(result([5.0, 1.0], per_tensor))
+    assert monitor.summary()["largest_norms"] == [
+        ("tensor 0", pytest.approx(10.0)),
+        ("tensor 1", pytest.approx(2.0)),
+    ]
