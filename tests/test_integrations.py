@@ -517,6 +517,40 @@ def test_trainer_matches_its_own_clipping_and_logs_the_same_grad_norm(
         assert stock_history[OVERFLOW_BATCH]["loss scale"] < stock_history[0]["loss scale"]
 
 
+def test_enable_carries_over_to_an_accelerator_the_trainer_makes_anew(
+    fresh_accelerate_state, tmp_path, monkeypatch
+):
+    """hyperparameter_search makes a new Accelerator for every trial
+    (create_accelerator_and_postprocess); it must clip through fusedclip too."""
+    transformers = pytest.importorskip("transformers")
+    import fusedclip
+    from fusedclip.integrations import transformers as fused_transformers
+
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    tokens = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, max_grad_norm=0.1,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=transformers.GPT2LMHeadModel(config),
+        args=args,
+        train_dataset=[{"input_ids": row, "labels": row} for row in tokens],
+    )
+    fused_transformers.enable(fused_transformers.enable(trainer))  # twice: still one wrapper
+    trainer.create_accelerator_and_postprocess()  # what every hyperparameter_search trial does
+    clips = []
+    fused_clip = fusedclip.clip_grad_norm_
+
+    def recording_clip(*call_args, **kwargs):
+        clips.append(kwargs)
+        return fused_clip(*call_args, **kwargs)
+
+    monkeypatch.setattr(fusedclip, "clip_grad_norm_", recording_clip)
+    trainer.train()
+    assert len(clips) == 2, "the new Accelerator clipped through accelerate's own path"
+
+
 def test_enable_refuses_what_is_not_a_trainer():
     pytest.importorskip("transformers")
     from fusedclip.integrations import transformers as fused_transformers
