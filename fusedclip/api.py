@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from fusedclip import distributed, plan
+from fusedclip import dispatch, distributed, plan
 from fusedclip.dispatch import BackendName
 from fusedclip.grad_mode import without_grad
 from fusedclip.norms import clip_coefficient, combine_norms, is_inf_norm
@@ -66,6 +66,12 @@ def _parameters_list(parameters: TensorOrTensors) -> list:
             "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4
         )
     return parameters
+
+
+def check_backend(backend: BackendName | None) -> None:
+    """A ValueError now for a backend name no call would take (for objects that keep one)."""
+    if backend is not None:
+        dispatch.requested_backend(backend)
 
 
 def _check_nonnegative(value, name: str, fix: str = "") -> float:

@@ -46,6 +46,11 @@ def _check_count(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_fraction(name: str, value) -> None:
     if not 0 < value < 1:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
@@ -128,12 +133,14 @@ class ZClip:
         if mode not in ("adaptive", "zscore"):
             raise ValueError(f"mode must be 'adaptive' or 'zscore', got {mode!r}")
         _check_count("warmup_steps", warmup_steps, 1)
-        if max_norm is not None and not max_norm >= 0:
+        if max_norm is not None and (isinstance(max_norm, bool) or not max_norm >= 0):
             raise ValueError(f"max_norm must be a non-negative number or None, got {max_norm}")
         if not (eps > 0 and math.isfinite(eps)):
             # The floor of the standard deviation: a NaN one would make every z-score NaN, and
             # so never a spike.
             raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        _check_bool("skip_on_spike", skip_on_spike)
+        api.check_backend(backend)
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
         self.skip_on_spike = skip_on_spike
@@ -378,6 +385,14 @@ class GradMonitor:
         skip_window: int = 100,
     ):
         _check_count("capacity", capacity, 1)
+        if names is not None:
+            # A str is an iterable of str too, one name per character.
+            listed = None if isinstance(names, str) else list(names)
+            if listed is None or not all(isinstance(name, str) for name in listed):
+                raise TypeError(
+                    f"names must be a list of str (one per gradient) or None, got {names!r}"
+                )
+            names = listed
         if not spike_factor > 1:
             raise ValueError(
                 f"spike_factor must be > 1 (a spike is a norm that many times the EMA of earlier "
@@ -470,6 +485,7 @@ class GradMonitor:
         tensor's finite norms over the window's steps that recorded them (one never finite
         ranks last, its mean NaN), and `nonfinite_norms`, the `top_k` (name, count) of tensors
         whose norm was inf or NaN."""
+        _check_count("top_k", top_k, 0)
         filled = min(self.steps, self.capacity)
         if filled == 0:
             return {"steps": 0}

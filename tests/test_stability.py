@@ -512,13 +512,20 @@ def test_zclip_takes_the_gradients_of_plain_tensor_parameters_and_never_a_weight
         (lambda: GradMonitor(ema=1.0), "ema"),
         (lambda: GradMonitor(capacity=2.5), "capacity"),
         (lambda: GradMonitor(capacity=math.nan), "capacity"),
+        (lambda: ZClip(backend="bogus"), "backend"),
+        (lambda: ZClip(skip_on_spike="no"), "skip_on_spike"),
+        (lambda: ZClip(max_norm=True), "max_norm"),
+        (lambda: GradMonitor(names="abc"), "names"),
+        (lambda: GradMonitor(names=[0, 1]), "names"),
+        (lambda: GradMonitor().summary(top_k=-1), "top_k"),
     ],
 )
 def test_stability_tools_refuse_bad_arguments_when_made(make, argument):
     """Each at construction, by name: a NaN eps or ema silently disabled the spike rule, a
-    spike_factor <= 1 flagged ordinary steps, and a float count failed only at the first step,
-    after some of the state had changed."""
-    with pytest.raises(ValueError, match=rf"^{argument} must be"):
+    spike_factor <= 1 flagged ordinary steps, a float count failed only at the first step,
+    after some of the state had changed, a bad backend at the first step, and names="abc" was
+    three names."""
+    with pytest.raises((ValueError, TypeError), match=rf"^{argument}\b"):
         make()
 
 
