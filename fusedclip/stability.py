@@ -76,7 +76,8 @@ class SkipBudget:
 
     def __init__(self, max_skips: int = 3, window: int = 100):
         _check_count("max_skips", max_skips, 1)
-        _check_count("skip_window", window, max_skips)
+        # A window of max_skips steps would let every step be skipped: what the budget prevents.
+        _check_count("skip_window", window, max_skips + 1)
         self.max_skips, self.window = max_skips, window
         self._recent: torch.Tensor | None = None  # ring of the last `window` decisions
         self._steps = 0  # a host int: the ring's position needs no sync

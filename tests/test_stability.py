@@ -513,6 +513,7 @@ def test_zclip_takes_the_gradients_of_plain_tensor_parameters_and_never_a_weight
         (lambda: GradMonitor(capacity=2.5), "capacity"),
         (lambda: GradMonitor(capacity=math.nan), "capacity"),
         (lambda: ZClip(backend="bogus"), "backend"),
+        (lambda: ZClip(max_skips=2, skip_window=2), "skip_window"),
         (lambda: ZClip(skip_on_spike="no"), "skip_on_spike"),
         (lambda: ZClip(max_norm=True), "max_norm"),
         (lambda: GradMonitor(names="abc"), "names"),
