@@ -209,6 +209,26 @@ def test_reduce_large_p_and_extreme_values_against_exact_oracle(device, backend,
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("norm_type", [1e17, 1e20, 1e300])
+def test_reduce_huge_p_is_the_largest_magnitude(device, backend, norm_type):
+    """For p this large (sum |g|^p)^(1/p) is max |g| to within count^(1/p) - 1 < 1e-15. The cpu
+    kernel scales by max * (1 / max), which rounds to 1 - 2^-53 for some maxima (25232.552734375
+    among them): to the power 1e20 every term was 0, and so was the norm."""
+    ops = dispatch.select(torch.device(device), backend)
+    palette = [25232.552734375, -3.0, 1e-20, 25232.552734375]
+    tensors = [
+        f32(25232.552734375, 1.0).to(device),
+        palette_tensor(multi_chunk_size(device, backend), palette, torch.float32, 8).to(device),
+    ]
+    raw_norm, found_inf, per_tensor_norms = ops.reduce(tensors, norm_type, True)
+    assert_close(raw_norm, torch.tensor(25232.552734375, dtype=torch.float64), rtol=1e-15)
+    assert_close(
+        per_tensor_norms, torch.full((2,), 25232.552734375, dtype=torch.float64), rtol=1e-15
+    )
+    assert found_inf.item() == 0.0
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
 @pytest.mark.parametrize("norm_type", [1e-300, 1e-16, 1e-12, 1e-9, 2.0**-11, 1e-3, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reduce_tiny_p_of_one_nonzero_element_is_its_magnitude(device, backend, norm_type, dtype):

@@ -368,7 +368,10 @@ FUSEDCLIP_TARGET_CLONES ScaledSum reduce_chunk_scaled(const void* data_ptr, int6
     } else {
       accumulate(data + i);
     }
-    chunk.merge(ScaledSum{block_max, combine_lanes(lanes)}, norm_type);
+    // The max's own term, (max * (1 / max))^p, is 1 or (1 - 2^-53)^p: beyond p of about 1e17
+    // that underflows toward 0 with every other term, and a sum of 0 made the norm 0. The
+    // exact sum is at least the max's term, 1, so the block's is too.
+    chunk.merge(ScaledSum{block_max, std::max(1.0, combine_lanes(lanes))}, norm_type);
   }
   return chunk;
 }
