@@ -219,6 +219,18 @@ def test_lightning_plugin_unscales_first_when_a_hook_reads_the_gradients(monkeyp
     assert seen == pytest.approx(stock_seen, rel=1e-12, nan_ok=True)
 
 
+def _stock_and_fused_runs(seen: list, monkeypatch, **options) -> tuple[list[dict], list]:
+    """A stock and a fused 16-mixed run with `options` (their hooks append to `seen`), checked to
+    train alike; returns the stock run and what it appended. `seen` then holds the fused run's."""
+    settings = dict(precision="16-mixed", algorithm="norm", accumulate=1)
+    stock = _lightning_run(fused=False, monkeypatch=monkeypatch, **settings, **options)
+    stock_seen = list(seen)
+    seen.clear()
+    fused = _lightning_run(fused=True, monkeypatch=monkeypatch, **settings, **options)
+    _assert_same_run(stock, fused)
+    return stock, stock_seen
+
+
 @pytest.mark.parametrize("clips_with", ["torch", "lightning-wrapper", "reads-then-clip_gradients"])
 def test_lightning_plugin_unscales_first_for_a_configure_gradient_clipping_override(
     clips_with, monkeypatch
@@ -236,16 +248,7 @@ def test_lightning_plugin_unscales_first_for_a_configure_gradient_clipping_overr
         else:
             module.clip_gradients(optimizer, clip_val, algorithm)
 
-    settings = dict(precision="16-mixed", algorithm="norm", accumulate=1)
-    stock = _lightning_run(
-        fused=False, monkeypatch=monkeypatch, clipping_override=override, **settings
-    )
-    stock_seen = list(seen)
-    seen.clear()
-    fused = _lightning_run(
-        fused=True, monkeypatch=monkeypatch, clipping_override=override, **settings
-    )
-    _assert_same_run(stock, fused)
+    _, stock_seen = _stock_and_fused_runs(seen, monkeypatch, clipping_override=override)
     assert seen == pytest.approx(stock_seen, rel=1e-6, nan_ok=True)
 
 
@@ -257,16 +260,9 @@ def test_lightning_plugin_unscales_first_for_a_clip_gradients_override(monkeypat
     def read_gradients(module):
         seen.append(sum(p.grad.double().square().sum() for p in module.parameters()).item())
 
-    settings = dict(precision="16-mixed", algorithm="norm", accumulate=1)
-    stock = _lightning_run(
-        fused=False, monkeypatch=monkeypatch, before_clip_gradients=read_gradients, **settings
+    stock, stock_seen = _stock_and_fused_runs(
+        seen, monkeypatch, before_clip_gradients=read_gradients
     )
-    stock_seen = list(seen)
-    seen.clear()
-    fused = _lightning_run(
-        fused=True, monkeypatch=monkeypatch, before_clip_gradients=read_gradients, **settings
-    )
-    _assert_same_run(stock, fused)
     assert len(seen) == len(stock) and seen == pytest.approx(stock_seen, rel=1e-6, nan_ok=True)
 
 
