@@ -74,8 +74,19 @@ def combine_norms(
     powers = (norms / safe).pow(norm_type)
     if weights is not None:
         powers = powers * weights.to(powers)
-    combined = safe * powers.sum().pow(1.0 / norm_type)
+    combined = scale_by_root(safe, powers.sum(), norm_type)
     return torch.where(torch.isfinite(largest) & (largest > 0), combined, largest)
+
+
+def scale_by_root(scale: torch.Tensor, power_sum: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """scale * power_sum^(1/p) for a finite scale > 0 and a power_sum >= 1, finite whenever it fits
+    float64: for a tiny p the root alone can overflow while the product fits, and then it is applied
+    as three factors (norm.h's scale_by_root, which says why three)."""
+    root = power_sum.pow(1.0 / norm_type)
+    exponent = power_sum.log2() / norm_type
+    third = torch.exp2(exponent / 3.0)
+    in_thirds = scale * third * third * torch.exp2(exponent - 2.0 * (exponent / 3.0))
+    return torch.where(torch.isfinite(root), scale * root, in_thirds)
 
 
 def clip_coefficient(

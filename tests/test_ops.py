@@ -248,6 +248,33 @@ def test_reduce_tiny_p_of_one_nonzero_element_is_its_magnitude(device, backend, 
     assert found_inf.item() == 0.0
 
 
+# Two equal magnitudes x at p: the norm is x * 2^(1/p), finite here though 2^(1/p) is not.
+TINY_P_OVERFLOWING_ROOT_CASES = {
+    "float64-p2^-10": (torch.float64, 2.0**-40, 2.0**-10),
+    "float64-p2^-11-subnormal": (torch.float64, 2.0**-1074, 2.0**-11),
+    "float32-p0.00095": (torch.float32, 2.0**-126, 0.00095),
+}
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("case", list(TINY_P_OVERFLOWING_ROOT_CASES))
+def test_reduce_tiny_p_norm_is_finite_when_only_the_root_overflows(device, backend, case):
+    """A scaled sum's norm is scale * sum^(1/p): for a tiny p the root alone passed float64's max
+    and the norm came back inf ([3.2e-9, 2.4e-9] at p = 0.000975, whose norm is 1.55e300)."""
+    ops = dispatch.select(torch.device(device), backend)
+    dtype, magnitude, norm_type = TINY_P_OVERFLOWING_ROOT_CASES[case]
+    spread = torch.zeros(multi_chunk_size(device, backend), dtype=dtype, device=device)
+    spread[3] = magnitude
+    spread[-2] = -magnitude
+    raw_norm, found_inf, per_tensor_norms = ops.reduce([spread], norm_type, True)
+    expected = 2.0 ** (1.0 / norm_type + math.log2(magnitude))
+    assert math.isfinite(expected) and 1.0 / norm_type >= 1024, "2^(1/p) must overflow"
+    expected_tensor = torch.tensor([expected], dtype=torch.float64)
+    assert_close(raw_norm.reshape(1), expected_tensor, rtol=RAW_NORM_RTOL, what="raw_norm")
+    assert_close(per_tensor_norms, expected_tensor, rtol=RAW_NORM_RTOL, what="per_tensor_norms")
+    assert found_inf.item() == 0.0
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
 @pytest.mark.parametrize("bad_value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("where", ["first", "last", "tail", "second_chunk"])

@@ -95,7 +95,14 @@ def _scaled_norm(scale, scaled_sum, norm_type, NORM_KIND: tl.constexpr):
     NaN."""
     ordinary = _is_ordinary_scale(scale)
     safe_sum = tl.where(ordinary, scaled_sum, 1.0)
-    return tl.where(ordinary, scale * _root(safe_sum, norm_type, NORM_KIND), scale)
+    root = _root(safe_sum, norm_type, NORM_KIND)
+    # For a tiny p the root alone can overflow while the norm fits: then it is applied as three
+    # factors (norm.h's scale_by_root says why three).
+    exponent = tl.log2(safe_sum) / norm_type
+    third = tl.exp2(exponent / 3.0)
+    in_thirds = scale * third * third * tl.exp2(exponent - 2.0 * (exponent / 3.0))
+    norm = tl.where(root < float("inf"), scale * root, in_thirds)
+    return tl.where(ordinary, norm, scale)
 
 
 @triton.jit

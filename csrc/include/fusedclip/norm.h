@@ -15,10 +15,12 @@
 namespace fusedclip {
 
 #if !defined(__CUDACC__)
+using std::exp2;
 using std::fabs;
 using std::isfinite;
 using std::isinf;
 using std::isnan;
+using std::log2;
 using std::pow;
 using std::sqrt;
 #endif
@@ -57,6 +59,19 @@ FUSEDCLIP_HOST_DEVICE double nan_max(double accumulated, double value) {
   return (value > accumulated || isnan(value)) ? value : accumulated;
 }
 
+// scale * sum^(1/p) for a finite scale > 0 and a sum >= 1. For a tiny p, sum^(1/p) alone can pass
+// DBL_MAX while the product fits ([3.2e-9, 2.4e-9] at p = 0.000975: 2^(1/p) overflows, the norm
+// is 1.55e300); then the root is applied as three factors sum^(1/3p), each partial product below
+// the norm (scale >= 2^-1074 and norm < 2^1024 bound the exponent by 2098, a third by 700).
+// fusedclip/norms.py and fusedclip/triton/kernels.py use the same formula.
+FUSEDCLIP_HOST_DEVICE double scale_by_root(double scale, double sum, double norm_type) {
+  const double root = pow(sum, 1.0 / norm_type);
+  if (isfinite(root)) return scale * root;
+  const double exponent = log2(sum) / norm_type;
+  const double third = exp2(exponent / 3.0);
+  return scale * third * third * exp2(exponent - 2.0 * (exponent / 3.0));
+}
+
 // sum |g|^p held as scale^p * sum, with scale = max |g| seen (so sum is in [1, count]): the
 // LAPACK nrm2 idea. Overflow- and underflow-free for every p; combining two is deterministic for
 // a fixed order. A non-finite scale (an inf or NaN element) is the norm itself.
@@ -89,7 +104,7 @@ struct ScaledSum {
 
   FUSEDCLIP_HOST_DEVICE double norm(double norm_type) const {
     if (scale == 0.0 || !isfinite(scale)) return scale;
-    return scale * pow(sum, 1.0 / norm_type);
+    return scale_by_root(scale, sum, norm_type);
   }
 };
 
