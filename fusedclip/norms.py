@@ -96,9 +96,11 @@ def clip_coefficient(
     coef = torch.ones((), dtype=torch.float64, device=total_norm.device)
     if max_norm is not None:
         norm = total_norm.to(torch.float64)
-        # A tensor numerator: `float / tensor` is a reciprocal and a product, rounded twice.
+        # A tensor numerator: `float / tensor` is a reciprocal and a product, rounded twice. It is
+        # ones * max_norm, not new_tensor(max_norm): under torch.compile that makes a changing
+        # max_norm a constant of the graph, compiled again for every value.
         # clamp(max=1) keeps NaN, as torch's clip_grad_norm_ does.
-        coef = (norm.new_tensor(max_norm) / (norm + NORM_EPS)).clamp(max=1.0)
+        coef = ((torch.ones_like(norm) * max_norm) / (norm + NORM_EPS)).clamp(max=1.0)
     if inv_scale is not None:
         coef = coef * inv_scale.to(device=coef.device, dtype=torch.float64).reshape(())
     return coef

@@ -331,6 +331,31 @@ def test_a_changing_max_norm_neither_breaks_the_graph_nor_recompiles_in_plain_to
         lenient([parameter], float("nan"))
 
 
+def test_a_changing_max_norm_compiles_twice_with_inductor_on_the_reference_backend():
+    """The reference coefficient made max_norm a tensor with new_tensor, which inductor's graph
+    holds as a constant: every new max_norm compiled again. (The ops of the other backends take
+    it as a float argument, a constant too: README, "torch.compile".)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    clip = torch.compile(
+        lambda ps, m: fusedclip.clip_grad_norm_(ps, m, backend="reference"), fullgraph=True
+    )
+    for step in range(4):
+        parameter.grad = torch.ones(4)
+        max_norm = 0.5 + 0.01 * step
+        clip([parameter], max_norm)
+        assert_close(
+            torch.linalg.vector_norm(parameter.grad),
+            torch.tensor(max_norm),
+            rtol=1e-5,
+            what=f"clipped norm at step {step}",
+        )
+    assert counters["stats"]["unique_graphs"] <= 2, "a changing max_norm compiled again"
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params())
 @pytest.mark.parametrize("layout", ["dense", "strided"])
 @pytest.mark.parametrize("in_inference_mode", [False, True], ids=["outside", "inside"])
