@@ -71,6 +71,9 @@ def combine_norms(
     if is_inf_norm(norm_type):
         return largest
     safe = torch.where(torch.isfinite(largest) & (largest > 0), largest, torch.ones_like(largest))
+    # p as a tensor: inductor (torch 2.14, dynamic=True) compiled pow(x, p) of a symbolic p as
+    # x * x for the p of the first call, with no guard, so later calls got the 2-norm.
+    norm_type = torch.ones_like(largest) * norm_type
     powers = (norms / safe).pow(norm_type)
     if weights is not None:
         powers = powers * weights.to(powers)
@@ -78,10 +81,12 @@ def combine_norms(
     return torch.where(torch.isfinite(largest) & (largest > 0), combined, largest)
 
 
-def scale_by_root(scale: torch.Tensor, power_sum: torch.Tensor, norm_type: float) -> torch.Tensor:
+def scale_by_root(
+    scale: torch.Tensor, power_sum: torch.Tensor, norm_type: torch.Tensor
+) -> torch.Tensor:
     """scale * power_sum^(1/p) for a finite scale > 0 and a power_sum >= 1, finite whenever it fits
     float64: for a tiny p the root alone can overflow while the product fits, and then it is applied
-    as three factors (norm.h's scale_by_root, which says why three)."""
+    as three factors (norm.h's scale_by_root, which says why three). p: a float64 0-dim tensor."""
     root = power_sum.pow(1.0 / norm_type)
     exponent = power_sum.log2() / norm_type
     third = torch.exp2(exponent / 3.0)
