@@ -1,15 +1,15 @@
 """clip_gradient: identity in the forward pass, clips the gradient flowing back into x.
 
 For clipping inside backpropagation through time (an RNN's hidden state at every step, the
-Pascanu et al. recipe) and at chosen points of a network. Registered with torch.library, so
-autograd and torch.compile see it.
+Pascanu et al. recipe) and at chosen points of a network. An autograd.Function, so autograd,
+torch.func, vmap and torch.compile see it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fusedclip.norms import NORM_EPS
+from fusedclip.norms import clamp_by_value, clip_coefficient
 
 
 def _check(max_norm: float | None, clip_value: float | None) -> None:
@@ -25,35 +25,34 @@ def clipped(grad: torch.Tensor, max_norm: float | None, clip_value: float | None
     clamped to [-clip_value, clip_value]."""
     if max_norm is not None:
         norm = torch.linalg.vector_norm(grad, dtype=torch.float64)
-        coef = (max_norm / (norm + NORM_EPS)).clamp(max=1.0)
+        coef = clip_coefficient(norm, max_norm, None)
         grad = (grad.to(torch.float64) * coef).to(grad.dtype)
     if clip_value is not None:
-        grad = grad.clamp(-clip_value, clip_value)
+        grad = clamp_by_value(grad, clip_value)
     return grad
 
 
-@torch.library.custom_op("fusedclip::clip_gradient", mutates_args=())
-def _clip_gradient(
-    x: torch.Tensor, max_norm: float | None, clip_value: float | None
-) -> torch.Tensor:
-    # A custom op may not return its input: the identity is a copy.
-    return x.clone()
+class _ClipGradient(torch.autograd.Function):
+    """An autograd.Function, not a torch.library op: an op's float arguments are constants of a
+    compiled graph (each new max_norm compiled again), forward-mode AD passed an op silently (a
+    tangent of 0), and torch.func refused it. No jvp: dynamo cannot trace a Function that has
+    one, so forward-mode AD raises torch's "must implement the jvp function" instead."""
 
+    generate_vmap_rule = True
 
-@_clip_gradient.register_fake
-def _(x, max_norm, clip_value):
-    return torch.empty_like(x)
+    @staticmethod
+    def forward(x, max_norm, clip_value):
+        # A copy, not a view: autograd forbids in-place changes to a view a Function returns,
+        # and code that clips a hidden state may well modify it in place next.
+        return x.clone()
 
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.max_norm, ctx.clip_value = inputs
 
-def _setup_context(ctx, inputs, output):
-    _, ctx.max_norm, ctx.clip_value = inputs
-
-
-def _backward(ctx, grad):
-    return clipped(grad, ctx.max_norm, ctx.clip_value), None, None
-
-
-_clip_gradient.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad):
+        return clipped(grad, ctx.max_norm, ctx.clip_value), None, None
 
 
 def clip_gradient(
@@ -67,7 +66,7 @@ def clip_gradient(
             f"clip_gradient: x has dtype {x.dtype}; complex gradients are not clipped (clip "
             "torch.view_as_real(x) instead)"
         )
-    return _clip_gradient(
+    return _ClipGradient.apply(
         x,
         None if max_norm is None else float(max_norm),
         None if clip_value is None else float(clip_value),

@@ -94,6 +94,13 @@ def scale_by_root(
     return torch.where(torch.isfinite(root), scale * root, in_thirds)
 
 
+def clamp_by_value(values: torch.Tensor, clip_value: float) -> torch.Tensor:
+    """values clamped to [-clip_value, clip_value], NaN kept. The bounds are tensors: under
+    torch.compile a float bound is a constant of the graph, compiled again for every value."""
+    bound = torch.ones((), dtype=torch.float64, device=values.device) * clip_value
+    return values.clamp(-bound, bound)
+
+
 def clip_coefficient(
     total_norm: torch.Tensor, max_norm: float | None, inv_scale: torch.Tensor | None
 ) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedclip.norms import clip_coefficient, combine_norms
+from fusedclip.norms import clamp_by_value, clip_coefficient, combine_norms
 
 
 def tensor_norm(tensor: torch.Tensor, norm_type: float) -> torch.Tensor:
@@ -62,5 +62,5 @@ def scale_(tensors: list[torch.Tensor], clip_coef: torch.Tensor, clip_value: flo
     for tensor in tensors:
         scaled = tensor.to(torch.float64) * clip_coef.to(device=tensor.device, dtype=torch.float64)
         if clip_value is not None:
-            scaled = scaled.clamp(-clip_value, clip_value)
+            scaled = clamp_by_value(scaled, clip_value)
         tensor.copy_(scaled)

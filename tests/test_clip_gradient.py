@@ -40,10 +40,36 @@ def test_complex_input_is_refused_in_the_forward_pass():
         fusedclip.clip_gradient(x, max_norm=0.1)
 
 
-def test_opcheck():
+def test_the_output_may_be_modified_in_place():
+    """The identity is a copy: autograd forbids in-place changes to a view a Function returns."""
     x = torch.randn(4, 3, requires_grad=True)
-    torch.library.opcheck(torch.ops.fusedclip.clip_gradient.default, (x, 0.5, None))
-    torch.library.opcheck(torch.ops.fusedclip.clip_gradient.default, (x, None, 0.1))
+    y = fusedclip.clip_gradient(x * 1.0, max_norm=1e9)
+    y.mul_(2.0)
+    y.sum().backward()
+    assert_close(x.grad, torch.full((4, 3), 2.0), rtol=0, what="grad through the in-place op")
+
+
+def test_torch_func_grad_and_vmap_clip_as_autograd_does():
+    """torch.func.grad refused the op ("must override the setup_context staticmethod"); vmap
+    clips each sample's gradient by its own norm, as a loop over the samples does."""
+    samples = torch.randn(3, 4) * 5
+
+    def loss(x):
+        return (fusedclip.clip_gradient(x, max_norm=0.5) * x.detach()).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(samples)
+    for index, sample in enumerate(samples):
+        assert_close(
+            per_sample[index], reference_clip(sample, max_norm=0.5), rtol=1e-6, what="vmap grad"
+        )
+
+
+def test_forward_mode_ad_raises_rather_than_drop_the_tangent():
+    """As a torch.library op the tangent came back 0 (torch.func.jvp) or None (forward_ad), with
+    no error. A jvp would fix that, but dynamo cannot trace a Function with one."""
+    x, tangent = torch.randn(4), torch.ones(4)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(lambda a: fusedclip.clip_gradient(a, max_norm=1.0), (x,), (tangent,))
 
 
 def test_compiled_forward_and_backward_match_eager():

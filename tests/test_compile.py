@@ -331,29 +331,31 @@ def test_a_changing_max_norm_neither_breaks_the_graph_nor_recompiles_in_plain_to
         lenient([parameter], float("nan"))
 
 
-def test_a_changing_max_norm_compiles_twice_with_inductor_on_the_reference_backend():
-    """The reference coefficient made max_norm a tensor with new_tensor, which inductor's graph
-    holds as a constant: every new max_norm compiled again. (The ops of the other backends take
-    it as a float argument, a constant too: README, "torch.compile".)"""
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_"])
+def test_a_changing_limit_compiles_twice_with_inductor_on_the_reference_backend(call):
+    """The reference coefficient made max_norm a tensor with new_tensor, and its clamp took
+    clip_value as a float: inductor's graph held either as a constant, and every new value
+    compiled again. (The ops of the other backends take them as float arguments, constants too:
+    README, "torch.compile".)"""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     parameter = torch.nn.Parameter(torch.zeros(4))
-    clip = torch.compile(
-        lambda ps, m: fusedclip.clip_grad_norm_(ps, m, backend="reference"), fullgraph=True
-    )
+    clip = getattr(fusedclip, call)
+    compiled = torch.compile(lambda ps, m: clip(ps, m, backend="reference"), fullgraph=True)
     for step in range(4):
         parameter.grad = torch.ones(4)
-        max_norm = 0.5 + 0.01 * step
-        clip([parameter], max_norm)
+        limit = 0.5 + 0.01 * step
+        compiled([parameter], limit)
+        expected = torch.tensor(limit) * (1.0 if call == "clip_grad_norm_" else 2.0)
         assert_close(
             torch.linalg.vector_norm(parameter.grad),
-            torch.tensor(max_norm),
+            expected,
             rtol=1e-5,
             what=f"clipped norm at step {step}",
         )
-    assert counters["stats"]["unique_graphs"] <= 2, "a changing max_norm compiled again"
+    assert counters["stats"]["unique_graphs"] <= 2, "a changing limit compiled again"
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params())
@@ -439,20 +441,27 @@ def test_dynamic_compiles_take_norm_type_as_eager_does(device, backend, call):
     )
 
 
-def test_dynamic_compiles_of_clip_gradient_take_a_symbolic_max_norm():
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+def test_compiles_of_clip_gradient_take_a_symbolic_max_norm_and_clip_value(dynamic):
+    """Both limits stay symbolic: a float clamp bound, or a torch.library op's float argument,
+    was a constant of the graph, and every new limit compiled again."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
 
     def loss(x, limit):
         return (fusedclip.clip_gradient(x, max_norm=limit, clip_value=limit) * x.detach()).sum()
 
-    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
-    for limit in (0.5, 0.7, 3.0):
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
+    for limit in (0.5, 0.7, 3.0, 0.9):
         grads = []
         for function in (loss, compiled):
             x = torch.arange(4.0, requires_grad=True)
             function(x, limit).backward()
             grads.append(x.grad)
         assert_close(grads[1], grads[0], rtol=1e-6, what=f"clipped gradient at limit={limit}")
+    assert counters["stats"]["unique_graphs"] <= (1 if dynamic else 2), "compiled per limit"
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params())
