@@ -115,13 +115,16 @@ def requested_backend(backend: str | None) -> str:
 # What "auto" tries for each device type, best first, before the reference: the extension's own
 # ops (the backend named as the device type) lead.
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+# Device types whose tensors hold no data (shape-only dry runs): the reference is all they need.
+_DATALESS_DEVICE_TYPES = ("meta",)
 
 
 def _auto_name(device_type: str) -> str:
     for name in _AUTO_ORDER.get(device_type, ()):
         if unavailable_reason(name, device_type) is None:
             return name
-    _warn_reference_fallback(device_type)
+    if device_type not in _DATALESS_DEVICE_TYPES:
+        _warn_reference_fallback(device_type)
     return "reference"
 
 

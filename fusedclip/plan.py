@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from fusedclip import dispatch, distributed
 from fusedclip.layout import is_dense
@@ -303,14 +304,22 @@ _INFERENCE_TENSOR = (
 )
 
 
+def _storage_identity(tensor: torch.Tensor):
+    """Equal for tensors whose storages lie at one address. Tensors without memory (empty ones,
+    on the meta device, fake ones) may all sit at address 0: the storage object itself tells
+    them apart, which views of it share."""
+    storage = tensor.untyped_storage()
+    if tensor.numel() == 0 or tensor.device.type == "meta" or isinstance(tensor, FakeTensor):
+        return ("object", storage._cdata)
+    return storage.data_ptr()
+
+
 def _memory_key(tensor: torch.Tensor) -> tuple:
     """Equal for tensors that are the same memory: the same view, or dense tensors of one dtype
-    over the same bytes (g and g.view(-1)). Empty tensors hold no bytes and their storages may
-    all sit at address 0: they are told apart by the storage object itself."""
+    over the same bytes (g and g.view(-1))."""
+    storage = _storage_identity(tensor)
     if tensor.numel() == 0:
-        storage_object = tensor.untyped_storage()._cdata
-        return ("empty", storage_object, tensor.storage_offset(), tensor.dtype)
-    storage = tensor.untyped_storage().data_ptr()
+        return ("empty", storage, tensor.storage_offset(), tensor.dtype)
     if is_dense(tensor):
         return (storage, tensor.storage_offset(), tensor.numel(), tensor.dtype)
     return (
@@ -333,14 +342,17 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def _element_offsets(tensor: torch.Tensor) -> torch.Tensor:
-    """Storage offset (in bytes) of every element, flat; for the rare exact overlap test."""
-    offsets = torch.zeros((), dtype=torch.int64)
-    for dim, (n, s) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
-        shape = [1] * tensor.dim()
-        shape[dim] = n
-        offsets = offsets + torch.arange(n, dtype=torch.int64).view(shape) * s
-    start = tensor.storage_offset()
-    return ((offsets.reshape(-1) + start) * tensor.element_size()).unique()
+    """Storage offset (in bytes) of every element, flat; for the rare exact overlap test.
+    Computed from the tensor's layout on real CPU tensors, also inside a FakeTensorMode (whose
+    fake tensors cannot hold data-dependent shapes such as unique's)."""
+    with unset_fake_temporarily():
+        offsets = torch.zeros((), dtype=torch.int64)
+        for dim, (n, s) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
+            shape = [1] * tensor.dim()
+            shape[dim] = n
+            offsets = offsets + torch.arange(n, dtype=torch.int64).view(shape) * s
+        start = tensor.storage_offset()
+        return ((offsets.reshape(-1) + start) * tensor.element_size()).unique()
 
 
 def _overlaps_itself(tensor: torch.Tensor) -> bool:
@@ -356,9 +368,11 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     if is_dense(a) and is_dense(b):
         return True  # a dense tensor fills its span: any intersection is shared memory
     # Element i covers bytes [offset_i, offset_i + size): compare bytes, exact for mixed dtypes.
-    bytes_a = (_element_offsets(a).view(-1, 1) + torch.arange(a.element_size())).reshape(-1)
-    bytes_b = (_element_offsets(b).view(-1, 1) + torch.arange(b.element_size())).reshape(-1)
-    return bool(torch.isin(bytes_a, bytes_b).any())
+    offsets_a, offsets_b = _element_offsets(a), _element_offsets(b)
+    with unset_fake_temporarily():
+        bytes_a = (offsets_a.view(-1, 1) + torch.arange(a.element_size())).reshape(-1)
+        bytes_b = (offsets_b.view(-1, 1) + torch.arange(b.element_size())).reshape(-1)
+        return bool(torch.isin(bytes_a, bytes_b).any())
 
 
 def _drop_repeats(
@@ -410,7 +424,7 @@ def _drop_repeats(
                     "contiguous copy (tensor.contiguous()) and copy the result back yourself"
                 )
             first, last = _byte_span(memory)
-            storage = memory.untyped_storage().data_ptr()
+            storage = _storage_identity(memory)
             if writes and last > first:
                 for other_first, other_last, other, other_index in spans.get(storage, ()):
                     if first < other_last and other_first < last:

@@ -225,6 +225,33 @@ def test_overlapping_gradients_are_refused_before_anything_is_written(call):
     assert _unchanged(tensors, snapshot)
 
 
+@pytest.mark.parametrize("memoryless", ["meta", "fake"])
+def test_tensors_without_memory_are_told_apart_by_their_storage(memoryless):
+    """Meta and fake tensors all sit at address 0: by address, any two gradients overlapped and
+    were refused, where torch clips them. Their storages still tell views apart."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run():
+        device = "meta" if memoryless == "meta" else "cpu"
+        grads = [torch.randn(3, device=device), torch.randn(4, 5, device=device)]
+        parameters = _parameters(*grads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nor a warning that the reference is slow
+            norm = fusedclip.clip_grad_norm_(parameters, 1.0)
+            expected = torch.nn.utils.clip_grad_norm_(_parameters(*grads), 1.0)
+        assert norm.shape == expected.shape and norm.device == expected.device
+        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+            fusedclip.clip_grad_value_(_parameters(grads[1], grads[1][1:3]), 0.1)
+        storage = torch.randn(10, device=device)
+        fusedclip.fused_clip_([storage[::2], storage[1::2], storage[::2]], max_norm=1.0)
+
+    if memoryless == "fake":
+        with FakeTensorMode():
+            run()
+    else:
+        run()
+
+
 def test_interleaved_views_do_not_overlap_and_are_clipped():
     storage = torch.randn(10) * 5
     expected = storage.clone()
