@@ -25,7 +25,7 @@ namespace {
 // Whether `tensor` is a gradient the kernels may take as it is, given the call's rules.
 bool is_plain_dense(const at::Tensor& tensor, const at::Device& device, bool refuse_inference,
                     bool refuse_parameters, bool refuse_float16) {
-  return tensor.defined() && tensor.layout() == at::kStrided &&
+  return tensor.defined() && tensor.layout() == at::kStrided && !tensor.is_nested() &&
          is_supported_dtype(tensor.scalar_type()) &&
          !(refuse_float16 && tensor.scalar_type() == at::kHalf) && tensor.device() == device &&
          tensor.is_non_overlapping_and_dense() && !tensor.is_neg() &&

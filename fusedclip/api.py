@@ -74,6 +74,20 @@ def check_backend(backend: BackendName | None) -> None:
         dispatch.requested_backend(backend)
 
 
+def _to_float(value, name: str, expected: str) -> float:
+    """float(value), raising what float() raises (TypeError or ValueError, as torch would) with
+    the argument named; an integer past float64's range is a ValueError too."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name} must be {expected}, got {value!r}") from None
+    except OverflowError:  # its repr may be longer than Python prints an int
+        raise ValueError(
+            f"{name} must be {expected}, got an integer of {value.bit_length()} bits, past "
+            "float64's range"
+        ) from None
+
+
 def _check_nonnegative(value, name: str, fix: str = "") -> float:
     if value is None:
         raise TypeError(f"{name} must be a non-negative number, got None{fix}")
@@ -84,10 +98,7 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
                 f"shape {tuple(value.shape)}; pass one value for all the gradients"
             )
         value = value.item()
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as error:  # the class float() (and so torch) raises
-        raise type(error)(f"{name} must be a non-negative number, got {value!r}") from None
+    value = _to_float(value, name, "a non-negative number")
     if not value >= 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
             f"{name} must be a non-negative number, got {value}; a negative {name} would flip "
@@ -97,10 +108,7 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
 
 
 def _check_norm_type(norm_type: float | str) -> float:
-    try:
-        norm_type = float(norm_type)
-    except (TypeError, ValueError) as error:  # the class float() (and so torch) raises
-        raise type(error)(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
+    norm_type = _to_float(norm_type, "norm_type", "a number > 0 or inf")
     if not norm_type > 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
             f"norm_type must be > 0 or inf, got {norm_type}; use 2.0 for the usual L2 norm"
@@ -118,13 +126,9 @@ def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Te
                 f"1 / scaler.get_scale()), got a {inv_scale.dtype} tensor of shape {tuple(inv_scale.shape)}"
             )
         return inv_scale
-    try:
-        inv_scale = float(inv_scale)
-    except (TypeError, ValueError) as error:  # the class float() (and so torch) raises
-        raise type(error)(
-            f"inv_scale must be a finite number >= 0 or a one-element floating-point tensor, "
-            f"got {inv_scale!r}"
-        ) from None
+    inv_scale = _to_float(
+        inv_scale, "inv_scale", "a finite number >= 0 or a one-element floating-point tensor"
+    )
     # NaN fails too; comparisons, not math.isfinite, so that a SymFloat traces under compile.
     if not (inv_scale >= 0 and inv_scale < math.inf):
         # A negative one would flip every gradient's sign; the scaler's is always positive.
@@ -144,12 +148,8 @@ def _check_total_norm(total_norm) -> torch.Tensor:
                 f"{tuple(total_norm.shape)}"
             )
         return total_norm.reshape(())
-    try:
-        return torch.tensor(float(total_norm), dtype=torch.float64)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"total_norm must be a number or a one-element tensor, got {total_norm!r}"
-        ) from None
+    expected = "a number or a one-element tensor"
+    return torch.tensor(_to_float(total_norm, "total_norm", expected), dtype=torch.float64)
 
 
 class _KernelInputs(NamedTuple):
@@ -318,6 +318,7 @@ def _clip(
     max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
     clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
+    distributed.check_process_group(process_group)
     writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
     if writes and not error_if_nonfinite and not per_tensor and process_group is None:
         found = plan.prepare_and_clip(

@@ -32,6 +32,17 @@ def _dtensor_type():
     return DTensor
 
 
+def check_process_group(process_group) -> None:
+    """A TypeError for a process_group that is neither None nor a torch.distributed group."""
+    if process_group is None:
+        return
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one "
+            f"from dist.new_group) or None, got {process_group!r}"
+        )
+
+
 def has_dtensor(tensors: Iterable[torch.Tensor]) -> bool:
     dtensor = _dtensor_type()
     return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)

@@ -281,6 +281,11 @@ def _check_tensors(
                 f"{name}[{index}] has dtype {tensor.dtype}; gradients must be float32, float16, "
                 "bfloat16 or float64 (clipping integer or complex gradients is not defined)"
             )
+        if tensor.is_nested:  # strided nested ones too: no kernel takes them
+            raise TypeError(
+                f"{name}[{index}] is a nested tensor; pass its components instead "
+                "(list(t.unbind()), views of its memory)"
+            )
         if tensor.layout not in (torch.strided, torch.sparse_coo):
             raise TypeError(
                 f"{name}[{index}] has layout {tensor.layout}; use strided or sparse_coo"

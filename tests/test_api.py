@@ -414,6 +414,12 @@ def test_a_bad_argument_raises_the_class_torch_raises(function, kwargs):
         ({"max_norm": 1.0, "inv_scale": "x"}, ValueError, "inv_scale must be"),
         ({"max_norm": 1.0, "inv_scale": [0.5]}, TypeError, "inv_scale must be"),
         ({"max_norm": 1.0, "backend": "gpu"}, ValueError, "backend"),
+        # Integers past float64's range raised a bare OverflowError that named no argument.
+        ({"max_norm": 10**400}, ValueError, "max_norm must be .* past float64's range"),
+        ({"max_norm": 1.0, "norm_type": 10**400}, ValueError, "norm_type must be .* past"),
+        ({"max_norm": 1.0, "inv_scale": -(10**400)}, ValueError, "inv_scale must be .* past"),
+        # An AttributeError from deep in the collective ("'str' object has no attribute").
+        ({"max_norm": 1.0, "process_group": "world"}, TypeError, "process_group must be"),
     ],
     ids=lambda v: (
         str(v)
@@ -441,6 +447,19 @@ def test_bad_gradients_and_values_raise_and_touch_nothing():
         fusedclip.clip_grad_value_(parameters, -0.5)
     with pytest.raises(ValueError, match="clip_value"):
         fusedclip.fused_clip_([parameters[0].grad], clip_value=math.nan)
+    with pytest.raises(ValueError, match="clip_value must be .* past float64's range"):
+        fusedclip.clip_grad_value_(parameters, 10**400)
+    with pytest.raises(ValueError, match="total_norm must be .* past float64's range"):
+        fusedclip.clip_grads_with_norm_(parameters, 1.0, 10**400)
+    # A strided nested tensor passed the fast path's checks and failed in the dispatcher.
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    for call in (
+        lambda grads: fusedclip.fused_clip_(grads, max_norm=1e-3),
+        fusedclip.get_total_norm,
+    ):
+        with pytest.raises(TypeError, match=r"tensors\[1\] is a nested tensor"):
+            call([parameters[0].grad, nested])
+    assert torch.equal(nested.unbind()[0], torch.ones(2))
     assert torch.equal(parameters[0].grad, original)
 
 
