@@ -56,6 +56,40 @@ def _check_fraction(name: str, value) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
+def _check_state(owner, state, keys: tuple[str, ...], must_match) -> None:
+    """Refuses a state_dict that `owner` did not save, or one saved with other values of the
+    arguments that shape its state, before anything is loaded. `must_match(state)` gives
+    (argument, saved value, owner's value) for each such argument."""
+    kind = type(owner).__name__
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else keys
+    if missing:
+        raise ValueError(
+            f"{kind}.load_state_dict: state_dict lacks {', '.join(missing)}; pass what "
+            f"{kind}.state_dict() returned"
+        )
+    for name, saved, own in must_match(state):
+        if saved != own:
+            raise ValueError(
+                f"{kind}.load_state_dict: the state was saved with {name}={saved!r} and this "
+                f"{kind} has {name}={own!r}; construct it with {name}={saved!r}"
+            )
+
+
+def _saved_skip_window(state: dict, budget: SkipBudget) -> tuple:
+    saved = state["skip_budget"].get("window") if isinstance(state["skip_budget"], dict) else None
+    return ("skip_window", saved, budget.window)
+
+
+def _loaded(value: torch.Tensor | None) -> torch.Tensor | None:
+    """A saved tensor as state: a copy (the state_dict may be used again), device kept; the next
+    step moves state to the gradients' device when it lies elsewhere."""
+    return None if value is None else value.detach().clone()
+
+
+def _on(value: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return value if value is None or value.device == device else value.to(device)
+
+
 class ZClipResult(NamedTuple):
     total_norm: torch.Tensor  # the norm before clipping (of the unscaled gradients)
     found_inf: torch.Tensor
@@ -82,10 +116,24 @@ class SkipBudget:
         self._recent: torch.Tensor | None = None  # ring of the last `window` decisions
         self._steps = 0  # a host int: the ring's position needs no sync
 
+    def state_dict(self) -> dict:
+        return {"window": self.window, "recent": self._recent, "steps": self._steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(
+            self,
+            state,
+            ("window", "recent", "steps"),
+            lambda s: [("window", s["window"], self.window)],
+        )
+        self._recent, self._steps = _loaded(state["recent"]), int(state["steps"])
+
     def take(self, spike: torch.Tensor) -> torch.Tensor:
         """`spike` where the budget allows skipping it; records the decision."""
         if self._recent is None:
             self._recent = torch.zeros(self.window, dtype=torch.bool, device=spike.device)
+        elif self._recent.device != spike.device:  # loaded from elsewhere
+            self._recent = self._recent.to(spike.device)
         slot = self._steps % self.window
         earlier = self._recent.sum() - self._recent[slot].to(torch.int64)
         skip = spike & (earlier < self.max_skips)
@@ -164,6 +212,36 @@ class ZClip:
             clipped_to = self.mean + self.z_thresh * std
         return torch.where(spike, clipped_to, norm), spike
 
+    _STATE = ("mean", "var", "_warmup_norms", "_warmup_count")
+
+    def state_dict(self) -> dict:
+        """The EMAs, the warm-up so far and the skip budget's ring (tensors on their device), for
+        a checkpoint; the constructor's arguments are not in it."""
+        state = {name.lstrip("_"): getattr(self, name) for name in self._STATE}
+        return state | {
+            "warmup_steps": self.warmup_steps,
+            "skip_budget": self._skip_budget.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes from `state_dict()`'s state. warmup_steps and skip_window must be as saved
+        (they shape the state); the other arguments are this ZClip's own."""
+        keys = tuple(name.lstrip("_") for name in self._STATE)
+        _check_state(
+            self,
+            state,
+            (*keys, "warmup_steps", "skip_budget"),
+            lambda s: [
+                ("warmup_steps", s["warmup_steps"], self.warmup_steps),
+                _saved_skip_window(s, self._skip_budget),
+            ],
+        )
+        budget = SkipBudget(self._skip_budget.max_skips, self._skip_budget.window)
+        budget.load_state_dict(state["skip_budget"])
+        for name, key in zip(self._STATE, keys, strict=True):
+            setattr(self, name, _loaded(state[key]))
+        self._skip_budget = budget
+
     def _start(self, device: torch.device) -> None:
         def zero(*shape, dtype=torch.float64):
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -196,6 +274,9 @@ class ZClip:
         norm = measured.total_norm.to(torch.float64)
         if self.mean is None:
             self._start(norm.device)
+        elif self.mean.device != norm.device:  # loaded from elsewhere
+            for name in self._STATE:
+                setattr(self, name, _on(getattr(self, name), norm.device))
         finite = torch.isfinite(norm)
         in_warmup = self._warmup_count < self.warmup_steps
 
@@ -408,6 +489,39 @@ class GradMonitor:
         self.norm_ema: torch.Tensor | None = None  # NaN until the first finite, nonzero norm
         self.should_skip: torch.Tensor | None = None
 
+    _STATE = ("norms", "coefs", "found_inf", "per_tensor", "norm_ema", "should_skip")
+
+    def state_dict(self) -> dict:
+        """The history, the spike EMA and the skip budget's ring (tensors on their device), for a
+        checkpoint; the constructor's arguments are not in it."""
+        state = {name: getattr(self, name) for name in self._STATE}
+        return state | {
+            "capacity": self.capacity,
+            "steps": self.steps,
+            "has_per_tensor": list(self._has_per_tensor),
+            "skip_budget": self._skip_budget.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes from `state_dict()`'s state. capacity and skip_window must be as saved (they
+        shape the state); the other arguments are this monitor's own."""
+        keys = (*self._STATE, "capacity", "steps", "has_per_tensor", "skip_budget")
+        _check_state(
+            self,
+            state,
+            keys,
+            lambda s: [
+                ("capacity", s["capacity"], self.capacity),
+                _saved_skip_window(s, self._skip_budget),
+            ],
+        )
+        budget = SkipBudget(self._skip_budget.max_skips, self._skip_budget.window)
+        budget.load_state_dict(state["skip_budget"])
+        for name in self._STATE:
+            setattr(self, name, _loaded(state[name]))
+        self.steps, self._has_per_tensor = int(state["steps"]), list(state["has_per_tensor"])
+        self._skip_budget = budget
+
     @without_grad
     def record(
         self,
@@ -430,6 +544,9 @@ class GradMonitor:
             self.coefs = torch.zeros(self.capacity, dtype=torch.float64, device=device)
             self.found_inf = torch.zeros(self.capacity, dtype=torch.float32, device=device)
             self.norm_ema = torch.full((), math.nan, dtype=torch.float64, device=device)
+        elif self.norms.device != norm.device:  # loaded from elsewhere
+            for name in self._STATE:
+                setattr(self, name, _on(getattr(self, name), norm.device))
         per_tensor = getattr(result, "per_tensor_norms", None)
         if (
             per_tensor is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 import statistics
 
@@ -548,3 +550,87 @@ def test_grad_monitor_refuses_a_changed_gradient_count_and_skips_steps_without_p
         ("tensor 0", pytest.approx(10.0)),
         ("tensor 1", pytest.approx(2.0)),
     ]
+
+
+def _saved_and_loaded(state: dict) -> dict:
+    """What a checkpoint hands back: torch.save then torch.load (to the CPU)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
+
+
+def _zclip_and_monitor(warmup_steps=10, capacity=50):
+    zclip = ZClip(warmup_steps=warmup_steps, max_norm=None, skip_on_spike=True, max_skips=2)
+    monitor = GradMonitor(capacity=capacity, spike_factor=3.0, max_skips=2)
+    return zclip, monitor
+
+
+def _run_steps(zclip, monitor, norms, direction):
+    """Each step's ZClip result and the monitor's flag, as plain values to compare exactly."""
+    outcomes = []
+    for norm in norms:
+        result = zclip.step([direction * norm])
+        gradient = direction * norm
+        skip = monitor.record(fusedclip.fused_clip_([gradient], max_norm=2.0, per_tensor=True))
+        outcomes.append(
+            (result.threshold.item(), bool(result.spike), bool(result.skip), bool(skip))
+        )
+    return outcomes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("checkpoint_at", [0, 5, 33])
+def test_zclip_and_grad_monitor_resume_from_a_checkpoint_as_if_never_stopped(device, checkpoint_at):
+    """Without a state_dict a resumed run restarted warm-up, the EMAs and the skip budget: the
+    steps after a restart clipped and skipped differently. Step 0 saves a state never started;
+    the checkpoint is loaded to the CPU, and the state follows the gradients back to `device`."""
+    norms = scripted_norms()
+    direction = torch.randn(8, dtype=torch.float64, device=device)
+    direction /= direction.norm()
+    uninterrupted = _run_steps(*_zclip_and_monitor(), norms, direction)
+    zclip, monitor = _zclip_and_monitor()
+    before = _run_steps(zclip, monitor, norms[:checkpoint_at], direction)
+    saved = _saved_and_loaded({"zclip": zclip.state_dict(), "monitor": monitor.state_dict()})
+    resumed_zclip, resumed_monitor = _zclip_and_monitor()
+    resumed_zclip.load_state_dict(saved["zclip"])
+    resumed_monitor.load_state_dict(saved["monitor"])
+    after = _run_steps(resumed_zclip, resumed_monitor, norms[checkpoint_at:], direction)
+    assert before + after == uninterrupted
+    assert any(outcome[2] for outcome in uninterrupted), "the run must skip something"
+    if checkpoint_at:
+        assert resumed_monitor.summary() == _summary_of_uninterrupted(norms, direction)
+
+
+def _summary_of_uninterrupted(norms, direction):
+    zclip, monitor = _zclip_and_monitor()
+    _run_steps(zclip, monitor, norms, direction)
+    return monitor.summary()
+
+
+@pytest.mark.parametrize(
+    ("make", "state_of", "match"),
+    [
+        (lambda: ZClip(warmup_steps=5), lambda: ZClip(warmup_steps=6), "warmup_steps=6"),
+        (lambda: ZClip(skip_window=50), lambda: ZClip(skip_window=40), "skip_window=40"),
+        (lambda: GradMonitor(capacity=8), lambda: GradMonitor(capacity=9), "capacity=9"),
+        (lambda: ZClip(), lambda: GradMonitor(), "lacks mean"),
+        (lambda: GradMonitor(), lambda: ZClip(), "lacks norms"),
+    ],
+)
+def test_load_state_dict_refuses_a_state_it_cannot_resume_and_loads_nothing(make, state_of, match):
+    saver = state_of()
+    target = make()
+    gradient = torch.ones(3, dtype=torch.float64)
+    for _ in range(3):  # both hold state, so that a partial load would show
+        for tool in (saver, target):
+            if isinstance(tool, ZClip):
+                tool.step([gradient.clone()])
+            else:
+                tool.record(fusedclip.fused_clip_([gradient.clone()], max_norm=1.0))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(saver.state_dict())
+    after = target.state_dict()
+    assert before.keys() == after.keys()
+    assert repr(before) == repr(after), "a refused load changed the state"
