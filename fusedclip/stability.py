@@ -190,6 +190,7 @@ class ZClip:
             raise ValueError(f"eps must be a finite number > 0, got {eps}")
         _check_bool("skip_on_spike", skip_on_spike)
         api.check_backend(backend)
+        distributed.check_process_group(process_group)
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
         self.skip_on_spike = skip_on_spike
