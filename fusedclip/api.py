@@ -166,7 +166,7 @@ def _kernel_inputs(group: plan.DeviceGroup) -> _KernelInputs:
     tensors = list(group.dense)
     write_backs = []
     for tensor in group.strided:
-        buffer = tensor.contiguous()
+        buffer = tensor.resolve_neg().contiguous()
         tensors.append(buffer)
         write_backs.append((tensor, buffer))
     for tensor in group.sparse:

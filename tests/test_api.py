@@ -463,6 +463,34 @@ def test_bad_gradients_and_values_raise_and_touch_nothing():
     assert torch.equal(parameters[0].grad, original)
 
 
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_"])
+@pytest.mark.parametrize("layout", ["dense", "strided"])
+def test_a_negative_view_gradient_is_clipped_as_its_values(device, backend, call, layout):
+    """A view with the negative bit (a dense one from _neg_view, a strided one z.conj().imag):
+    the ops refused the dense one ("fallback doesn't currently support mutable TensorLists with
+    negation inputs"), as torch's foreach path does. It is clipped through a resolved copy
+    written back, as torch's per-tensor path clips it."""
+    results = []
+    for module in (torch.nn.utils, fusedclip):
+        if layout == "dense":
+            base = (torch.arange(6.0) - 2.0).to(device)
+            gradient = base._neg_view()
+        else:
+            base = torch.complex(torch.zeros(6), torch.arange(6.0) - 2.0).to(device)
+            gradient = base.conj().imag
+        assert gradient.is_neg()
+        parameter = torch.nn.Parameter(torch.zeros(6, device=device))
+        parameter.grad = gradient
+        kwargs = {"foreach": False} if module is torch.nn.utils else {"backend": backend}
+        norm = getattr(module, call)([parameter], 0.5, **kwargs)
+        results.append((norm, torch.view_as_real(base) if base.is_complex() else base))
+    (expected_norm, expected), (norm, got) = results
+    if call == "clip_grad_norm_":
+        assert_close(norm, expected_norm, rtol=1e-6, what="norm of a negative view")
+    assert_close(got, expected, rtol=1e-6, what="the memory under the view")
+
+
 def test_unavailable_backend_raises_with_reason_and_touches_nothing():
     parameters = make_parameters([100], [torch.float32], "cpu")
     original = parameters[0].grad.clone()
