@@ -88,9 +88,8 @@ def scale_by_root(
     float64: for a tiny p the root alone can overflow while the product fits, and then it is applied
     as three factors (norm.h's scale_by_root, which says why three). p: a float64 0-dim tensor."""
     root = power_sum.pow(1.0 / norm_type)
-    exponent = power_sum.log2() / norm_type
-    third = torch.exp2(exponent / 3.0)
-    in_thirds = scale * third * third * torch.exp2(exponent - 2.0 * (exponent / 3.0))
+    third = torch.exp2(power_sum.log2() / norm_type / 3.0)
+    in_thirds = scale * third * third * third
     return torch.where(torch.isfinite(root), scale * root, in_thirds)
 
 

@@ -275,6 +275,21 @@ def test_reduce_tiny_p_norm_is_finite_when_only_the_root_overflows(device, backe
     assert found_inf.item() == 0.0
 
 
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("norm_type", [1e-310, 5e-324], ids=["subnormal", "smallest"])
+def test_reduce_subnormal_p_of_two_nonzero_elements_overflows_to_inf_not_nan(
+    device, backend, norm_type
+):
+    """(1 + 0.5^p)^(1/p) with 1/p = inf is inf. Applied in three factors, log2(sum) / p = inf
+    made exp2(inf - inf) a NaN, and a NaN norm poisons every gradient (inf clips them to 0)."""
+    ops = dispatch.select(torch.device(device), backend)
+    tensors = [f64(1.0, -0.5).to(device), f64(2.0, 0.0, 2.0).to(device)]
+    raw_norm, found_inf, per_tensor_norms = ops.reduce(tensors, norm_type, True)
+    assert raw_norm.item() == math.inf
+    assert per_tensor_norms.tolist() == [math.inf, math.inf]
+    assert found_inf.item() == 0.0
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params(include_reference=False))
 @pytest.mark.parametrize("bad_value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("where", ["first", "last", "tail", "second_chunk"])

@@ -98,9 +98,8 @@ def _scaled_norm(scale, scaled_sum, norm_type, NORM_KIND: tl.constexpr):
     root = _root(safe_sum, norm_type, NORM_KIND)
     # For a tiny p the root alone can overflow while the norm fits: then it is applied as three
     # factors (norm.h's scale_by_root says why three).
-    exponent = tl.log2(safe_sum) / norm_type
-    third = tl.exp2(exponent / 3.0)
-    in_thirds = scale * third * third * tl.exp2(exponent - 2.0 * (exponent / 3.0))
+    third = tl.exp2(tl.log2(safe_sum) / norm_type / 3.0)
+    in_thirds = scale * third * third * third
     norm = tl.where(root < float("inf"), scale * root, in_thirds)
     return tl.where(ordinary, norm, scale)
 

@@ -67,9 +67,9 @@ FUSEDCLIP_HOST_DEVICE double nan_max(double accumulated, double value) {
 FUSEDCLIP_HOST_DEVICE double scale_by_root(double scale, double sum, double norm_type) {
   const double root = pow(sum, 1.0 / norm_type);
   if (isfinite(root)) return scale * root;
-  const double exponent = log2(sum) / norm_type;
-  const double third = exp2(exponent / 3.0);
-  return scale * third * third * exp2(exponent - 2.0 * (exponent / 3.0));
+  // An inf exponent (a subnormal p) leaves every factor inf: the norm overflows, as it does.
+  const double third = exp2(log2(sum) / norm_type / 3.0);
+  return scale * third * third * third;
 }
 
 // sum |g|^p held as scale^p * sum, with scale = max |g| seen (so sum is in [1, count]): the
