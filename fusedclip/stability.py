@@ -56,33 +56,55 @@ def _check_fraction(name: str, value) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
-def _check_state(owner, state, keys: tuple[str, ...], must_match) -> None:
-    """Refuses a state_dict that `owner` did not save, or one saved with other values of the
-    arguments that shape its state, before anything is loaded. `must_match(state)` gives
-    (argument, saved value, owner's value) for each such argument."""
-    kind = type(owner).__name__
-    missing = [key for key in keys if key not in state] if isinstance(state, dict) else keys
-    if missing:
-        raise ValueError(
-            f"{kind}.load_state_dict: state_dict lacks {', '.join(missing)}; pass what "
-            f"{kind}.state_dict() returned"
-        )
-    for name, saved, own in must_match(state):
-        if saved != own:
+class _SavedState:
+    """A state_dict being loaded into `owner`, checked entry by entry before anything is kept:
+    each check raises a ValueError that names the entry, and the caller assigns what the checks
+    return only after the last one passed."""
+
+    def __init__(self, owner, state, keys: tuple[str, ...]):
+        self.kind = type(owner).__name__
+        missing = [key for key in keys if key not in state] if isinstance(state, dict) else keys
+        if missing:
             raise ValueError(
-                f"{kind}.load_state_dict: the state was saved with {name}={saved!r} and this "
-                f"{kind} has {name}={own!r}; construct it with {name}={saved!r}"
+                f"{self.kind}.load_state_dict: state_dict lacks {', '.join(missing)}; pass what "
+                f"{self.kind}.state_dict() returned"
+            )
+        self.state = state
+
+    def refusal(self, what: str) -> ValueError:
+        return ValueError(f"{self.kind}.load_state_dict: {what}")
+
+    def same_argument(self, key: str, own, argument: str | None = None) -> None:
+        """The argument that shaped the saved state (`argument`, stored as `key`) is `own`."""
+        saved, argument = self.state[key], argument or key
+        if saved != own:
+            raise self.refusal(
+                f"the state was saved with {argument}={saved!r} and this {self.kind} has "
+                f"{argument}={own!r}; construct it with {argument}={saved!r}"
             )
 
+    def count(self, key: str) -> int:
+        value = self.state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.refusal(f"{key} must be an integer >= 0, got {value!r}")
+        return value
 
-def _saved_skip_window(state: dict, budget: SkipBudget) -> tuple:
-    saved = state["skip_budget"].get("window") if isinstance(state["skip_budget"], dict) else None
-    return ("skip_window", saved, budget.window)
+    def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor | None:
+        """A saved tensor (or None: not started) as a copy: the state_dict may be loaded again.
+        `shape`: what it must be (None: any). Its device is kept; the next step moves the state
+        to the gradients' device when it lies elsewhere."""
+        value = self.state[key]
+        if value is None:
+            return None
+        if not isinstance(value, torch.Tensor):
+            raise self.refusal(f"{key} must be a tensor or None, got {type(value).__name__}")
+        if shape is not None and tuple(value.shape) != shape:
+            raise self.refusal(f"{key} must have shape {shape}, got {tuple(value.shape)}")
+        return value.detach().clone()
 
 
-def _loaded(value: torch.Tensor | None) -> torch.Tensor | None:
-    """A saved tensor as state: a copy (the state_dict may be used again), device kept; the next
-    step moves state to the gradients' device when it lies elsewhere."""
+def _copied(value: torch.Tensor | None) -> torch.Tensor | None:
+    """State handed out by state_dict: a copy, since later steps write the state in place."""
     return None if value is None else value.detach().clone()
 
 
@@ -117,16 +139,17 @@ class SkipBudget:
         self._steps = 0  # a host int: the ring's position needs no sync
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "recent": self._recent, "steps": self._steps}
+        return {"window": self.window, "recent": _copied(self._recent), "steps": self._steps}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_state(
-            self,
-            state,
-            ("window", "recent", "steps"),
-            lambda s: [("window", s["window"], self.window)],
-        )
-        self._recent, self._steps = _loaded(state["recent"]), int(state["steps"])
+        self._recent, self._steps = self._checked(state, "window")
+
+    def _checked(self, state, window_argument: str) -> tuple[torch.Tensor | None, int]:
+        """(ring, steps) of a saved state, checked; `window_argument` is what the caller's
+        constructor calls the window."""
+        saved = _SavedState(self, state, ("window", "recent", "steps"))
+        saved.same_argument("window", self.window, window_argument)
+        return saved.tensor("recent", (self.window,)), saved.count("steps")
 
     def take(self, spike: torch.Tensor) -> torch.Tensor:
         """`spike` where the budget allows skipping it; records the decision."""
@@ -216,9 +239,9 @@ class ZClip:
     _STATE = ("mean", "var", "_warmup_norms", "_warmup_count")
 
     def state_dict(self) -> dict:
-        """The EMAs, the warm-up so far and the skip budget's ring (tensors on their device), for
+        """The EMAs, the warm-up so far and the skip budget's ring (copies, on their device), for
         a checkpoint; the constructor's arguments are not in it."""
-        state = {name.lstrip("_"): getattr(self, name) for name in self._STATE}
+        state = {name.lstrip("_"): _copied(getattr(self, name)) for name in self._STATE}
         return state | {
             "warmup_steps": self.warmup_steps,
             "skip_budget": self._skip_budget.state_dict(),
@@ -226,22 +249,17 @@ class ZClip:
 
     def load_state_dict(self, state: dict) -> None:
         """Resumes from `state_dict()`'s state. warmup_steps and skip_window must be as saved
-        (they shape the state); the other arguments are this ZClip's own."""
+        (they shape the state); the other arguments are this ZClip's own. Checked whole before
+        anything is loaded."""
         keys = tuple(name.lstrip("_") for name in self._STATE)
-        _check_state(
-            self,
-            state,
-            (*keys, "warmup_steps", "skip_budget"),
-            lambda s: [
-                ("warmup_steps", s["warmup_steps"], self.warmup_steps),
-                _saved_skip_window(s, self._skip_budget),
-            ],
-        )
-        budget = SkipBudget(self._skip_budget.max_skips, self._skip_budget.window)
-        budget.load_state_dict(state["skip_budget"])
-        for name, key in zip(self._STATE, keys, strict=True):
-            setattr(self, name, _loaded(state[key]))
-        self._skip_budget = budget
+        saved = _SavedState(self, state, (*keys, "warmup_steps", "skip_budget"))
+        saved.same_argument("warmup_steps", self.warmup_steps)
+        ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
+        shapes = {"warmup_norms": (self.warmup_steps,)}
+        tensors = [saved.tensor(key, shapes.get(key, ())) for key in keys]
+        for name, value in zip(self._STATE, tensors, strict=True):
+            setattr(self, name, value)
+        self._skip_budget._recent, self._skip_budget._steps = ring
 
     def _start(self, device: torch.device) -> None:
         def zero(*shape, dtype=torch.float64):
@@ -493,9 +511,9 @@ class GradMonitor:
     _STATE = ("norms", "coefs", "found_inf", "per_tensor", "norm_ema", "should_skip")
 
     def state_dict(self) -> dict:
-        """The history, the spike EMA and the skip budget's ring (tensors on their device), for a
+        """The history, the spike EMA and the skip budget's ring (copies, on their device), for a
         checkpoint; the constructor's arguments are not in it."""
-        state = {name: getattr(self, name) for name in self._STATE}
+        state = {name: _copied(getattr(self, name)) for name in self._STATE}
         return state | {
             "capacity": self.capacity,
             "steps": self.steps,
@@ -505,23 +523,30 @@ class GradMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         """Resumes from `state_dict()`'s state. capacity and skip_window must be as saved (they
-        shape the state); the other arguments are this monitor's own."""
+        shape the state); the other arguments are this monitor's own. Checked whole before
+        anything is loaded."""
         keys = (*self._STATE, "capacity", "steps", "has_per_tensor", "skip_budget")
-        _check_state(
-            self,
-            state,
-            keys,
-            lambda s: [
-                ("capacity", s["capacity"], self.capacity),
-                _saved_skip_window(s, self._skip_budget),
-            ],
-        )
-        budget = SkipBudget(self._skip_budget.max_skips, self._skip_budget.window)
-        budget.load_state_dict(state["skip_budget"])
-        for name in self._STATE:
-            setattr(self, name, _loaded(state[name]))
-        self.steps, self._has_per_tensor = int(state["steps"]), list(state["has_per_tensor"])
-        self._skip_budget = budget
+        saved = _SavedState(self, state, keys)
+        saved.same_argument("capacity", self.capacity)
+        ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
+        history = (self.capacity,)
+        shapes = {"norms": history, "coefs": history, "found_inf": history, "per_tensor": None}
+        tensors = [saved.tensor(name, shapes.get(name, ())) for name in self._STATE]
+        steps = saved.count("steps")
+        has_per_tensor = state["has_per_tensor"]
+        if not (
+            isinstance(has_per_tensor, list)
+            and len(has_per_tensor) in (0, self.capacity)
+            and all(isinstance(flag, bool) for flag in has_per_tensor)
+        ):
+            raise saved.refusal(
+                f"has_per_tensor must be a list of {self.capacity} bools (or empty), got "
+                f"{has_per_tensor!r}"
+            )
+        for name, value in zip(self._STATE, tensors, strict=True):
+            setattr(self, name, value)
+        self.steps, self._has_per_tensor = steps, list(has_per_tensor)
+        self._skip_budget._recent, self._skip_budget._steps = ring
 
     @without_grad
     def record(

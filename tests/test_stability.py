@@ -635,3 +635,63 @@ def test_load_state_dict_refuses_a_state_it_cannot_resume_and_loads_nothing(make
     after = target.state_dict()
     assert before.keys() == after.keys()
     assert repr(before) == repr(after), "a refused load changed the state"
+
+
+def _with(state: dict, path: tuple, value) -> dict:
+    state = copy.deepcopy(state)
+    inner = state
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("make", "path", "value", "match"),
+    [
+        (GradMonitor, ("steps",), None, "steps must be an integer"),
+        (GradMonitor, ("norms",), torch.zeros(3), r"norms must have shape \(8,\)"),
+        (GradMonitor, ("has_per_tensor",), "no", "has_per_tensor must be"),
+        (ZClip, ("mean",), 7.0, "mean must be a tensor or None"),
+        (ZClip, ("warmup_norms",), torch.zeros(2), "warmup_norms must have shape"),
+        (ZClip, ("skip_budget", "recent"), torch.zeros(3, dtype=torch.bool), "recent must"),
+        (ZClip, ("skip_budget",), None, "lacks window"),
+    ],
+)
+def test_load_state_dict_checks_every_entry_before_loading_any(make, path, value, match):
+    """Only the keys were checked first: a bad value further on raised after the entries before
+    it had been loaded (a GradMonitor kept the new history with the old step count)."""
+    tool = make(capacity=8) if make is GradMonitor else make(warmup_steps=5, skip_on_spike=True)
+    gradient = torch.ones(3, dtype=torch.float64)
+    for _ in range(3):
+        if isinstance(tool, ZClip):
+            tool.step([gradient.clone()])
+        else:
+            tool.record(fusedclip.fused_clip_([gradient.clone()], max_norm=1.0))
+    good = tool.state_dict()
+    for _ in range(2):  # so that the good state and the current one differ
+        if isinstance(tool, ZClip):
+            tool.step([gradient.clone() * 3])
+        else:
+            tool.record(fusedclip.fused_clip_([gradient.clone() * 3], max_norm=1.0))
+    before = repr(tool.state_dict())
+    with pytest.raises(ValueError, match=match):
+        tool.load_state_dict(_with(good, path, value))
+    assert repr(tool.state_dict()) == before, "a refused load changed the state"
+
+
+def test_a_state_dict_is_a_snapshot_that_later_steps_leave_alone():
+    """state_dict handed out the live buffers, which the next steps write in place: a snapshot
+    kept in memory then mixed its step count with newer history."""
+    monitor = GradMonitor(capacity=8, spike_factor=3.0)
+    zclip = ZClip(warmup_steps=3, skip_on_spike=True)
+    gradient = torch.ones(4, dtype=torch.float64)
+    for scale in (1.0, 1.0, 1.0, 1.1):
+        zclip.step([gradient * scale])
+        monitor.record(fusedclip.fused_clip_([gradient * scale], max_norm=10.0))
+    snapshots = [tool.state_dict() for tool in (zclip, monitor)]
+    expected = [repr(snapshot) for snapshot in copy.deepcopy(snapshots)]
+    for scale in (50.0, 60.0, 1.0):
+        zclip.step([gradient * scale])
+        monitor.record(fusedclip.fused_clip_([gradient * scale], max_norm=10.0))
+    assert [repr(snapshot) for snapshot in snapshots] == expected
