@@ -348,14 +348,14 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
 
 def _element_offsets(tensor: torch.Tensor) -> torch.Tensor:
     """Storage offset (in bytes) of every element, flat; for the rare exact overlap test.
-    Computed from the tensor's layout on real CPU tensors, also inside a FakeTensorMode (whose
-    fake tensors cannot hold data-dependent shapes such as unique's)."""
+    Computed from the tensor's layout on real CPU tensors, also inside a FakeTensorMode or under
+    torch.device("meta") (whose tensors cannot hold data-dependent shapes such as unique's)."""
     with unset_fake_temporarily():
-        offsets = torch.zeros((), dtype=torch.int64)
+        offsets = torch.zeros((), dtype=torch.int64, device="cpu")
         for dim, (n, s) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
             shape = [1] * tensor.dim()
             shape[dim] = n
-            offsets = offsets + torch.arange(n, dtype=torch.int64).view(shape) * s
+            offsets = offsets + torch.arange(n, dtype=torch.int64, device="cpu").view(shape) * s
         start = tensor.storage_offset()
         return ((offsets.reshape(-1) + start) * tensor.element_size()).unique()
 
@@ -375,8 +375,10 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     # Element i covers bytes [offset_i, offset_i + size): compare bytes, exact for mixed dtypes.
     offsets_a, offsets_b = _element_offsets(a), _element_offsets(b)
     with unset_fake_temporarily():
-        bytes_a = (offsets_a.view(-1, 1) + torch.arange(a.element_size())).reshape(-1)
-        bytes_b = (offsets_b.view(-1, 1) + torch.arange(b.element_size())).reshape(-1)
+        in_element_a = torch.arange(a.element_size(), device="cpu")
+        in_element_b = torch.arange(b.element_size(), device="cpu")
+        bytes_a = (offsets_a.view(-1, 1) + in_element_a).reshape(-1)
+        bytes_b = (offsets_b.view(-1, 1) + in_element_b).reshape(-1)
         return bool(torch.isin(bytes_a, bytes_b).any())
 
 

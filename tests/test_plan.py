@@ -225,14 +225,14 @@ def test_overlapping_gradients_are_refused_before_anything_is_written(call):
     assert _unchanged(tensors, snapshot)
 
 
-@pytest.mark.parametrize("memoryless", ["meta", "fake"])
+@pytest.mark.parametrize("memoryless", ["meta", "meta-default-device", "fake"])
 def test_tensors_without_memory_are_told_apart_by_their_storage(memoryless):
     """Meta and fake tensors all sit at address 0: by address, any two gradients overlapped and
     were refused, where torch clips them. Their storages still tell views apart."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def run():
-        device = "meta" if memoryless == "meta" else "cpu"
+        device = {"meta": "meta", "meta-default-device": None, "fake": "cpu"}[memoryless]
         grads = [torch.randn(3, device=device), torch.randn(4, 5, device=device)]
         parameters = _parameters(*grads)
         with warnings.catch_warnings():
@@ -247,6 +247,9 @@ def test_tensors_without_memory_are_told_apart_by_their_storage(memoryless):
 
     if memoryless == "fake":
         with FakeTensorMode():
+            run()
+    elif memoryless == "meta-default-device":  # how meta models are built
+        with torch.device("meta"):
             run()
     else:
         run()
