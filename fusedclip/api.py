@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import types
 import warnings
 from collections.abc import Iterable
@@ -74,17 +75,16 @@ def check_backend(backend: BackendName | None) -> None:
         dispatch.requested_backend(backend)
 
 
-def _to_float(value, name: str, expected: str) -> float:
+def to_float(value, name: str, expected: str) -> float:
     """float(value), raising what float() raises (TypeError or ValueError, as torch would) with
-    the argument named; an integer past float64's range is a ValueError too."""
+    the argument named; a number past float64's range (10**400) is a ValueError too."""
     try:
         return float(value)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{name} must be {expected}, got {value!r}") from None
-    except OverflowError:  # its repr may be longer than Python prints an int
+    except OverflowError:  # not its repr: an int's may be longer than Python prints
         raise ValueError(
-            f"{name} must be {expected}, got an integer of {value.bit_length()} bits, past "
-            "float64's range"
+            f"{name} must be {expected}, got a {type(value).__name__} past float64's range"
         ) from None
 
 
@@ -98,7 +98,7 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
                 f"shape {tuple(value.shape)}; pass one value for all the gradients"
             )
         value = value.item()
-    value = _to_float(value, name, "a non-negative number")
+    value = to_float(value, name, "a non-negative number")
     if not value >= 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
             f"{name} must be a non-negative number, got {value}; a negative {name} would flip "
@@ -108,7 +108,7 @@ def _check_nonnegative(value, name: str, fix: str = "") -> float:
 
 
 def _check_norm_type(norm_type: float | str) -> float:
-    norm_type = _to_float(norm_type, "norm_type", "a number > 0 or inf")
+    norm_type = to_float(norm_type, "norm_type", "a number > 0 or inf")
     if not norm_type > 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
             f"norm_type must be > 0 or inf, got {norm_type}; use 2.0 for the usual L2 norm"
@@ -126,7 +126,7 @@ def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Te
                 f"1 / scaler.get_scale()), got a {inv_scale.dtype} tensor of shape {tuple(inv_scale.shape)}"
             )
         return inv_scale
-    inv_scale = _to_float(
+    inv_scale = to_float(
         inv_scale, "inv_scale", "a finite number >= 0 or a one-element floating-point tensor"
     )
     # NaN fails too; comparisons, not math.isfinite, so that a SymFloat traces under compile.
@@ -149,7 +149,9 @@ def _check_total_norm(total_norm) -> torch.Tensor:
             )
         return total_norm.reshape(())
     expected = "a number or a one-element tensor"
-    return torch.tensor(_to_float(total_norm, "total_norm", expected), dtype=torch.float64)
+    if not isinstance(total_norm, numbers.Real):  # a TypeError, as torch's division raises
+        raise TypeError(f"total_norm must be {expected}, got {total_norm!r}")
+    return torch.tensor(to_float(total_norm, "total_norm", expected), dtype=torch.float64)
 
 
 class _KernelInputs(NamedTuple):

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from fusedclip.api import to_float
 from fusedclip.norms import clamp_by_value, clip_coefficient
 
 
-def _check(max_norm: float | None, clip_value: float | None) -> None:
-    if max_norm is None and clip_value is None:
-        raise ValueError("clip_gradient needs max_norm or clip_value (or both)")
-    for name, value in (("max_norm", max_norm), ("clip_value", clip_value)):
-        if value is not None and not value >= 0:  # NaN too, and a SymFloat when compiled
-            raise ValueError(f"{name} must be a non-negative number, got {value}")
+def _checked(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    value = to_float(value, name, "a non-negative number")
+    if not value >= 0:  # NaN too, and a SymFloat when compiled
+        raise ValueError(f"{name} must be a non-negative number, got {value}")
+    return value
 
 
 def clipped(grad: torch.Tensor, max_norm: float | None, clip_value: float | None) -> torch.Tensor:
@@ -60,14 +62,12 @@ def clip_gradient(
 ) -> torch.Tensor:
     """Returns x unchanged; in the backward pass the gradient flowing into x is clipped by its L2
     norm (to `max_norm`) and/or by value (to `clip_value`)."""
-    _check(max_norm, clip_value)
+    if max_norm is None and clip_value is None:
+        raise ValueError("clip_gradient needs max_norm or clip_value (or both)")
+    max_norm, clip_value = _checked(max_norm, "max_norm"), _checked(clip_value, "clip_value")
     if x.is_complex():
         raise TypeError(
             f"clip_gradient: x has dtype {x.dtype}; complex gradients are not clipped (clip "
             "torch.view_as_real(x) instead)"
         )
-    return _ClipGradient.apply(
-        x,
-        None if max_norm is None else float(max_norm),
-        None if clip_value is None else float(clip_value),
-    )
+    return _ClipGradient.apply(x, max_norm, clip_value)

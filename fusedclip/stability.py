@@ -205,8 +205,13 @@ class ZClip:
         if mode not in ("adaptive", "zscore"):
             raise ValueError(f"mode must be 'adaptive' or 'zscore', got {mode!r}")
         _check_count("warmup_steps", warmup_steps, 1)
-        if max_norm is not None and (isinstance(max_norm, bool) or not max_norm >= 0):
-            raise ValueError(f"max_norm must be a non-negative number or None, got {max_norm}")
+        if max_norm is not None:
+            expected = "a non-negative number or None"
+            if isinstance(max_norm, bool):
+                raise ValueError(f"max_norm must be {expected}, got {max_norm}")
+            max_norm = api.to_float(max_norm, "max_norm", expected)
+            if not max_norm >= 0:
+                raise ValueError(f"max_norm must be {expected}, got {max_norm}")
         if not (eps > 0 and math.isfinite(eps)):
             # The floor of the standard deviation: a NaN one would make every z-score NaN, and
             # so never a spike.

@@ -117,6 +117,7 @@ def test_unrolled_rnn_matches_hook_based_clipping():
         ({}, "max_norm or clip_value"),
         ({"max_norm": -1.0}, "max_norm"),
         ({"clip_value": math.nan}, "clip_value"),
+        ({"max_norm": 10**400}, "max_norm must be .* past float64's range"),
     ],
 )
 def test_bad_arguments(kwargs, match):
