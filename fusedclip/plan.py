@@ -547,10 +547,11 @@ def _group(tensors: list[torch.Tensor], backend: str | None, copies: list[int] |
         if tensor.is_sparse:
             sparse.append(tensor)
             sparse_order.append(index)
-        elif is_dense(tensor) and not tensor.is_neg():
+        elif is_dense(tensor) and (torch.compiler.is_compiling() or not tensor.is_neg()):
             dense.append(tensor)
             dense_order.append(index)
-        else:  # a negative view (z.conj().imag) too: the kernels read memory, not the view
+        else:  # a negative view (_neg_view) too, eagerly (dynamo cannot trace is_neg): the
+            # kernels read memory, not the view
             strided.append(tensor)
             strided_order.append(index)
         any_double = any_double or tensor.dtype == torch.float64
