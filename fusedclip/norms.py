@@ -28,6 +28,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # float32's normal range: a coefficient outside it is applied in float64 (needs_float64_product).
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
 FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT64_TINY = torch.finfo(torch.float64).tiny
 
 
 def is_inf_norm(norm_type: float) -> bool:
@@ -74,7 +75,12 @@ def combine_norms(
     # p as a tensor: inductor (torch 2.14, dynamic=True) compiled pow(x, p) of a symbolic p as
     # x * x for the p of the first call, with no guard, so later calls got the 2-norm.
     norm_type = torch.ones_like(largest) * norm_type
-    powers = (norms / safe).pow(norm_type)
+    ratios = norms / safe
+    # A ratio below float64's normal range has underflowed, but for a small p its power still
+    # counts ((1e-300 / 1e300)^0.008 is 0.0016): such a power is taken in the log domain
+    # (norm.h's power_of_ratio).
+    in_logs = torch.exp2(norm_type * (norms.log2() - safe.log2()))
+    powers = torch.where((ratios >= FLOAT64_TINY) | (norms == 0), ratios.pow(norm_type), in_logs)
     if weights is not None:
         powers = powers * weights.to(powers)
     combined = scale_by_root(safe, powers.sum(), norm_type)

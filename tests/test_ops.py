@@ -276,6 +276,35 @@ def test_reduce_tiny_p_norm_is_finite_when_only_the_root_overflows(device, backe
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("layout", ["one-block", "several-chunks", "separate-tensors"])
+@pytest.mark.parametrize("small_count", [1, 100])
+def test_reduce_small_p_counts_elements_whose_ratio_to_the_max_underflows(
+    device, backend, layout, small_count
+):
+    """(1e-300 / 1e300) underflows to 0, but its 0.008th power is 0.0016: a scaled sum that
+    rescaled by the ratio dropped such terms (the norm of [1e300, 1e-300] came back 1e300, not
+    1.00198e300), within a block, across chunks, and combining tensors (the reference too)."""
+    import mpmath
+
+    ops = dispatch.select(torch.device(device), backend)
+    norm_type, values = 0.008, [1e300] + [-1e-300] * small_count
+    if layout == "separate-tensors":
+        tensors = [f64(value) for value in values]
+    else:
+        step = 1 if layout == "one-block" else multi_chunk_size(device, backend) // len(values)
+        spread = torch.zeros(step * len(values), dtype=torch.float64)
+        spread[::step] = torch.tensor(values, dtype=torch.float64)
+        tensors = [spread]
+    tensors = [t.to(device) for t in tensors]
+    raw_norm, found_inf, _ = ops.reduce(tensors, norm_type, False)
+    with mpmath.workdps(60):
+        exact = mpmath.fsum(mpmath.mpf(abs(v)) ** norm_type for v in values) ** (1 / norm_type)
+    expected = torch.tensor(float(exact), dtype=torch.float64)
+    assert_close(raw_norm, expected, rtol=RAW_NORM_RTOL, what=f"raw_norm ({layout})")
+    assert found_inf.item() == 0.0
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
 @pytest.mark.parametrize("norm_type", [1e-310, 5e-324], ids=["subnormal", "smallest"])
 def test_reduce_subnormal_p_of_two_nonzero_elements_overflows_to_inf_not_nan(
     device, backend, norm_type

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -319,6 +320,17 @@ FUSEDCLIP_TARGET_CLONES double reduce_chunk(const void* data_ptr, int64_t numel,
   }
 }
 
+// Whether some nonzero x[k] * reciprocal falls below DBL_MIN (its power needs power_of_ratio).
+template <typename T>
+bool any_ratio_underflows(const T* x, int64_t numel, double reciprocal) {
+  bool underflows = false;
+  for (int64_t k = 0; k < numel; ++k) {
+    const double magnitude = std::fabs(static_cast<double>(x[k]));
+    underflows |= magnitude != 0.0 && magnitude * reciprocal < DBL_MIN;
+  }
+  return underflows;
+}
+
 // The reciprocal of a float64 below DBL_MIN can overflow (1 / 2^-1074 is inf): the scaled path
 // first multiplies such a block by this power of two (exact, and 2^600 * DBL_MIN is far below 1).
 constexpr double kSubnormalPrescale = 0x1p600;
@@ -360,6 +372,18 @@ FUSEDCLIP_TARGET_CLONES ScaledSum reduce_chunk_scaled(const void* data_ptr, int6
           return static_cast<double>(x) * reciprocal;
         };
         accumulate_powers<kKind>(values, block_numel, norm_type, to_ratio, lanes);
+        if constexpr (kKind == NormKind::kGeneral && kDtype == at::kDouble) {
+          // Only float64 elements can lie more than 2^1022 below their block's max, where the
+          // ratio underflows though its p-th power may count: then the block is summed again,
+          // each term by power_of_ratio (same lanes, same order).
+          if (any_ratio_underflows(values, block_numel, reciprocal)) {
+            std::fill(std::begin(lanes), std::end(lanes), 0.0);
+            for (int64_t k = 0; k < block_numel; ++k) {
+              const double x = std::fabs(static_cast<double>(values[k]));
+              lanes[k % kLanes] += x == 0.0 ? 0.0 : power_of_ratio(x, block_max, norm_type);
+            }
+          }
+        }
       }
     };
     if constexpr (std::is_same_v<Storage, uint16_t>) {

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from fusedclip.norms import FLOAT32_MAX, FLOAT32_TINY, NORM_EPS
+from fusedclip.norms import FLOAT32_MAX, FLOAT32_TINY, FLOAT64_TINY, NORM_EPS
 
 NORM_GENERAL: tl.constexpr = tl.constexpr(0)
 NORM_ONE: tl.constexpr = tl.constexpr(1)
@@ -33,6 +33,7 @@ NORM_INF: tl.constexpr = tl.constexpr(3)
 # host twin). Both bounds are exact in float32 and float64.
 _FLOAT32_TINY: tl.constexpr = tl.constexpr(FLOAT32_TINY)
 _FLOAT32_MAX: tl.constexpr = tl.constexpr(FLOAT32_MAX)
+_FLOAT64_TINY: tl.constexpr = tl.constexpr(FLOAT64_TINY)
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)
 
 
@@ -71,6 +72,21 @@ def _magnitude_power(magnitude, norm_type, NORM_KIND: tl.constexpr):
         is_zero = magnitude == 0.0
         power = tl.exp2(norm_type * tl.log2(tl.where(is_zero, 1.0, magnitude)))
         power = tl.where(is_zero, 0.0, power)
+    return power
+
+
+@triton.jit
+def _power_of_ratio(x, larger, norm_type, NORM_KIND: tl.constexpr):
+    """(x / larger)^p for 0 <= x <= larger, larger > 0 finite (norm.h's power_of_ratio): the ratio
+    underflows once x is more than 2^1022 below `larger`, where for a small p its power still
+    counts, so such a power is taken in the log domain (p = 2 of such a ratio is below 2^-2044)."""
+    ratio = x / larger
+    power = _magnitude_power(ratio, norm_type, NORM_KIND)
+    if NORM_KIND == NORM_GENERAL:
+        underflowed = (ratio < _FLOAT64_TINY) & (x > 0.0)
+        safe_x = tl.where(underflowed, x, 1.0)
+        in_logs = tl.exp2(norm_type * (tl.log2(safe_x) - tl.log2(larger)))
+        power = tl.where(underflowed, in_logs, power)
     return power
 
 
@@ -117,8 +133,11 @@ def _merge_scaled(scale, scaled_sum, other_scale, other_sum, norm_type, NORM_KIN
     kept_sum = tl.where(other_larger, other_sum, scaled_sum)
     moved_sum = tl.where(other_larger, scaled_sum, other_sum)
     # larger > 0 whenever it is used below (a zero other is handled first).
-    ratio = smaller / tl.where(larger > 0.0, larger, 1.0)
-    merged_sum = kept_sum + moved_sum * _magnitude_power(ratio, norm_type, NORM_KIND)
+    safe_larger = tl.where((larger > 0.0) & (larger < float("inf")), larger, 1.0)
+    moved_power = _power_of_ratio(
+        tl.minimum(smaller, safe_larger), safe_larger, norm_type, NORM_KIND
+    )
+    merged_sum = kept_sum + moved_sum * moved_power
     either_nonfinite = _is_nonfinite(scale) | _is_nonfinite(other_scale)
     nan_max = tl.where((other_scale > scale) | (other_scale != other_scale), other_scale, scale)
     merged_scale = tl.where(either_nonfinite, nan_max, larger)
@@ -175,8 +194,10 @@ def _chunk_partial(
         if SCALED:
             block_scale = _max_keeping_nan(magnitude)
             ordinary = _is_ordinary_scale(block_scale)
-            ratio = magnitude / tl.where(ordinary, block_scale, 1.0)
-            block_sum = tl.sum(_magnitude_power(ratio, norm_type, NORM_KIND), axis=0)
+            powers = _power_of_ratio(
+                magnitude, tl.where(ordinary, block_scale, 1.0), norm_type, NORM_KIND
+            )
+            block_sum = tl.sum(powers, axis=0)
             running_scale, running_sum = _merge_scaled(
                 running_scale,
                 running_sum,
@@ -317,8 +338,7 @@ def _reduce_segment(
             scales = tl.load(scale_ptr + offsets, mask=mask, other=0.0)
             sums = tl.load(power_ptr + offsets, mask=mask, other=0.0)
             # scales <= scale, so each ratio is in [0, 1]: the rescaled sums cannot overflow.
-            ratio = scales / safe_scale
-            accumulator += sums * _magnitude_power(ratio, norm_type, NORM_KIND)
+            accumulator += sums * _power_of_ratio(scales, safe_scale, norm_type, NORM_KIND)
         power = tl.where(ordinary, tl.sum(accumulator, axis=0), tl.where(scale == 0.0, 0.0, 1.0))
     else:
         scale = tl.full([], 0.0, dtype=tl.float64)

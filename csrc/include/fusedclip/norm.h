@@ -72,6 +72,16 @@ FUSEDCLIP_HOST_DEVICE double scale_by_root(double scale, double sum, double norm
   return scale * third * third * third;
 }
 
+// (x / larger)^p for 0 < x <= larger, both finite. The ratio underflows once x is more than
+// 2^1022 below `larger`, where for a small p its power still counts ((1e-300 / 1e300)^0.008 is
+// 0.0016): such a power is taken in the log domain. fusedclip/norms.py's combine_norms does the
+// same.
+FUSEDCLIP_HOST_DEVICE double power_of_ratio(double x, double larger, double norm_type) {
+  const double ratio = x / larger;
+  if (ratio >= DBL_MIN) return pow(ratio, norm_type);
+  return exp2(norm_type * (log2(x) - log2(larger)));
+}
+
 // sum |g|^p held as scale^p * sum, with scale = max |g| seen (so sum is in [1, count]): the
 // LAPACK nrm2 idea. Overflow- and underflow-free for every p; combining two is deterministic for
 // a fixed order. A non-finite scale (an inf or NaN element) is the norm itself.
@@ -82,10 +92,10 @@ struct ScaledSum {
   // Adds |x|^p for one magnitude x >= 0 (or NaN).
   FUSEDCLIP_HOST_DEVICE void add(double x, double norm_type) {
     if (!(x <= scale)) {  // a new maximum, or NaN
-      sum = (scale == 0.0 || !isfinite(x)) ? 1.0 : 1.0 + sum * pow(scale / x, norm_type);
+      sum = (scale == 0.0 || !isfinite(x)) ? 1.0 : 1.0 + sum * power_of_ratio(scale, x, norm_type);
       scale = isnan(scale) ? scale : x;
     } else if (x != 0.0 && isfinite(scale)) {
-      sum += pow(x / scale, norm_type);
+      sum += power_of_ratio(x, scale, norm_type);
     }
   }
 
@@ -95,10 +105,10 @@ struct ScaledSum {
       scale = nan_max(scale, other.scale);
       sum = 1.0;
     } else if (other.scale > scale) {
-      sum = other.sum + (scale == 0.0 ? 0.0 : sum * pow(scale / other.scale, norm_type));
+      sum = other.sum + (scale == 0.0 ? 0.0 : sum * power_of_ratio(scale, other.scale, norm_type));
       scale = other.scale;
     } else {
-      sum += other.sum * pow(other.scale / scale, norm_type);
+      sum += other.sum * power_of_ratio(other.scale, scale, norm_type);
     }
   }
 
