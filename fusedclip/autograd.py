@@ -2,7 +2,8 @@
 
 For clipping inside backpropagation through time (an RNN's hidden state at every step, the
 Pascanu et al. recipe) and at chosen points of a network. An autograd.Function, so autograd,
-torch.func, vmap and torch.compile see it.
+torch.func's reverse-mode transforms (grad, vjp, vmap) and torch.compile see it; forward mode
+(jvp) raises.
 """
 
 from __future__ import annotations
