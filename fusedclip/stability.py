@@ -89,6 +89,12 @@ class _SavedState:
             raise self.refusal(f"{key} must be an integer >= 0, got {value!r}")
         return value
 
+    def all_or_none(self, keys: tuple[str, ...]) -> None:
+        """The state of `keys` is all started (tensors) or all not yet (None)."""
+        started = [self.state[key] is not None for key in keys]
+        if any(started) and not all(started):
+            raise self.refusal(f"{', '.join(keys)} must all be tensors or all be None")
+
     def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor | None:
         """A saved tensor (or None: not started) as a copy: the state_dict may be loaded again.
         `shape`: what it must be (None: any). Its device is kept; the next step moves the state
@@ -260,6 +266,7 @@ class ZClip:
         saved = _SavedState(self, state, (*keys, "warmup_steps", "skip_budget"))
         saved.same_argument("warmup_steps", self.warmup_steps)
         ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
+        saved.all_or_none(keys)
         shapes = {"warmup_norms": (self.warmup_steps,)}
         tensors = [saved.tensor(key, shapes.get(key, ())) for key in keys]
         for name, value in zip(self._STATE, tensors, strict=True):
@@ -534,19 +541,27 @@ class GradMonitor:
         saved = _SavedState(self, state, keys)
         saved.same_argument("capacity", self.capacity)
         ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
+        saved.all_or_none(("norms", "coefs", "found_inf", "norm_ema"))
         history = (self.capacity,)
         shapes = {"norms": history, "coefs": history, "found_inf": history, "per_tensor": None}
         tensors = [saved.tensor(name, shapes.get(name, ())) for name in self._STATE]
+        per_tensor = tensors[self._STATE.index("per_tensor")]
+        if per_tensor is not None and (per_tensor.dim() != 2 or len(per_tensor) != self.capacity):
+            raise saved.refusal(
+                f"per_tensor must have {self.capacity} rows (one per step of the history), got "
+                f"shape {tuple(per_tensor.shape)}"
+            )
         steps = saved.count("steps")
         has_per_tensor = state["has_per_tensor"]
+        # One flag per slot exactly when there is a per-tensor history.
+        flags = self.capacity if per_tensor is not None else 0
         if not (
             isinstance(has_per_tensor, list)
-            and len(has_per_tensor) in (0, self.capacity)
+            and len(has_per_tensor) == flags
             and all(isinstance(flag, bool) for flag in has_per_tensor)
         ):
             raise saved.refusal(
-                f"has_per_tensor must be a list of {self.capacity} bools (or empty), got "
-                f"{has_per_tensor!r}"
+                f"has_per_tensor must be a list of {flags} bools, got {has_per_tensor!r}"
             )
         for name, value in zip(self._STATE, tensors, strict=True):
             setattr(self, name, value)

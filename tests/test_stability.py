@@ -653,6 +653,10 @@ def _with(state: dict, path: tuple, value) -> dict:
         (GradMonitor, ("steps",), None, "steps must be an integer"),
         (GradMonitor, ("norms",), torch.zeros(3), r"norms must have shape \(8,\)"),
         (GradMonitor, ("has_per_tensor",), "no", "has_per_tensor must be"),
+        # What the next record() tripped on, after writing part of its slot:
+        (GradMonitor, ("per_tensor",), torch.zeros(4, 2), "per_tensor must have 8 rows"),
+        (GradMonitor, ("has_per_tensor",), [], "has_per_tensor must be a list of 8"),
+        (ZClip, ("warmup_count",), None, "must all be tensors or all be None"),
         (ZClip, ("mean",), 7.0, "mean must be a tensor or None"),
         (ZClip, ("warmup_norms",), torch.zeros(2), "warmup_norms must have shape"),
         (ZClip, ("skip_budget", "recent"), torch.zeros(3, dtype=torch.bool), "recent must"),
@@ -668,13 +672,15 @@ def test_load_state_dict_checks_every_entry_before_loading_any(make, path, value
         if isinstance(tool, ZClip):
             tool.step([gradient.clone()])
         else:
-            tool.record(fusedclip.fused_clip_([gradient.clone()], max_norm=1.0))
+            tool.record(fusedclip.fused_clip_([gradient.clone()], max_norm=1.0, per_tensor=True))
     good = tool.state_dict()
     for _ in range(2):  # so that the good state and the current one differ
         if isinstance(tool, ZClip):
             tool.step([gradient.clone() * 3])
         else:
-            tool.record(fusedclip.fused_clip_([gradient.clone() * 3], max_norm=1.0))
+            tool.record(
+                fusedclip.fused_clip_([gradient.clone() * 3], max_norm=1.0, per_tensor=True)
+            )
     before = repr(tool.state_dict())
     with pytest.raises(ValueError, match=match):
         tool.load_state_dict(_with(good, path, value))
