@@ -88,7 +88,7 @@ def to_float(value, name: str, expected: str) -> float:
         ) from None
 
 
-def _check_nonnegative(value, name: str, fix: str = "") -> float:
+def check_nonnegative(value, name: str, fix: str = "") -> float:
     if value is None:
         raise TypeError(f"{name} must be a non-negative number, got None{fix}")
     if isinstance(value, torch.Tensor):
@@ -317,8 +317,8 @@ def _clip(
     how error messages call `items`; `gradients_only` and `refuse_float16` as `plan.prepare`.
     """
     norm_type = _check_norm_type(norm_type)
-    max_norm = None if max_norm is None else _check_nonnegative(max_norm, "max_norm")
-    clip_value = None if clip_value is None else _check_nonnegative(clip_value, "clip_value")
+    max_norm = None if max_norm is None else check_nonnegative(max_norm, "max_norm")
+    clip_value = None if clip_value is None else check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
     distributed.check_process_group(process_group)
     writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
@@ -601,7 +601,7 @@ def clip_grad_norm_(
         TypeError, ValueError, RuntimeError: as `fused_clip_`; RuntimeError also for a
         non-finite norm with `error_if_nonfinite`. Nothing is modified when it raises.
     """
-    max_norm = _check_nonnegative(
+    max_norm = check_nonnegative(
         max_norm, "max_norm", "; to measure without clipping use get_total_norm"
     )
     result = _clip(
@@ -666,7 +666,7 @@ def clip_grads_with_norm_(
         TypeError, ValueError: a bad argument; RuntimeError: an explicit `backend` that cannot
         run these tensors here. Nothing is modified when it raises.
     """
-    max_norm = _check_nonnegative(max_norm, "max_norm")
+    max_norm = check_nonnegative(max_norm, "max_norm")
     total_norm = _check_total_norm(total_norm)
     clip_coef = clip_coefficient(total_norm.to(torch.float64), max_norm, None)
     _write_only(_as_list(parameters), "parameters", clip_coef, None, backend, of_parameters=True)
@@ -688,7 +688,7 @@ def clip_grad_value_(
         TypeError, ValueError: a bad argument; RuntimeError: an explicit `backend` that cannot
         run these tensors here. Nothing is modified when it raises.
     """
-    clip_value = _check_nonnegative(clip_value, "clip_value")
+    clip_value = check_nonnegative(clip_value, "clip_value")
     inv_scale = _check_inv_scale(inv_scale)
     _write_only(
         _as_list(parameters), "parameters", inv_scale, clip_value, backend, of_parameters=True

@@ -10,17 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fusedclip.api import to_float
+from fusedclip.api import check_nonnegative
 from fusedclip.norms import clamp_by_value, clip_coefficient
-
-
-def _checked(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    value = to_float(value, name, "a non-negative number")
-    if not value >= 0:  # NaN too, and a SymFloat when compiled
-        raise ValueError(f"{name} must be a non-negative number, got {value}")
-    return value
 
 
 def clipped(grad: torch.Tensor, max_norm: float | None, clip_value: float | None) -> torch.Tensor:
@@ -65,7 +56,10 @@ def clip_gradient(
     norm (to `max_norm`) and/or by value (to `clip_value`)."""
     if max_norm is None and clip_value is None:
         raise ValueError("clip_gradient needs max_norm or clip_value (or both)")
-    max_norm, clip_value = _checked(max_norm, "max_norm"), _checked(clip_value, "clip_value")
+    if max_norm is not None:
+        max_norm = check_nonnegative(max_norm, "max_norm")
+    if clip_value is not None:
+        clip_value = check_nonnegative(clip_value, "clip_value")
     if x.is_complex():
         raise TypeError(
             f"clip_gradient: x has dtype {x.dtype}; complex gradients are not clipped (clip "

@@ -56,6 +56,12 @@ def _check_fraction(name: str, value) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
+def _copied(value: torch.Tensor | None) -> torch.Tensor | None:
+    """State handed out by state_dict, or loaded from one: a copy, since later steps write the
+    state in place and a state_dict may be loaded again."""
+    return None if value is None else value.detach().clone()
+
+
 class _SavedState:
     """A state_dict being loaded into `owner`, checked entry by entry before anything is kept:
     each check raises a ValueError that names the entry, and the caller assigns what the checks
@@ -96,22 +102,15 @@ class _SavedState:
             raise self.refusal(f"{', '.join(keys)} must all be tensors or all be None")
 
     def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor | None:
-        """A saved tensor (or None: not started) as a copy: the state_dict may be loaded again.
-        `shape`: what it must be (None: any). Its device is kept; the next step moves the state
-        to the gradients' device when it lies elsewhere."""
+        """A saved tensor (or None: not started), copied. `shape`: what it must be (None: any).
+        Its device is kept; the next step moves the state to the gradients' device when it lies
+        elsewhere."""
         value = self.state[key]
-        if value is None:
-            return None
-        if not isinstance(value, torch.Tensor):
+        if value is not None and not isinstance(value, torch.Tensor):
             raise self.refusal(f"{key} must be a tensor or None, got {type(value).__name__}")
-        if shape is not None and tuple(value.shape) != shape:
+        if value is not None and shape is not None and tuple(value.shape) != shape:
             raise self.refusal(f"{key} must have shape {shape}, got {tuple(value.shape)}")
-        return value.detach().clone()
-
-
-def _copied(value: torch.Tensor | None) -> torch.Tensor | None:
-    """State handed out by state_dict: a copy, since later steps write the state in place."""
-    return None if value is None else value.detach().clone()
+        return _copied(value)
 
 
 def _on(value: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
