@@ -84,7 +84,8 @@ def to_float(value, name: str, expected: str) -> float:
         raise type(error)(f"{name} must be {expected}, got {value!r}") from None
     except OverflowError:  # not its repr: an int's may be longer than Python prints
         raise ValueError(
-            f"{name} must be {expected}, got a {type(value).__name__} past float64's range"
+            f"{name} must be {expected}, got a value of type "
+            f"{type(value).__name__} past float64's range"
         ) from None
 
 

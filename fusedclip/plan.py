@@ -336,6 +336,12 @@ def _memory_key(tensor: torch.Tensor) -> tuple:
     )
 
 
+def _has_symbolic_layout(tensor: torch.Tensor) -> bool:
+    memory = tensor._values() if tensor.is_sparse else tensor
+    layout = (memory.storage_offset(), *tensor.shape, *memory.stride())
+    return any(isinstance(value, torch.SymInt) for value in layout)
+
+
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
     """[first, last) byte offsets in the storage that the tensor's elements touch."""
     size = tensor.element_size()
@@ -390,8 +396,14 @@ def _drop_repeats(
 
     Under torch.compile storages are not traceable (dynamo itself guards on how its inputs
     alias): repeats are dropped by identity, which dynamo evaluates at trace time without an id()
-    guard."""
-    by_identity = torch.compiler.is_compiling()
+    guard. So are the tensors of a list with a symbolic layout (make_fx's symbolic tracing),
+    whose offsets and sizes are no numbers to compare: there two tensors over one storage are
+    refused, as they cannot be told apart from overlapping ones."""
+    symbolic = not torch.compiler.is_compiling() and any(
+        isinstance(tensor, FakeTensor) and _has_symbolic_layout(tensor) for tensor in tensors
+    )
+    by_identity = symbolic or torch.compiler.is_compiling()
+    storages: dict[object, int] = {}  # when symbolic: storage -> index of its first tensor
     kept, kept_copies, kept_indices = [], [], []
     listed: list[int] = []  # for each index in `tensors`, the position in `kept` it counts as
     seen: dict[tuple, int] = {}  # memory key -> index in `tensors` of its first listing
@@ -409,6 +421,11 @@ def _drop_repeats(
                     raise _repeat_error(name, first_listed, index, refuse_repeats)
                 listed.append(listed[first_listed])
                 continue
+            if symbolic:
+                storage = _storage_identity(tensor._values() if tensor.is_sparse else tensor)
+                if storage in storages:
+                    raise _repeat_error(name, storages[storage], index, _SYMBOLIC_VIEWS)
+                storages[storage] = index
         else:
             # A coalesced sparse tensor is written through its values; it is the same gradient
             # as another over the same indices and values.
@@ -473,6 +490,10 @@ _OVERLAP = (
 REPEATS_WRITTEN_BY_CALLER = (
     "which a caller that writes each listed tensor itself (a fused optimizer's step) would "
     "scale twice: give each parameter its own gradient tensor, or use a non-fused optimizer"
+)
+_SYMBOLIC_VIEWS = (
+    "or views of one storage, which a trace with symbolic shapes (make_fx) cannot tell from "
+    "overlapping ones: list that gradient once, or the same tensor object twice"
 )
 _REPEATS_UNDER_COMPILE = (
     "listed as two tensors, which a call compiled by torch.compile cannot count once (the "

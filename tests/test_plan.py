@@ -255,6 +255,29 @@ def test_tensors_without_memory_are_told_apart_by_their_storage(memoryless):
         run()
 
 
+def test_a_symbolic_trace_by_make_fx_clips_and_refuses_views_of_one_storage():
+    """make_fx's symbolic tracing hands the planner fake tensors whose offsets and sizes are
+    SymInts: the aliasing rule's memory keys could not even be hashed (TypeError). There the
+    same object still counts once, and two views of one storage are refused, since their
+    symbolic layouts cannot be compared."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def clip(a, b):
+        return fusedclip.fused_clip_([a, b, a], max_norm=1.0).total_norm
+
+    traced = make_fx(clip, tracing_mode="symbolic")(torch.randn(5), torch.randn(3, 4))
+    for length in (5, 7):
+        a, b = torch.randn(length) * 10, torch.randn(2, 4) * 10
+        expected = torch.linalg.vector_norm(torch.cat([a, b.reshape(-1)]), dtype=torch.float64)
+        assert_close(traced(a.clone(), b.clone()), expected, rtol=1e-6, what="traced norm")
+
+    def views(a):
+        return fusedclip.fused_clip_([a, a.view(-1)], max_norm=1.0).total_norm
+
+    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory, or views"):
+        make_fx(views, tracing_mode="symbolic")(torch.randn(5))
+
+
 def test_interleaved_views_do_not_overlap_and_are_clipped():
     storage = torch.randn(10) * 5
     expected = storage.clone()
