@@ -307,16 +307,23 @@ def _clip(
     gradients_only: bool = False,
     refuse_float16: bool = False,
     writes_after: bool = False,
-) -> ClipResult | None:
+    refuse_repeats: bool | None = None,
+    float64_norm: bool = False,
+) -> ClipResult | tuple[ClipResult, torch.Tensor] | None:
     """Checks every argument, measures, then (when `apply`) scales the gradients in place; None
     when there is no gradient.
 
     `items` are the gradients, or with `of_parameters` the parameters whose `.grad` to take.
     `apply=False` only computes what the write pass would do, for callers that fold it into
-    another kernel; with `writes_after` such a caller writes each listed tensor itself, so the
-    gradients are checked as for a write, and the same memory listed twice is refused. `name` is
-    how error messages call `items`; `gradients_only` and `refuse_float16` as `plan.prepare`.
+    another kernel; with `writes_after` such a caller writes the gradients next, so they are
+    checked as for a write, and (unless `refuse_repeats` is False: the caller writes through
+    scale_, which scales a repeat once) the same memory listed twice is refused. `name` is how
+    error messages call `items`; `gradients_only` and `refuse_float16` as `plan.prepare`.
+    `float64_norm` (with `apply=False`): also returns the total norm in float64, (result, norm),
+    for callers that compute from it (a float32 norm overflows where the gradients do not).
     """
+    if refuse_repeats is None:
+        refuse_repeats = writes_after
     norm_type = _check_norm_type(norm_type)
     max_norm = None if max_norm is None else check_nonnegative(max_norm, "max_norm")
     clip_value = None if clip_value is None else check_nonnegative(clip_value, "clip_value")
@@ -347,7 +354,7 @@ def _clip(
         of_parameters=of_parameters,
         gradients_only=gradients_only,
         refuse_float16=refuse_float16,
-        refuse_repeats=plan.REPEATS_WRITTEN_BY_CALLER if writes_after else None,
+        refuse_repeats=plan.REPEATS_WRITTEN_BY_CALLER if refuse_repeats else None,
     )
     if the_plan is None:
         if process_group is None and of_parameters:
@@ -356,9 +363,10 @@ def _clip(
             process_group = distributed.group_of_dtensors(items)
         if process_group is None:
             return None
-        return _joined_without_gradients(
+        joined = _joined_without_gradients(
             norm_type, max_norm, inv_scale, per_tensor, error_if_nonfinite, process_group, backend
         )
+        return (joined, joined.total_norm.double()) if float64_norm else joined
     backend_ = the_plan.groups[0].backend
     inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
     if torch.compiler.is_compiling():
@@ -391,7 +399,10 @@ def _clip(
             the_plan, inputs, norm_type, per_tensor, process_group
         )
         total_norm, clip_coef = backend_.finalize(
-            raw_norm, max_norm, inv_scale_tensor, the_plan.out_dtype
+            raw_norm,
+            max_norm,
+            inv_scale_tensor,
+            torch.float64 if float64_norm else the_plan.out_dtype,
         )
         if error_if_nonfinite and not torch.isfinite(total_norm).item():
             raise _nonfinite_error(norm_type)
@@ -407,6 +418,11 @@ def _clip(
         if inv_scale_tensor is not None:
             per_tensor_norms = per_tensor_norms * inv_scale_tensor.to(torch.float64).abs()
         per_tensor_norms = per_tensor_norms.to(the_plan.out_dtype)
+    if float64_norm:
+        result = ClipResult(
+            total_norm.to(the_plan.out_dtype), found_inf, clip_coef, per_tensor_norms
+        )
+        return result, total_norm
     return ClipResult(total_norm, found_inf, clip_coef, per_tensor_norms)
 
 
@@ -569,6 +585,40 @@ def measure(
         writes_after=writes_after,
     )
     return _or_empty(result, per_tensor)
+
+
+def measure_before_scale(
+    tensors: list[torch.Tensor],
+    *,
+    inv_scale: float | torch.Tensor | None,
+    process_group: ProcessGroup | None,
+    backend: BackendName | None,
+    writes_each: bool,
+) -> tuple[ClipResult, torch.Tensor]:
+    """`measure(tensors, inv_scale=...)` and the total norm in float64, for a caller that
+    computes its own coefficient from that norm (a float32 one overflows where the gradients do
+    not), acts on it (its own state), then writes the tensors: checked as for a write here, so
+    that a write refused later cannot follow state already changed. `writes_each`: the caller
+    writes each listed tensor itself (a fused optimizer's step), so the same memory listed twice
+    is refused too; otherwise it writes through `scale_`, which scales a repeat once."""
+    measured = _clip(
+        tensors,
+        "tensors",
+        norm_type=2.0,
+        max_norm=None,
+        inv_scale=inv_scale,
+        process_group=process_group,
+        backend=backend,
+        apply=False,
+        gradients_only=True,
+        writes_after=True,
+        refuse_repeats=writes_each,
+        float64_norm=True,
+    )
+    if measured is None:
+        result = _or_empty(None, False)
+        return result, result.total_norm.double()
+    return measured
 
 
 @without_grad

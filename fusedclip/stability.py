@@ -235,11 +235,14 @@ class ZClip:
         self._warmup_norms: torch.Tensor | None = None
         self._warmup_count: torch.Tensor | None = None  # finite norms recorded so far
 
-    def _z_clipped(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g', spike): the norm clipped by the z-score rule (before max_norm), and whether it was."""
+    def _z_clipped(
+        self, norm: torch.Tensor, finite: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g', spike): the norm clipped by the z-score rule (before max_norm), and whether it was
+        (never where the norm is not `finite`)."""
         std = self.var.sqrt().clamp(min=self.eps)
         z = (norm - self.mean) / std
-        spike = (z > self.z_thresh) & torch.isfinite(norm)
+        spike = (z > self.z_thresh) & finite
         if self.mode == "adaptive":
             clipped_to = self.mean + (self.z_thresh**2 / z.clamp(min=self.z_thresh)) * std
         else:
@@ -287,27 +290,31 @@ class ZClip:
         writes_after: bool = False,
         dtensor_group=None,
     ) -> ZClipResult:
-        """One read of the gradients and the rule's update, on the device; touches no gradient
-        (`writes_after` as `api.measure`; `dtensor_group`: the group to join without
-        `process_group`, see distributed.group_to_join).
+        """One read of the gradients and the rule's update, on the device; touches no gradient,
+        but checks them for the write that follows, before the state changes (`writes_after`:
+        the caller writes each one itself, as `api.measure_before_scale`'s `writes_each`;
+        `dtensor_group`: the group to join without `process_group`, see
+        distributed.group_to_join).
 
         Warm-up and the rule after it are both computed and one is selected on the device, so
         that overflowed steps need not be counted on the host.
         """
-        measured = api.measure(
+        measured, norm = api.measure_before_scale(
             grads,
             inv_scale=inv_scale,
             process_group=self.process_group if self.process_group is not None else dtensor_group,
             backend=self.backend,
-            writes_after=writes_after,
+            writes_each=writes_after,
         )
-        norm = measured.total_norm.to(torch.float64)
         if self.mean is None:
             self._start(norm.device)
         elif self.mean.device != norm.device:  # loaded from elsewhere
             for name in self._STATE:
                 setattr(self, name, _on(getattr(self, name), norm.device))
-        finite = torch.isfinite(norm)
+        # Finite as reported (total_norm, in the gradients' precision): a float32 norm that
+        # overflows counts as an overflow. The coefficient is still computed from the float64
+        # norm, so that such gradients are clipped, not zeroed.
+        finite = torch.isfinite(measured.total_norm)
         in_warmup = self._warmup_count < self.warmup_steps
 
         recorded = in_warmup & finite
@@ -316,7 +323,7 @@ class ZClip:
         self._warmup_count = self._warmup_count + recorded.to(torch.int64)
         warmup_ends = recorded & (self._warmup_count == self.warmup_steps)
 
-        z_clipped, spike = self._z_clipped(norm)
+        z_clipped, spike = self._z_clipped(norm, finite)
         spike = spike & ~in_warmup
         updates = finite & ~in_warmup
         mean = self.alpha * self.mean + (1 - self.alpha) * z_clipped

@@ -221,6 +221,57 @@ def test_zclip_skips_a_norm_that_overflows_from_finite_gradients():
     assert bool(result.skip)
 
 
+def test_zclip_clips_gradients_whose_float32_norm_overflows_instead_of_zeroing_them():
+    """The coefficient divided by the float32 norm, inf here: the gradients became 0 where
+    clip_grad_norm_ scales them to max_norm. It now comes from the float64 norm; the step still
+    counts as an overflow (skip, no statistics)."""
+    gradient = torch.tensor([3e38, 3e38])
+    expected = gradient.clone()
+    fusedclip.clip_grad_norm_([_parameter_with(expected)], 1.0)
+    zclip = ZClip(warmup_steps=2, max_norm=1.0)
+    result = zclip.step([gradient])
+    assert torch.equal(gradient, expected) and gradient[0].item() == pytest.approx(0.5**0.5)
+    assert bool(result.skip) and not bool(result.spike)
+    assert zclip.state_dict()["warmup_count"].item() == 0
+
+
+def _parameter_with(grad):
+    parameter = torch.nn.Parameter(torch.zeros_like(grad))
+    parameter.grad = grad
+    return parameter
+
+
+def _unwritable_gradients(kind):
+    """Gradients that a write refuses: (the list, whether they are parameters' .grad)."""
+    if kind == "overlap":
+        storage = torch.arange(1.0, 7.0)
+        return [storage, storage[1:3]]
+    if kind == "expanded":
+        return [torch.ones(4), torch.ones(3).expand(2, 3)]
+    with torch.inference_mode():
+        return [torch.ones(4), torch.ones(3)]
+
+
+@pytest.mark.parametrize("kind", ["overlap", "expanded", "inference"])
+@pytest.mark.parametrize("call", ["step", "clip_step"])
+def test_zclip_refuses_gradients_it_cannot_write_before_its_state_changes(kind, call):
+    """The gradients were measured as for a read, and the write refused them only after the
+    step had entered the warm-up and the skip budget: a caller that caught the error carried a
+    norm that was never applied."""
+    zclip = ZClip(warmup_steps=3, skip_on_spike=True)
+    zclip.step([torch.ones(2)])  # some state, so that a change would show
+    before = repr(zclip.state_dict())
+    grads = _unwritable_gradients(kind)
+    snapshot = [grad.clone() for grad in grads]
+    with pytest.raises(ValueError, match="overlap|inference"):
+        if call == "step":
+            zclip.step(grads)
+        else:
+            zclip.clip_step(torch.optim.SGD([_parameter_with(grad) for grad in grads], lr=0.1))
+    assert repr(zclip.state_dict()) == before, "a refused step changed ZClip's state"
+    assert all(torch.equal(g, s) for g, s in zip(grads, snapshot, strict=True))
+
+
 def _twin_parameters(device, size=64):
     start = torch.randn(size, generator=torch.Generator().manual_seed(3)).to(device)
     return torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
