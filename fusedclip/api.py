@@ -117,7 +117,7 @@ def _check_norm_type(norm_type: float | str) -> float:
     return norm_type
 
 
-def _check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Tensor | None:
+def check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Tensor | None:
     if inv_scale is None:
         return None
     if isinstance(inv_scale, torch.Tensor):
@@ -327,7 +327,7 @@ def _clip(
     norm_type = _check_norm_type(norm_type)
     max_norm = None if max_norm is None else check_nonnegative(max_norm, "max_norm")
     clip_value = None if clip_value is None else check_nonnegative(clip_value, "clip_value")
-    inv_scale = _check_inv_scale(inv_scale)
+    inv_scale = check_inv_scale(inv_scale)
     distributed.check_process_group(process_group)
     writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
     if writes and not error_if_nonfinite and not per_tensor and process_group is None:
@@ -740,7 +740,7 @@ def clip_grad_value_(
         run these tensors here. Nothing is modified when it raises.
     """
     clip_value = check_nonnegative(clip_value, "clip_value")
-    inv_scale = _check_inv_scale(inv_scale)
+    inv_scale = check_inv_scale(inv_scale)
     _write_only(
         _as_list(parameters), "parameters", inv_scale, clip_value, backend, of_parameters=True
     )

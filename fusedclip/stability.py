@@ -51,9 +51,11 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_fraction(name: str, value) -> None:
+def _check_fraction(name: str, value) -> float:
+    value = api.to_float(value, name, "a number in (0, 1)")
     if not 0 < value < 1:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
+    return value
 
 
 def _copied(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -101,15 +103,23 @@ class _SavedState:
         if any(started) and not all(started):
             raise self.refusal(f"{', '.join(keys)} must all be tensors or all be None")
 
-    def tensor(self, key: str, shape: tuple[int, ...] | None) -> torch.Tensor | None:
-        """A saved tensor (or None: not started), copied. `shape`: what it must be (None: any).
-        Its device is kept; the next step moves the state to the gradients' device when it lies
-        elsewhere."""
+    def tensor(
+        self, key: str, shape: tuple[int, ...] | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """A saved tensor (or None: not started), copied. `shape`: what it must be (None: any);
+        `dtype`: what the owner makes it. Its device is kept; the next step moves the state to
+        the gradients' device when it lies elsewhere."""
         value = self.state[key]
-        if value is not None and not isinstance(value, torch.Tensor):
+        if value is None:
+            return None
+        if not isinstance(value, torch.Tensor):
             raise self.refusal(f"{key} must be a tensor or None, got {type(value).__name__}")
-        if value is not None and shape is not None and tuple(value.shape) != shape:
+        if shape is not None and tuple(value.shape) != shape:
             raise self.refusal(f"{key} must have shape {shape}, got {tuple(value.shape)}")
+        if value.dtype != dtype:
+            raise self.refusal(f"{key} must be a {dtype} tensor, got {value.dtype}")
+        if value.device.type == "meta":
+            raise self.refusal(f"{key} is a meta tensor, which holds no state")
         return _copied(value)
 
 
@@ -154,7 +164,7 @@ class SkipBudget:
         constructor calls the window."""
         saved = _SavedState(self, state, ("window", "recent", "steps"))
         saved.same_argument("window", self.window, window_argument)
-        return saved.tensor("recent", (self.window,)), saved.count("steps")
+        return saved.tensor("recent", (self.window,), torch.bool), saved.count("steps")
 
     def take(self, spike: torch.Tensor) -> torch.Tensor:
         """`spike` where the budget allows skipping it; records the decision."""
@@ -204,7 +214,8 @@ class ZClip:
         process_group=None,
         backend: str | None = None,
     ):
-        _check_fraction("alpha", alpha)
+        alpha = _check_fraction("alpha", alpha)
+        z_thresh = api.to_float(z_thresh, "z_thresh", "a number > 0")
         if not z_thresh > 0:
             raise ValueError(f"z_thresh must be > 0, got {z_thresh}")
         if mode not in ("adaptive", "zscore"):
@@ -217,6 +228,7 @@ class ZClip:
             max_norm = api.to_float(max_norm, "max_norm", expected)
             if not max_norm >= 0:
                 raise ValueError(f"max_norm must be {expected}, got {max_norm}")
+        eps = api.to_float(eps, "eps", "a finite number > 0")
         if not (eps > 0 and math.isfinite(eps)):
             # The floor of the standard deviation: a NaN one would make every z-score NaN, and
             # so never a spike.
@@ -249,7 +261,13 @@ class ZClip:
             clipped_to = self.mean + self.z_thresh * std
         return torch.where(spike, clipped_to, norm), spike
 
-    _STATE = ("mean", "var", "_warmup_norms", "_warmup_count")
+    # Each state tensor's dtype, by attribute.
+    _STATE = {
+        "mean": torch.float64,
+        "var": torch.float64,
+        "_warmup_norms": torch.float64,
+        "_warmup_count": torch.int64,
+    }
 
     def state_dict(self) -> dict:
         """The EMAs, the warm-up so far and the skip budget's ring (copies, on their device), for
@@ -270,18 +288,23 @@ class ZClip:
         ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
         saved.all_or_none(keys)
         shapes = {"warmup_norms": (self.warmup_steps,)}
-        tensors = [saved.tensor(key, shapes.get(key, ())) for key in keys]
+        tensors = [
+            saved.tensor(key, shapes.get(key, ()), dtype)
+            for key, dtype in zip(keys, self._STATE.values(), strict=True)
+        ]
+        count = tensors[keys.index("warmup_count")]
+        if count is not None and not 0 <= count.item() <= self.warmup_steps:
+            raise saved.refusal(
+                f"warmup_count must be in [0, warmup_steps={self.warmup_steps}], got {count.item()}"
+            )
         for name, value in zip(self._STATE, tensors, strict=True):
             setattr(self, name, value)
         self._skip_budget._recent, self._skip_budget._steps = ring
 
     def _start(self, device: torch.device) -> None:
-        def zero(*shape, dtype=torch.float64):
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        self.mean, self.var = zero(), zero()
-        self._warmup_norms = zero(self.warmup_steps)
-        self._warmup_count = zero(dtype=torch.int64)
+        shapes = {"_warmup_norms": (self.warmup_steps,)}
+        for name, dtype in self._STATE.items():
+            setattr(self, name, torch.zeros(shapes.get(name, ()), dtype=dtype, device=device))
 
     def _measure(
         self,
@@ -482,6 +505,17 @@ class AGC:
         agc_(self.parameters, self.clipping, self.eps)
 
 
+def _check_record_inv_scale(inv_scale: float | torch.Tensor) -> float | torch.Tensor:
+    """GradMonitor.record's inv_scale, which it divides out of clip_coef: a float must be > 0
+    (as the loss scale's reciprocal is), a tensor one floating-point element."""
+    inv_scale = api.check_inv_scale(inv_scale)
+    if not isinstance(inv_scale, torch.Tensor) and not inv_scale > 0:
+        raise ValueError(
+            f"inv_scale must be > 0 (1 / the loss scale, divided out of clip_coef), got {inv_scale}"
+        )
+    return inv_scale
+
+
 class GradMonitor:
     """An on-device ring buffer of total norm, clip coefficient, found_inf (and per-tensor norms).
 
@@ -512,12 +546,13 @@ class GradMonitor:
                     f"names must be a list of str (one per gradient) or None, got {names!r}"
                 )
             names = listed
+        spike_factor = api.to_float(spike_factor, "spike_factor", "a number > 1")
         if not spike_factor > 1:
             raise ValueError(
                 f"spike_factor must be > 1 (a spike is a norm that many times the EMA of earlier "
                 f"norms), got {spike_factor}"
             )
-        _check_fraction("ema", ema)
+        ema = _check_fraction("ema", ema)
         self.capacity, self.names, self.spike_factor, self.ema = capacity, names, spike_factor, ema
         self._skip_budget = SkipBudget(max_skips, skip_window)
         self.steps = 0
@@ -526,7 +561,15 @@ class GradMonitor:
         self.norm_ema: torch.Tensor | None = None  # NaN until the first finite, nonzero norm
         self.should_skip: torch.Tensor | None = None
 
-    _STATE = ("norms", "coefs", "found_inf", "per_tensor", "norm_ema", "should_skip")
+    # Each state tensor's dtype, by attribute.
+    _STATE = {
+        "norms": torch.float64,
+        "coefs": torch.float64,
+        "found_inf": torch.float32,
+        "per_tensor": torch.float64,
+        "norm_ema": torch.float64,
+        "should_skip": torch.bool,
+    }
 
     def state_dict(self) -> dict:
         """The history, the spike EMA and the skip budget's ring (copies, on their device), for a
@@ -547,11 +590,15 @@ class GradMonitor:
         saved = _SavedState(self, state, keys)
         saved.same_argument("capacity", self.capacity)
         ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
-        saved.all_or_none(("norms", "coefs", "found_inf", "norm_ema"))
+        saved.all_or_none(("norms", "coefs", "found_inf", "norm_ema", "should_skip"))
         history = (self.capacity,)
         shapes = {"norms": history, "coefs": history, "found_inf": history, "per_tensor": None}
-        tensors = [saved.tensor(name, shapes.get(name, ())) for name in self._STATE]
-        per_tensor = tensors[self._STATE.index("per_tensor")]
+        tensors = [
+            saved.tensor(name, shapes.get(name, ()), dtype) for name, dtype in self._STATE.items()
+        ]
+        per_tensor = tensors[list(self._STATE).index("per_tensor")]
+        if per_tensor is not None and state["norms"] is None:
+            raise saved.refusal("per_tensor is a tensor while norms is None (never recorded)")
         if per_tensor is not None and (per_tensor.dim() != 2 or len(per_tensor) != self.capacity):
             raise saved.refusal(
                 f"per_tensor must have {self.capacity} rows (one per step of the history), got "
@@ -589,16 +636,9 @@ class GradMonitor:
             if inv_scale is not None:
                 raise ValueError("pass inv_scale or scaler, not both")
             inv_scale = amp._inv_scale(scaler)
+        elif inv_scale is not None:
+            inv_scale = _check_record_inv_scale(inv_scale)
         norm = result.total_norm.to(torch.float64)
-        if self.norms is None:
-            device = norm.device
-            self.norms = torch.zeros(self.capacity, dtype=torch.float64, device=device)
-            self.coefs = torch.zeros(self.capacity, dtype=torch.float64, device=device)
-            self.found_inf = torch.zeros(self.capacity, dtype=torch.float32, device=device)
-            self.norm_ema = torch.full((), math.nan, dtype=torch.float64, device=device)
-        elif self.norms.device != norm.device:  # loaded from elsewhere
-            for name in self._STATE:
-                setattr(self, name, _on(getattr(self, name), norm.device))
         per_tensor = getattr(result, "per_tensor_norms", None)
         if (
             per_tensor is not None
@@ -621,18 +661,34 @@ class GradMonitor:
                 "gradients by position, so record per-tensor norms of the same gradients every "
                 "step (or names=... for the ones that exist)"
             )
+        # Every refusal above; from here on the state changes.
+        if self.norms is None:
+            dtypes = self._STATE
+            self.norms = torch.zeros(self.capacity, dtype=dtypes["norms"], device=norm.device)
+            self.coefs = torch.zeros(self.capacity, dtype=dtypes["coefs"], device=norm.device)
+            self.found_inf = torch.zeros(
+                self.capacity, dtype=dtypes["found_inf"], device=norm.device
+            )
+            self.norm_ema = torch.full((), math.nan, dtype=dtypes["norm_ema"], device=norm.device)
+        elif self.norms.device != norm.device:  # loaded from elsewhere
+            for name in self._STATE:
+                setattr(self, name, _on(getattr(self, name), norm.device))
         if per_tensor is not None and self.per_tensor is None:
             self.per_tensor = torch.zeros(
-                self.capacity, per_tensor.numel(), dtype=torch.float64, device=norm.device
+                self.capacity,
+                per_tensor.numel(),
+                dtype=self._STATE["per_tensor"],
+                device=norm.device,
             )
             self._has_per_tensor = [False] * self.capacity
         slot = self.steps % self.capacity
         self.norms[slot] = norm
         coef = result.clip_coef.to(torch.float64)
         if inv_scale is not None:
-            coef = coef / torch.as_tensor(inv_scale, dtype=torch.float64, device=coef.device)
+            inv_scale = torch.as_tensor(inv_scale, dtype=torch.float64, device=coef.device)
+            coef = coef / inv_scale.reshape(())
         self.coefs[slot] = coef
-        self.found_inf[slot] = result.found_inf.to(torch.float32)
+        self.found_inf[slot] = result.found_inf
         if per_tensor is not None:
             self.per_tensor[slot] = per_tensor.to(torch.float64)
         if self.per_tensor is not None:  # on the host: a step without them is left out

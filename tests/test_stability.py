@@ -574,6 +574,12 @@ def test_zclip_takes_the_gradients_of_plain_tensor_parameters_and_never_a_weight
         (lambda: GradMonitor(names="abc"), "names"),
         (lambda: GradMonitor(names=[0, 1]), "names"),
         (lambda: GradMonitor().summary(top_k=-1), "top_k"),
+        # Unnamed TypeErrors from a comparison, or a tensor's ambiguous truth value:
+        (lambda: ZClip(alpha="x"), "alpha"),
+        (lambda: ZClip(z_thresh=torch.tensor([1.0, 2.0])), "z_thresh"),
+        (lambda: ZClip(eps="x"), "eps"),
+        (lambda: GradMonitor(spike_factor="x"), "spike_factor"),
+        (lambda: GradMonitor(ema=[0.5]), "ema"),
     ],
 )
 def test_stability_tools_refuse_bad_arguments_when_made(make, argument):
@@ -705,13 +711,30 @@ def _with(state: dict, path: tuple, value) -> dict:
         (GradMonitor, ("norms",), torch.zeros(3), r"norms must have shape \(8,\)"),
         (GradMonitor, ("has_per_tensor",), "no", "has_per_tensor must be"),
         # What the next record() tripped on, after writing part of its slot:
-        (GradMonitor, ("per_tensor",), torch.zeros(4, 2), "per_tensor must have 8 rows"),
+        (
+            GradMonitor,
+            ("per_tensor",),
+            torch.zeros(4, 2, dtype=torch.float64),
+            "per_tensor must have 8 rows",
+        ),
         (GradMonitor, ("has_per_tensor",), [], "has_per_tensor must be a list of 8"),
         (ZClip, ("warmup_count",), None, "must all be tensors or all be None"),
         (ZClip, ("mean",), 7.0, "mean must be a tensor or None"),
         (ZClip, ("warmup_norms",), torch.zeros(2), "warmup_norms must have shape"),
         (ZClip, ("skip_budget", "recent"), torch.zeros(3, dtype=torch.bool), "recent must"),
         (ZClip, ("skip_budget",), None, "lacks window"),
+        # Loaded, then failing or wrong at the next step (a bool mean could not be subtracted,
+        # an int64 history truncated the norms recorded into it):
+        (ZClip, ("mean",), torch.tensor(True), "mean must be a torch.float64 tensor"),
+        (ZClip, ("var",), torch.zeros((), dtype=torch.complex128), "var must be a torch.float64"),
+        (ZClip, ("var",), torch.zeros((), dtype=torch.float64, device="meta"), "meta tensor"),
+        (ZClip, ("warmup_count",), torch.tensor(-5), r"warmup_count must be in \[0, "),
+        (ZClip, ("warmup_count",), torch.tensor(6), r"warmup_count must be in \[0, "),
+        (ZClip, ("skip_budget", "recent"), torch.zeros(100), "recent must be a torch.bool"),
+        (GradMonitor, ("norms",), torch.zeros(8, dtype=torch.int64), "norms must be a torch.f"),
+        (GradMonitor, ("per_tensor",), torch.zeros(8, 1, dtype=torch.int64), "per_tensor must"),
+        (GradMonitor, ("found_inf",), torch.zeros(8, dtype=torch.float64), "found_inf must be"),
+        (GradMonitor, ("should_skip",), None, "must all be tensors or all be None"),
     ],
 )
 def test_load_state_dict_checks_every_entry_before_loading_any(make, path, value, match):
@@ -736,6 +759,46 @@ def test_load_state_dict_checks_every_entry_before_loading_any(make, path, value
     with pytest.raises(ValueError, match=match):
         tool.load_state_dict(_with(good, path, value))
     assert repr(tool.state_dict()) == before, "a refused load changed the state"
+
+
+def test_grad_monitor_refuses_a_per_tensor_history_without_a_history():
+    """A state with per-tensor norms but no norms (part started) loaded, and summary() then
+    counted the next step's zeros as recorded steps."""
+    monitor = GradMonitor(capacity=4)
+    monitor.record(fusedclip.fused_clip_([torch.ones(3)], max_norm=1.0, per_tensor=True))
+    state = monitor.state_dict()
+    for key in ("norms", "coefs", "found_inf", "norm_ema", "should_skip"):
+        state[key] = None
+    fresh = GradMonitor(capacity=4)
+    with pytest.raises(ValueError, match="per_tensor is a tensor while norms is None"):
+        fresh.load_state_dict(state)
+    assert fresh.state_dict()["per_tensor"] is None
+
+
+@pytest.mark.parametrize(
+    "inv_scale",
+    [-2.0, 0.0, math.nan, "x", torch.tensor([1.0, 2.0]), torch.tensor(2, dtype=torch.int64)],
+    ids=["negative", "zero", "nan", "str", "two-elements", "integer"],
+)
+def test_grad_monitor_refuses_a_bad_inv_scale_before_recording_anything(inv_scale):
+    """record() divided the clip coefficient by any inv_scale: a negative one recorded a
+    negative factor, 0 an infinite one, and a str or two-element tensor raised an unnamed error
+    after the norm was written into the history."""
+    monitor = GradMonitor(capacity=3)
+    result = fusedclip.fused_clip_([torch.full((3,), 4.0)], max_norm=1.0)
+    monitor.record(result)
+    before = repr(monitor.state_dict())
+    with pytest.raises((ValueError, TypeError), match="^inv_scale must be"):
+        monitor.record(result, inv_scale=inv_scale)
+    assert repr(monitor.state_dict()) == before
+
+
+def test_grad_monitor_refuses_mismatched_names_before_starting_its_history():
+    monitor = GradMonitor(capacity=3, names=["a"])
+    result = fusedclip.fused_clip_([torch.ones(3), torch.ones(2)], max_norm=1.0, per_tensor=True)
+    with pytest.raises(ValueError, match="has 1 names but the result has 2"):
+        monitor.record(result)
+    assert monitor.state_dict()["norms"] is None and monitor.steps == 0
 
 
 def test_a_state_dict_is_a_snapshot_that_later_steps_leave_alone():
