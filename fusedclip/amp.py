@@ -52,16 +52,17 @@ def optimizer_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, funcname: str) -> dict:
-    """The scaler's record for `optimizer`, after torch's own checks for `unscale_`.
+    """The scaler's record for `optimizer`, after torch's own checks for `unscale_`: a new one
+    is kept by the scaler only once `_record_found_inf` fills it, so that a call refused later
+    leaves the scaler as it was.
 
     Reads the scaler's fields rather than calling its methods: torch.compile does not trace into
     torch.amp, and this keeps unscale_clip_ free of graph breaks.
     """
     _check_scale(scaler, funcname)
-    states = scaler._per_optimizer_states
-    state = states.get(id(optimizer))
+    state = scaler._per_optimizer_states.get(id(optimizer))
     if state is None:
-        state = states[id(optimizer)] = {"stage": OptState.READY, "found_inf_per_device": {}}
+        state = {"stage": OptState.READY, "found_inf_per_device": {}}
     if funcname == "unscale_":  # unscale_clip_ stands for unscale_: torch's own messages
         if state["stage"] is OptState.UNSCALED:
             raise RuntimeError(
@@ -165,9 +166,17 @@ def _recorded_flag(scaler: GradScaler, found_inf: torch.Tensor | None) -> torch.
     return flag
 
 
-def _record_found_inf(state: dict, flag: torch.Tensor | None, stage: OptState) -> None:
+def _record_found_inf(
+    scaler: GradScaler,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    flag: torch.Tensor | None,
+    stage: OptState,
+) -> None:
+    """Fills `state` (from _scaler_state) and keeps it as the scaler's record for `optimizer`."""
     state["found_inf_per_device"] = {} if flag is None else {flag.device: flag}
     state["stage"] = stage
+    scaler._per_optimizer_states[id(optimizer)] = state
 
 
 def _sharded_scaler(scaler: GradScaler) -> tuple[bool, object]:
@@ -236,7 +245,8 @@ def unscale_clip_(
         # No gradient (and no process group, whose verdict a rank without any still gets):
         # nothing is recorded, so scaler.step says "No inf checks were recorded", as torch's.
         found_inf = None if result is None else result.found_inf
-        _record_found_inf(state, _recorded_flag(scaler, found_inf), OptState.UNSCALED)
+        flag = _recorded_flag(scaler, found_inf)
+        _record_found_inf(scaler, optimizer, state, flag, OptState.UNSCALED)
     return api._or_empty(result, per_tensor)
 
 
@@ -343,7 +353,7 @@ def _step_measured(
         api.scale_(grads, result.clip_coef, backend=backend)
         _step_unless(optimizer, skip)
     if state is not None:
-        _record_found_inf(state, flag, OptState.STEPPED)
+        _record_found_inf(scaler, optimizer, state, flag, OptState.STEPPED)
     return result
 
 

@@ -100,7 +100,9 @@ def check_nonnegative(value, name: str, fix: str = "") -> float:
             )
         value = value.item()
     value = to_float(value, name, "a non-negative number")
-    if not value >= 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
+    if value != value:  # NaN; comparisons, not math.isnan, so that a SymFloat traces
+        raise ValueError(f"{name} must be a non-negative number, got nan{fix}")
+    if not value >= 0:
         raise ValueError(
             f"{name} must be a non-negative number, got {value}; a negative {name} would flip "
             "the gradients' sign (torch silently does), so pass its absolute value"
@@ -379,6 +381,13 @@ def _clip(
             plan.listed_name(name, of_parameters),
             writes or writes_after,
         )
+    # Per-tensor norms are unscaled after the write: by a copy of |inv_scale| taken before it,
+    # since an inv_scale tensor may be a view of a gradient that the write changes.
+    per_tensor_unscale = (
+        inv_scale_tensor.to(torch.float64).abs()
+        if per_tensor and inv_scale_tensor is not None
+        else None
+    )
     if writes and not error_if_nonfinite and _runs_as_one_op(the_plan, process_group):
         one_group = _kernel_inputs(the_plan.groups[0])
         total_norm, found_inf, clip_coef, per_tensor_norms = backend_.clip_(
@@ -415,8 +424,8 @@ def _clip(
             per_tensor_norms = per_tensor_norms[
                 torch.tensor(the_plan.listed, device=per_tensor_norms.device)
             ]
-        if inv_scale_tensor is not None:
-            per_tensor_norms = per_tensor_norms * inv_scale_tensor.to(torch.float64).abs()
+        if per_tensor_unscale is not None:
+            per_tensor_norms = per_tensor_norms * per_tensor_unscale
         per_tensor_norms = per_tensor_norms.to(the_plan.out_dtype)
     if float64_norm:
         result = ClipResult(

@@ -172,6 +172,29 @@ def test_float16_gradients_are_refused_like_torch():
         scaler.unscale_(optimizer)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, o: amp.unscale_clip_(s, o, max_norm=math.nan),
+        lambda s, o: amp.unscale_clip_(s, o, 1.0, norm_type=0.0),
+        lambda s, o: amp.unscale_clip_(s, o, 1.0, backend="nope"),
+        lambda s, o: amp.clip_step(o, -1.0, scaler=s),
+    ],
+    ids=["max_norm", "norm_type", "backend", "clip_step"],
+)
+def test_a_refused_call_leaves_the_scaler_without_a_record(call):
+    """The scaler's record for the optimizer was made before the arguments were checked: a
+    refused call left one behind (READY, as torch's defaultdict would make it, but the scaler
+    was not as before the call)."""
+    model = _model("cpu")
+    optimizer = _optimizer("sgd", model.parameters(), fused=False)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.ones(3, 16)).square().sum()).backward()
+    with pytest.raises(ValueError):
+        call(scaler, optimizer)
+    assert dict(scaler._per_optimizer_states) == {}
+
+
 @pytest.mark.parametrize("fast_planner", [True, False], ids=["c++-planner", "python-planner"])
 def test_several_param_groups_match_torch_and_a_float16_one_changes_nothing(
     monkeypatch, fast_planner
@@ -430,8 +453,7 @@ def test_fused_clip_step_refuses_gradients_it_would_scale_twice(rule, case):
             ZClip(warmup_steps=2).clip_step(optimizer, scaler=scaler)
     assert torch.equal(a.grad, grads[0]) and torch.equal(b.grad, grads[1])
     assert not a.detach().any() and not b.detach().any()
-    stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
-    assert stage is torch.amp.grad_scaler.OptState.READY  # nothing recorded as unscaled
+    assert id(optimizer) not in scaler._per_optimizer_states  # nothing recorded as unscaled
 
 
 def test_clip_step_scales_a_shared_gradient_once_with_a_non_fused_optimizer():

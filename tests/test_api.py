@@ -110,6 +110,21 @@ def test_clip_grad_norm_matches_torch_and_reference(device, backend, norm_type, 
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_per_tensor_norms_unscale_by_an_inv_scale_read_before_the_write(device, backend):
+    """Per-tensor norms were unscaled by inv_scale after the write: an inv_scale that is a view
+    of a gradient had been unscaled itself by then, so they disagreed with total_norm."""
+    gradient = torch.tensor([2.0, 4.0], device=device)
+    other = torch.tensor([3.0], device=device)
+    expected = [math.hypot(4.0, 8.0), 6.0]
+    result = fusedclip.fused_clip_(
+        [gradient, other], inv_scale=gradient[:1], max_norm=100.0, per_tensor=True, backend=backend
+    )
+    assert gradient.tolist() == [4.0, 8.0]
+    assert_close(result.per_tensor_norms, torch.tensor(expected), rtol=1e-6, what="per-tensor")
+    assert_close(result.total_norm, torch.tensor(math.hypot(*expected)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_clip_grad_norm_no_clip_needed_leaves_grads(device, backend):
     parameters = make_parameters([100, 4095], [torch.float32], device, scale=1e-3)
     originals = [p.grad.clone() for p in parameters]
@@ -404,7 +419,12 @@ def test_a_bad_argument_raises_the_class_torch_raises(function, kwargs):
     ("kwargs", "error", "match"),
     [
         ({"max_norm": -1.0}, ValueError, "max_norm"),
-        ({"max_norm": math.nan}, ValueError, "max_norm"),
+        # Not "a negative max_norm would flip the gradients' sign": NaN is no negative number.
+        (
+            {"max_norm": math.nan},
+            ValueError,
+            r"^max_norm must be a non-negative number, got nan(?!.*flip)",
+        ),
         ({"max_norm": 1.0, "norm_type": 0.0}, ValueError, "norm_type"),
         ({"max_norm": 1.0, "norm_type": -2.0}, ValueError, "norm_type"),
         ({"max_norm": 1.0, "norm_type": math.nan}, ValueError, "norm_type"),
