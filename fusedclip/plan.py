@@ -309,31 +309,61 @@ _INFERENCE_TENSOR = (
 )
 
 
+def _is_memoryless(tensor: torch.Tensor) -> bool:
+    """Tensors without memory (empty ones, on the meta device, fake ones) may all sit at
+    address 0."""
+    return tensor.numel() == 0 or tensor.device.type == "meta" or isinstance(tensor, FakeTensor)
+
+
 def _storage_identity(tensor: torch.Tensor):
-    """Equal for tensors whose storages lie at one address. Tensors without memory (empty ones,
-    on the meta device, fake ones) may all sit at address 0: the storage object itself tells
-    them apart, which views of it share."""
+    """Equal for tensors of one storage: its address, or for a tensor without memory the storage
+    object itself, which views of it share."""
     storage = tensor.untyped_storage()
-    if tensor.numel() == 0 or tensor.device.type == "meta" or isinstance(tensor, FakeTensor):
-        return ("object", storage._cdata)
-    return storage.data_ptr()
+    return ("object", storage._cdata) if _is_memoryless(tensor) else storage.data_ptr()
 
 
-def _memory_key(tensor: torch.Tensor) -> tuple:
+class _Memory(NamedTuple):
+    space: object  # equal for tensors whose memory may intersect
+    base: int  # the address of the storage's first byte (0 for a tensor without memory)
+
+
+def _memories(tensors: list[torch.Tensor]) -> list[_Memory]:
+    """Where each tensor's memory lies. Real memory is compared by address: storages whose bytes
+    intersect form one space, since two storage objects may wrap one buffer (torch.from_dlpack,
+    torch.from_numpy, torch.frombuffer). A tensor without memory has its storage object for a
+    space."""
+    memories: list[_Memory | None] = [None] * len(tensors)
+    ranges = []  # (device, first byte, byte count, index) of each storage with memory
+    for index, tensor in enumerate(tensors):
+        storage = tensor.untyped_storage()
+        if _is_memoryless(tensor):
+            memories[index] = _Memory(("object", storage._cdata), 0)
+        else:
+            device = (
+                tensor.device.type,
+                -1 if tensor.device.index is None else tensor.device.index,
+            )
+            ranges.append((device, storage.data_ptr(), storage.nbytes(), index))
+    ranges.sort(key=lambda entry: entry[:2])
+    space, space_end = None, 0
+    for device, first, count, index in ranges:
+        if space is None or device != space[0] or first >= space_end:
+            space, space_end = (device, first), first + count
+        else:
+            space_end = max(space_end, first + count)
+        memories[index] = _Memory(space, first)
+    return memories
+
+
+def _memory_key(tensor: torch.Tensor, memory: _Memory) -> tuple:
     """Equal for tensors that are the same memory: the same view, or dense tensors of one dtype
-    over the same bytes (g and g.view(-1))."""
-    storage = _storage_identity(tensor)
+    over the same bytes (g and g.view(-1)), whichever storage objects hold them."""
+    address = memory.base + tensor.storage_offset() * tensor.element_size()
     if tensor.numel() == 0:
-        return ("empty", storage, tensor.storage_offset(), tensor.dtype)
+        return ("empty", memory.space, address, tensor.dtype)
     if is_dense(tensor):
-        return (storage, tensor.storage_offset(), tensor.numel(), tensor.dtype)
-    return (
-        storage,
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
+        return (memory.space, address, tensor.numel(), tensor.dtype)
+    return (memory.space, address, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 def _has_symbolic_layout(tensor: torch.Tensor) -> bool:
@@ -342,18 +372,20 @@ def _has_symbolic_layout(tensor: torch.Tensor) -> bool:
     return any(isinstance(value, torch.SymInt) for value in layout)
 
 
-def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
-    """[first, last) byte offsets in the storage that the tensor's elements touch."""
+def _byte_span(tensor: torch.Tensor, base: int) -> tuple[int, int]:
+    """[first, last) addresses of the bytes that the tensor's elements touch (`base`: its
+    storage's)."""
     size = tensor.element_size()
-    first = tensor.storage_offset() * size
+    first = base + tensor.storage_offset() * size
     if tensor.numel() == 0:
         return first, first
     last_element = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
     return first, first + (last_element + 1) * size
 
 
-def _element_offsets(tensor: torch.Tensor) -> torch.Tensor:
-    """Storage offset (in bytes) of every element, flat; for the rare exact overlap test.
+def _element_offsets(tensor: torch.Tensor, base: int = 0) -> torch.Tensor:
+    """Address (in bytes, from its storage's `base`) of every element, flat, without repeats; for
+    the rare exact overlap test.
     Computed from the tensor's layout on real CPU tensors, also inside a FakeTensorMode or under
     torch.device("meta") (whose tensors cannot hold data-dependent shapes such as unique's)."""
     with unset_fake_temporarily():
@@ -363,7 +395,7 @@ def _element_offsets(tensor: torch.Tensor) -> torch.Tensor:
             shape[dim] = n
             offsets = offsets + torch.arange(n, dtype=torch.int64, device="cpu").view(shape) * s
         start = tensor.storage_offset()
-        return ((offsets.reshape(-1) + start) * tensor.element_size()).unique()
+        return ((offsets.reshape(-1) + start) * tensor.element_size() + base).unique()
 
 
 def _overlaps_itself(tensor: torch.Tensor) -> bool:
@@ -374,12 +406,13 @@ def _overlaps_itself(tensor: torch.Tensor) -> bool:
     return _element_offsets(tensor).numel() < tensor.numel()
 
 
-def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors whose byte spans intersect really share an element."""
+def _share_elements(a: torch.Tensor, base_a: int, b: torch.Tensor, base_b: int) -> bool:
+    """Whether two tensors whose byte spans intersect really share an element (`base_a`,
+    `base_b`: their storages' addresses)."""
     if is_dense(a) and is_dense(b):
         return True  # a dense tensor fills its span: any intersection is shared memory
     # Element i covers bytes [offset_i, offset_i + size): compare bytes, exact for mixed dtypes.
-    offsets_a, offsets_b = _element_offsets(a), _element_offsets(b)
+    offsets_a, offsets_b = _element_offsets(a, base_a), _element_offsets(b, base_b)
     with unset_fake_temporarily():
         in_element_a = torch.arange(a.element_size(), device="cpu")
         in_element_b = torch.arange(b.element_size(), device="cpu")
@@ -407,8 +440,16 @@ def _drop_repeats(
     kept, kept_copies, kept_indices = [], [], []
     listed: list[int] = []  # for each index in `tensors`, the position in `kept` it counts as
     seen: dict[tuple, int] = {}  # memory key -> index in `tensors` of its first listing
-    # storage -> (first byte, last byte, the tensor, its index in `tensors`) of each kept tensor
-    spans: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}
+    # space -> (first byte, last byte, the tensor, its storage's address, its index in
+    # `tensors`) of each kept tensor
+    spans: dict[object, list[tuple[int, int, torch.Tensor, int, int]]] = {}
+    if not by_identity:
+        # A coalesced sparse tensor is written through its values, and is the same gradient as
+        # another over the same indices and values.
+        written = [tensor._values() if tensor.is_sparse else tensor for tensor in tensors]
+        sparse = [index for index, tensor in enumerate(tensors) if tensor.is_sparse]
+        memories = _memories(written + [tensors[index]._indices() for index in sparse])
+        index_memories = dict(zip(sparse, memories[len(tensors) :], strict=True))
     for index, tensor in enumerate(tensors):
         # An uncoalesced sparse tensor is written through a coalesced copy that then replaces
         # its indices and values: it shares no written memory, and repeats only as one object.
@@ -427,12 +468,11 @@ def _drop_repeats(
                     raise _repeat_error(name, storages[storage], index, _SYMBOLIC_VIEWS)
                 storages[storage] = index
         else:
-            # A coalesced sparse tensor is written through its values; it is the same gradient
-            # as another over the same indices and values.
-            memory = tensor._values() if tensor.is_sparse else tensor
-            key = _memory_key(memory)
+            memory, (space, base) = written[index], memories[index]
+            key = _memory_key(memory, memories[index])
             if tensor.is_sparse:
-                key = ("sparse", _memory_key(tensor._indices()), key, tuple(tensor.shape))
+                indices_key = _memory_key(tensor._indices(), index_memories[index])
+                key = ("sparse", indices_key, key, tuple(tensor.shape))
             if key in seen:
                 if refuse_repeats is not None:
                     raise _repeat_error(name, seen[key], index, refuse_repeats)
@@ -447,17 +487,16 @@ def _drop_repeats(
                     f"{tuple(memory.stride())}): it cannot be scaled in place; pass a "
                     "contiguous copy (tensor.contiguous()) and copy the result back yourself"
                 )
-            first, last = _byte_span(memory)
-            storage = _storage_identity(memory)
+            first, last = _byte_span(memory, base)
             if writes and last > first:
-                for other_first, other_last, other, other_index in spans.get(storage, ()):
+                for other_first, other_last, other, other_base, other_index in spans.get(space, ()):
                     if first < other_last and other_first < last:
-                        if _share_elements(memory, other):
+                        if _share_elements(memory, base, other, other_base):
                             raise ValueError(
                                 f"{name}[{other_index}] and {name}[{index}] {_OVERLAP}"
                             )
             if last > first:
-                spans.setdefault(storage, []).append((first, last, memory, index))
+                spans.setdefault(space, []).append((first, last, memory, base, index))
             seen[key] = index
         listed.append(len(kept))
         kept.append(tensor)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close, plan_in_python
@@ -276,6 +277,43 @@ def test_a_symbolic_trace_by_make_fx_clips_and_refuses_views_of_one_storage():
 
     with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory, or views"):
         make_fx(views, tracing_mode="symbolic")(torch.randn(5))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
+@pytest.mark.parametrize("in_python", [False, True], ids=["c++-planner", "general-path"])
+def test_memory_wrapped_by_two_storage_objects_follows_the_aliasing_rule(
+    monkeypatch, backend, in_python
+):
+    """torch.from_dlpack (or from_numpy, frombuffer) wraps memory in a second storage object,
+    and the rule compared tensors only within one storage: the same memory was counted twice
+    and scaled twice (the reference backend), a partial overlap scaled twice without an error,
+    or refused by the op's own check instead of the rule's ValueError."""
+    if in_python:
+        plan_in_python(monkeypatch)
+    gradient = torch.arange(1.0, 11.0)
+    twin = torch.from_dlpack(gradient[2:])
+    expected = torch.linalg.vector_norm(gradient[2:], dtype=torch.float64)
+    norm = fusedclip.get_total_norm([gradient[2:], twin], backend=backend)
+    assert_close(norm, expected, rtol=1e-6, what="counted once")
+
+    gradient = torch.full((10,), 2.0)
+    twins = [gradient[2:], torch.from_dlpack(gradient[2:])]
+    fusedclip.fused_clip_(twins, inv_scale=0.5, backend=backend)
+    assert gradient.tolist() == [2.0, 2.0] + [1.0] * 8, "scaled once"
+
+    gradient = torch.full((10,), 2.0)
+    overlapping = [gradient[:6], torch.from_dlpack(gradient[4:])]
+    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+        fusedclip.fused_clip_(overlapping, inv_scale=0.5, backend=backend)
+    assert gradient.tolist() == [2.0] * 10
+    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+        fusedclip.measure(overlapping, writes_after=True, backend=backend)
+
+    # Interleaved views over two storage objects share no element: both are clipped.
+    buffer = np.full(8, 2.0, dtype=np.float32)
+    evens, odds = torch.from_numpy(buffer[::2]), torch.from_numpy(buffer[1::2])
+    fusedclip.fused_clip_([evens, odds], clip_value=0.5, backend=backend)
+    assert buffer.tolist() == [0.5] * 8
 
 
 def test_interleaved_views_do_not_overlap_and_are_clipped():
