@@ -22,10 +22,18 @@
 namespace fusedclip {
 namespace {
 
+// Tensors without memory the kernels could read: wrappers inside a torch.func transform (grad,
+// vmap, functionalize) and ZeroTensors. The general path refuses them by name.
+const c10::DispatchKeySet kWithoutReadableMemory({c10::DispatchKey::FuncTorchGradWrapper,
+                                                  c10::DispatchKey::FuncTorchBatched,
+                                                  c10::DispatchKey::Functionalize,
+                                                  c10::DispatchKey::ZeroTensor});
+
 // Whether `tensor` is a gradient the kernels may take as it is, given the call's rules.
 bool is_plain_dense(const at::Tensor& tensor, const at::Device& device, bool refuse_inference,
                     bool refuse_parameters, bool refuse_float16) {
-  return tensor.defined() && tensor.layout() == at::kStrided && !tensor.is_nested() &&
+  return tensor.defined() && !tensor.key_set().has_any(kWithoutReadableMemory) &&
+         tensor.layout() == at::kStrided && !tensor.is_nested() &&
          is_supported_dtype(tensor.scalar_type()) &&
          !(refuse_float16 && tensor.scalar_type() == at::kHalf) && tensor.device() == device &&
          tensor.is_non_overlapping_and_dense() && !tensor.is_neg() &&

@@ -266,7 +266,8 @@ def _refuses_inference(writes: bool, compiling: bool) -> bool:
 def _check_tensors(
     tensors: list, name: str, writes: bool, gradients_only: bool, refuse_float16: bool
 ) -> None:
-    refuse_inference = _refuses_inference(writes, torch.compiler.is_compiling())
+    compiling = torch.compiler.is_compiling()
+    refuse_inference = _refuses_inference(writes, compiling)
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
             if tensor is None:
@@ -276,6 +277,18 @@ def _check_tensors(
                     "use clip_grad_norm_(params, ...), which skips them"
                 )
             raise TypeError(f"{name}[{index}] is a {type(tensor).__name__}, not a tensor")
+        # Eagerly only: dynamo traces neither check (the tensors it traces are fake ones).
+        if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            raise TypeError(
+                f"{name}[{index}] is a tensor inside a torch.func transform (grad, vmap, "
+                "functionalize), which holds no memory that fusedclip's kernels could read: "
+                "call fusedclip outside the transform, or torch.nn.utils' clipping inside it"
+            )
+        if not compiling and tensor._is_zerotensor():
+            raise TypeError(
+                f"{name}[{index}] is a ZeroTensor (torch._efficientzerotensor), which holds no "
+                "memory: pass torch.zeros_like(it), or leave it out (its norm is 0)"
+            )
         if tensor.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(
                 f"{name}[{index}] has dtype {tensor.dtype}; gradients must be float32, float16, "

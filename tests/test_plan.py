@@ -316,6 +316,34 @@ def test_memory_wrapped_by_two_storage_objects_follows_the_aliasing_rule(
     assert buffer.tolist() == [0.5] * 8
 
 
+@pytest.mark.parametrize("in_python", [False, True], ids=["c++-planner", "general-path"])
+@pytest.mark.parametrize("transform", ["grad", "vmap", "functionalize", "zerotensor"])
+def test_tensors_without_readable_memory_are_refused_by_name_on_both_paths(
+    monkeypatch, in_python, transform
+):
+    """Inside torch.func.grad, vmap or functionalize, and for a ZeroTensor, the C++ planner
+    raised 'Cannot access data pointer' (or passed the tensor to an op that called it not
+    dense) and the general path 'Cannot access storage of TensorWrapper': neither named the
+    tensor or said what to do, and the two paths disagreed."""
+    if in_python:
+        plan_in_python(monkeypatch)
+
+    def calls(gradient):
+        for call in (
+            lambda: fusedclip.get_total_norm([gradient]),
+            lambda: fusedclip.fused_clip_([gradient], max_norm=1.0),
+        ):
+            with pytest.raises(TypeError, match=r"^tensors\[0\] is a (tensor inside a torch.f|Ze)"):
+                call()
+        return gradient.sum()
+
+    if transform == "zerotensor":
+        calls(torch._efficientzerotensor(4))
+    else:
+        apply = getattr(torch.func, transform)
+        apply(calls)(torch.randn(2, 3) if transform == "vmap" else torch.randn(3))
+
+
 def test_interleaved_views_do_not_overlap_and_are_clipped():
     storage = torch.randn(10) * 5
     expected = storage.clone()
