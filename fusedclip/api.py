@@ -110,6 +110,16 @@ def check_nonnegative(value, name: str, fix: str = "") -> float:
     return value
 
 
+def check_bound(value, name: str, fix: str = "") -> float | torch.Tensor:
+    """`check_nonnegative` for a max_norm or clip_value, except a one-element tensor traced by
+    torch.compile: reading it (and so checking its sign) would need the host, which a
+    fullgraph=True compile cannot give, so it is kept as a 0-dim tensor, as torch's clip takes
+    it. The callers compute with it on the device."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and torch.compiler.is_compiling():
+        return value.reshape(())
+    return check_nonnegative(value, name, fix)
+
+
 def _check_norm_type(norm_type: float | str) -> float:
     norm_type = to_float(norm_type, "norm_type", "a number > 0 or inf")
     if not norm_type > 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
@@ -260,10 +270,31 @@ def _inv_scale_tensor(inv_scale: float | torch.Tensor | None, device: torch.devi
     return torch.full((), inv_scale, dtype=torch.float64, device=device)
 
 
+def _finalized(
+    backend: dispatch.Backend,
+    raw_norm: torch.Tensor,
+    max_norm: float | torch.Tensor | None,
+    inv_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """backend.finalize, also for a traced tensor max_norm (check_bound), which the ops' float
+    max_norm cannot take: the coefficient then comes from the float64 norm on the device."""
+    if not isinstance(max_norm, torch.Tensor):
+        return backend.finalize(raw_norm, max_norm, inv_scale, out_dtype)
+    norm, _ = backend.finalize(raw_norm, None, inv_scale, torch.float64)
+    bound = max_norm.to(device=norm.device, dtype=torch.float64)
+    return norm.to(out_dtype), clip_coefficient(norm, bound, inv_scale)
+
+
 def _scale(the_plan: plan.Plan, inputs: list[_KernelInputs], clip_coef, clip_value) -> None:
-    """One write of every gradient: g = clamp(g * clip_coef, -clip_value, clip_value)."""
+    """One write of every gradient: g = clamp(g * clip_coef, -clip_value, clip_value). A traced
+    tensor clip_value (check_bound), which the ops' float clip_value cannot take, is applied by
+    the reference backend's write, torch ops that the compiler fuses."""
     for group, group_inputs in zip(the_plan.groups, inputs, strict=True):
-        group.backend.scale_(group_inputs.tensors, clip_coef.to(group.device), clip_value)
+        writer = group.backend
+        if isinstance(clip_value, torch.Tensor):
+            writer = plan.backend_on(group.device, "reference")
+        writer.scale_(group_inputs.tensors, clip_coef.to(group.device), clip_value)
         _write_back(group_inputs)
 
 
@@ -327,8 +358,8 @@ def _clip(
     if refuse_repeats is None:
         refuse_repeats = writes_after
     norm_type = _check_norm_type(norm_type)
-    max_norm = None if max_norm is None else check_nonnegative(max_norm, "max_norm")
-    clip_value = None if clip_value is None else check_nonnegative(clip_value, "clip_value")
+    max_norm = None if max_norm is None else check_bound(max_norm, "max_norm")
+    clip_value = None if clip_value is None else check_bound(clip_value, "clip_value")
     inv_scale = check_inv_scale(inv_scale)
     distributed.check_process_group(process_group)
     writes = apply and (max_norm is not None or clip_value is not None or inv_scale is not None)
@@ -388,7 +419,13 @@ def _clip(
         if per_tensor and inv_scale_tensor is not None
         else None
     )
-    if writes and not error_if_nonfinite and _runs_as_one_op(the_plan, process_group):
+    traced_bounds = isinstance(max_norm, torch.Tensor) or isinstance(clip_value, torch.Tensor)
+    if (
+        writes
+        and not error_if_nonfinite
+        and not traced_bounds
+        and _runs_as_one_op(the_plan, process_group)
+    ):
         one_group = _kernel_inputs(the_plan.groups[0])
         total_norm, found_inf, clip_coef, per_tensor_norms = backend_.clip_(
             one_group.tensors,
@@ -407,7 +444,8 @@ def _clip(
         raw_norm, found_inf, per_tensor_norms = _measure(
             the_plan, inputs, norm_type, per_tensor, process_group
         )
-        total_norm, clip_coef = backend_.finalize(
+        total_norm, clip_coef = _finalized(
+            backend_,
             raw_norm,
             max_norm,
             inv_scale_tensor,
@@ -442,8 +480,10 @@ def _joined_without_gradients(
     the same norm, coefficient and overflow verdict as they do (raising where they raise)."""
     raw_norm, found_inf = distributed.join_empty(norm_type, process_group)
     inv_scale_tensor = _inv_scale_tensor(inv_scale, raw_norm.device)
-    finalize = plan.backend_on(raw_norm.device, backend).finalize
-    total_norm, clip_coef = finalize(raw_norm, max_norm, inv_scale_tensor, torch.float32)
+    backend_ = plan.backend_on(raw_norm.device, backend)
+    total_norm, clip_coef = _finalized(
+        backend_, raw_norm, max_norm, inv_scale_tensor, torch.float32
+    )
     if error_if_nonfinite and not torch.isfinite(total_norm).item():
         raise _nonfinite_error(norm_type)
     per_tensor_norms = torch.empty(0, device=raw_norm.device) if per_tensor else None
@@ -661,9 +701,7 @@ def clip_grad_norm_(
         TypeError, ValueError, RuntimeError: as `fused_clip_`; RuntimeError also for a
         non-finite norm with `error_if_nonfinite`. Nothing is modified when it raises.
     """
-    max_norm = check_nonnegative(
-        max_norm, "max_norm", "; to measure without clipping use get_total_norm"
-    )
+    max_norm = check_bound(max_norm, "max_norm", "; to measure without clipping use get_total_norm")
     result = _clip(
         _parameters_list(parameters),
         "parameters",
@@ -726,7 +764,7 @@ def clip_grads_with_norm_(
         TypeError, ValueError: a bad argument; RuntimeError: an explicit `backend` that cannot
         run these tensors here. Nothing is modified when it raises.
     """
-    max_norm = check_nonnegative(max_norm, "max_norm")
+    max_norm = check_bound(max_norm, "max_norm")
     total_norm = _check_total_norm(total_norm)
     clip_coef = clip_coefficient(total_norm.to(torch.float64), max_norm, None)
     _write_only(_as_list(parameters), "parameters", clip_coef, None, backend, of_parameters=True)
@@ -748,7 +786,7 @@ def clip_grad_value_(
         TypeError, ValueError: a bad argument; RuntimeError: an explicit `backend` that cannot
         run these tensors here. Nothing is modified when it raises.
     """
-    clip_value = check_nonnegative(clip_value, "clip_value")
+    clip_value = check_bound(clip_value, "clip_value")
     inv_scale = check_inv_scale(inv_scale)
     _write_only(
         _as_list(parameters), "parameters", inv_scale, clip_value, backend, of_parameters=True

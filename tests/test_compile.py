@@ -331,6 +331,50 @@ def test_a_changing_max_norm_neither_breaks_the_graph_nor_recompiles_in_plain_to
         lenient([parameter], float("nan"))
 
 
+_TENSOR_BOUND_CALLS = {
+    "clip_grad_norm_": lambda ps, bound, backend: fusedclip.clip_grad_norm_(
+        ps, bound, backend=backend
+    ),
+    "clip_grad_value_": lambda ps, bound, backend: fusedclip.clip_grad_value_(
+        ps, bound, backend=backend
+    ),
+    "fused_clip_": lambda ps, bound, backend: (
+        fusedclip.fused_clip_(
+            [p.grad for p in ps], max_norm=bound, clip_value=bound / 3, backend=backend
+        ).total_norm
+    ),
+    "clip_grads_with_norm_": lambda ps, bound, backend: fusedclip.clip_grads_with_norm_(
+        ps, bound, torch.tensor(7.0), backend=backend
+    ),
+}
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+@pytest.mark.parametrize("call", list(_TENSOR_BOUND_CALLS))
+def test_a_tensor_max_norm_or_clip_value_compiles_once_with_fullgraph(device, backend, call):
+    """A one-element tensor bound was read with .item() and checked on the host: fullgraph=True
+    failed ("Could not guard on data-dependent expression"), where torch's own clip compiles.
+    Kept on the device, it compiles once for every value, and clips as the same float does
+    eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    function = _TENSOR_BOUND_CALLS[call]
+    compiled = torch.compile(function, backend=counter, fullgraph=True)
+    gradient = torch.linspace(-3.0, 4.0, 12, device=device)
+    for step in range(4):
+        bound = 0.5 + 0.25 * step
+        eager, traced = torch.nn.Parameter(gradient.clone()), torch.nn.Parameter(gradient.clone())
+        eager.grad, traced.grad = gradient.clone(), gradient.clone()
+        expected = function([eager], bound, backend)
+        actual = compiled([traced], torch.tensor(bound, device=device), backend)
+        assert_close(traced.grad, eager.grad, rtol=1e-6, atol=1e-9, what=f"step {step}")
+        if expected is not None:
+            assert_close(actual, expected, rtol=1e-6, what=f"norm at step {step}")
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_"])
 def test_a_changing_limit_compiles_twice_with_inductor_on_the_reference_backend(call):
     """The reference coefficient made max_norm a tensor with new_tensor, and its clamp took
