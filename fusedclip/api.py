@@ -164,7 +164,13 @@ def _check_total_norm(total_norm) -> torch.Tensor:
     expected = "a number or a one-element tensor"
     if not isinstance(total_norm, numbers.Real):  # a TypeError, as torch's division raises
         raise TypeError(f"total_norm must be {expected}, got {total_norm!r}")
-    return torch.tensor(to_float(total_norm, "total_norm", expected), dtype=torch.float64)
+    value = to_float(total_norm, "total_norm", expected)
+    if value < 0:  # a norm never is; NaN passes, as get_total_norm returns it for NaN gradients
+        raise ValueError(
+            f"total_norm must be a norm (>= 0), got {value}; a negative one would flip the "
+            "gradients' sign (torch silently does)"
+        )
+    return torch.tensor(value, dtype=torch.float64)
 
 
 class _KernelInputs(NamedTuple):

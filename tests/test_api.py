@@ -472,6 +472,8 @@ def test_bad_gradients_and_values_raise_and_touch_nothing():
         fusedclip.clip_grad_value_(parameters, 10**400)
     with pytest.raises(ValueError, match="total_norm must be .* past float64's range"):
         fusedclip.clip_grads_with_norm_(parameters, 1.0, 10**400)
+    with pytest.raises(ValueError, match=r"total_norm must be a norm \(>= 0\), got -5.0"):
+        fusedclip.clip_grads_with_norm_(parameters, 1.0, -5.0)  # flipped every sign
     with pytest.raises(TypeError, match="total_norm must be a number"):  # as torch's
         fusedclip.clip_grads_with_norm_(parameters, 1.0, "1.0")
     with pytest.raises(
