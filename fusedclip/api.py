@@ -115,7 +115,12 @@ def check_bound(value, name: str, fix: str = "") -> float | torch.Tensor:
     torch.compile: reading it (and so checking its sign) would need the host, which a
     fullgraph=True compile cannot give, so it is kept as a 0-dim tensor, as torch's clip takes
     it. The callers compute with it on the device."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and torch.compiler.is_compiling():
+    if (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and torch.compiler.is_compiling()
+        and not value.is_complex()  # refused by check_nonnegative, as eagerly (dtypes trace)
+    ):
         return value.reshape(())
     return check_nonnegative(value, name, fix)
 
@@ -361,6 +366,7 @@ def _clip(
     `float64_norm` (with `apply=False`): also returns the total norm in float64, (result, norm),
     for callers that compute from it (a float32 norm overflows where the gradients do not).
     """
+    assert not (float64_norm and apply), "float64_norm is for calls that do not write"
     if refuse_repeats is None:
         refuse_repeats = writes_after
     norm_type = _check_norm_type(norm_type)
@@ -403,9 +409,20 @@ def _clip(
         if process_group is None:
             return None
         joined = _joined_without_gradients(
-            norm_type, max_norm, inv_scale, per_tensor, error_if_nonfinite, process_group, backend
+            norm_type,
+            max_norm,
+            inv_scale,
+            per_tensor,
+            error_if_nonfinite,
+            process_group,
+            backend,
+            torch.float64 if float64_norm else torch.float32,
         )
-        return (joined, joined.total_norm.double()) if float64_norm else joined
+        if not float64_norm:
+            return joined
+        # The other ranks' norm in float64 too: a state kept from it (ZClip's) stays the same
+        # on every rank.
+        return joined._replace(total_norm=joined.total_norm.float()), joined.total_norm
     backend_ = the_plan.groups[0].backend
     inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
     if torch.compiler.is_compiling():
@@ -480,16 +497,22 @@ def _clip(
 
 
 def _joined_without_gradients(
-    norm_type, max_norm, inv_scale, per_tensor, error_if_nonfinite, process_group, backend
+    norm_type,
+    max_norm,
+    inv_scale,
+    per_tensor,
+    error_if_nonfinite,
+    process_group,
+    backend,
+    norm_dtype: torch.dtype = torch.float32,
 ) -> ClipResult:
     """A rank without gradients in a sharded call: it joins the others' collective and returns
-    the same norm, coefficient and overflow verdict as they do (raising where they raise)."""
+    the same norm (of `norm_dtype`), coefficient and overflow verdict as they do (raising where
+    they raise)."""
     raw_norm, found_inf = distributed.join_empty(norm_type, process_group)
     inv_scale_tensor = _inv_scale_tensor(inv_scale, raw_norm.device)
     backend_ = plan.backend_on(raw_norm.device, backend)
-    total_norm, clip_coef = _finalized(
-        backend_, raw_norm, max_norm, inv_scale_tensor, torch.float32
-    )
+    total_norm, clip_coef = _finalized(backend_, raw_norm, max_norm, inv_scale_tensor, norm_dtype)
     if error_if_nonfinite and not torch.isfinite(total_norm).item():
         raise _nonfinite_error(norm_type)
     per_tensor_norms = torch.empty(0, device=raw_norm.device) if per_tensor else None
@@ -767,8 +790,9 @@ def clip_grads_with_norm_(
             the coefficient is computed from it in float64.
 
     Raises:
-        TypeError, ValueError: a bad argument; RuntimeError: an explicit `backend` that cannot
-        run these tensors here. Nothing is modified when it raises.
+        TypeError, ValueError: a bad argument (also a negative number `total_norm`);
+        RuntimeError: an explicit `backend` that cannot run these tensors here. Nothing is
+        modified when it raises.
     """
     max_norm = check_bound(max_norm, "max_norm")
     total_norm = _check_total_norm(total_norm)

@@ -452,6 +452,21 @@ def _check_zclip_on_shards_decides_as_unsharded(rank, world):
     assert skips == [False] * 4 + [True, False], skips
 
 
+def _check_zclip_state_is_the_same_on_a_rank_without_gradients(rank, world):
+    """ZClip keeps the float64 norm: a rank without gradients got it rounded to float32, so
+    its EMAs, thresholds and then its skips drifted from the other ranks'."""
+    from fusedclip.stability import ZClip
+
+    zclip = ZClip(warmup_steps=2, process_group=dist.group.WORLD)
+    for factor in (1.0, 1.3, 0.7):
+        grads = [torch.tensor([0.1, 0.2, 0.3]) * factor] if rank == 0 else []
+        zclip.step(grads)
+    state = torch.stack([zclip.state_dict()[key] for key in ("mean", "var")])
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    assert all(torch.equal(other, states[0]) for other in states), f"rank {rank}: {states}"
+
+
 def _check_fsdp2_training_matches_unsharded(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -519,6 +534,7 @@ def test_sharded_gradients(world):
         "_check_sharded_grad_scaler_skips_on_every_rank",
         "_check_sharded_grad_scaler_takes_float16_and_its_own_flags_shape",
         "_check_zclip_on_shards_decides_as_unsharded",
+        "_check_zclip_state_is_the_same_on_a_rank_without_gradients",
         "_check_fsdp2_training_matches_unsharded",
     ]
     with tempfile.TemporaryDirectory() as folder:
