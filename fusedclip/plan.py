@@ -453,9 +453,8 @@ def _drop_repeats(
     kept, kept_copies, kept_indices = [], [], []
     listed: list[int] = []  # for each index in `tensors`, the position in `kept` it counts as
     seen: dict[tuple, int] = {}  # memory key -> index in `tensors` of its first listing
-    # space -> (first byte, last byte, the tensor, its storage's address, its index in
-    # `tensors`) of each kept tensor
-    spans: dict[object, list[tuple[int, int, torch.Tensor, int, int]]] = {}
+    # space -> (first byte, last byte, index in `tensors`) of each kept tensor
+    spans: dict[object, list[tuple[int, int, int]]] = {}
     if not by_identity:
         # A coalesced sparse tensor is written through its values, and is the same gradient as
         # another over the same indices and values.
@@ -502,14 +501,12 @@ def _drop_repeats(
                 )
             first, last = _byte_span(memory, base)
             if writes and last > first:
-                for other_first, other_last, other, other_base, other_index in spans.get(space, ()):
+                for other_first, other_last, other in spans.get(space, ()):
                     if first < other_last and other_first < last:
-                        if _share_elements(memory, base, other, other_base):
-                            raise ValueError(
-                                f"{name}[{other_index}] and {name}[{index}] {_OVERLAP}"
-                            )
+                        if _share_elements(memory, base, written[other], memories[other].base):
+                            raise ValueError(f"{name}[{other}] and {name}[{index}] {_OVERLAP}")
             if last > first:
-                spans.setdefault(space, []).append((first, last, memory, base, index))
+                spans.setdefault(space, []).append((first, last, index))
             seen[key] = index
         listed.append(len(kept))
         kept.append(tensor)

@@ -287,10 +287,10 @@ class ZClip:
         saved.same_argument("warmup_steps", self.warmup_steps)
         ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
         saved.all_or_none(keys)
-        shapes = {"warmup_norms": (self.warmup_steps,)}
+        shapes = self._state_shapes()
         tensors = [
-            saved.tensor(key, shapes.get(key, ()), dtype)
-            for key, dtype in zip(keys, self._STATE.values(), strict=True)
+            saved.tensor(key, shapes.get(name, ()), dtype)
+            for key, (name, dtype) in zip(keys, self._STATE.items(), strict=True)
         ]
         count = tensors[keys.index("warmup_count")]
         if count is not None and not 0 <= count.item() <= self.warmup_steps:
@@ -301,8 +301,12 @@ class ZClip:
             setattr(self, name, value)
         self._skip_budget._recent, self._skip_budget._steps = ring
 
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each state tensor's shape where it is not (), by attribute."""
+        return {"_warmup_norms": (self.warmup_steps,)}
+
     def _start(self, device: torch.device) -> None:
-        shapes = {"_warmup_norms": (self.warmup_steps,)}
+        shapes = self._state_shapes()
         for name, dtype in self._STATE.items():
             setattr(self, name, torch.zeros(shapes.get(name, ()), dtype=dtype, device=device))
 
@@ -663,13 +667,12 @@ class GradMonitor:
             )
         # Every refusal above; from here on the state changes.
         if self.norms is None:
-            dtypes = self._STATE
-            self.norms = torch.zeros(self.capacity, dtype=dtypes["norms"], device=norm.device)
-            self.coefs = torch.zeros(self.capacity, dtype=dtypes["coefs"], device=norm.device)
-            self.found_inf = torch.zeros(
-                self.capacity, dtype=dtypes["found_inf"], device=norm.device
+            for name in ("norms", "coefs", "found_inf"):
+                history = torch.zeros(self.capacity, dtype=self._STATE[name], device=norm.device)
+                setattr(self, name, history)
+            self.norm_ema = torch.full(
+                (), math.nan, dtype=self._STATE["norm_ema"], device=norm.device
             )
-            self.norm_ema = torch.full((), math.nan, dtype=dtypes["norm_ema"], device=norm.device)
         elif self.norms.device != norm.device:  # loaded from elsewhere
             for name in self._STATE:
                 setattr(self, name, _on(getattr(self, name), norm.device))
