@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <optional>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -41,14 +42,16 @@ at::Tensor check_dense_aliasing(at::TensorList tensors, const at::Tensor& value,
                       inference_tensor);
     if (tensor.numel() > 0) spans.push_back(byte_span(tensor, i));
   }
-  std::sort(spans.begin(), spans.end(), [](const ByteSpan& a, const ByteSpan& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  const auto dtype = [&](const ByteSpan& span) { return tensors[span.index].scalar_type(); };
+  // By dtype too: the same memory sorts next to itself even among other dtypes' views of it.
+  std::sort(spans.begin(), spans.end(), [&](const ByteSpan& a, const ByteSpan& b) {
+    return std::make_tuple(a.begin, a.end, dtype(a), a.index) <
+           std::make_tuple(b.begin, b.end, dtype(b), b.index);
   });
   const auto same = [&](const ByteSpan& a, const ByteSpan& b) {
-    return a.begin == b.begin && a.end == b.end &&
-           tensors[a.index].scalar_type() == tensors[b.index].scalar_type();
+    return a.begin == b.begin && a.end == b.end && dtype(a) == dtype(b);
   };
-  // Equal spans sort next to each other; an overlap shows against the farthest-reaching span.
+  // Repeats sort next to each other; an overlap shows against the farthest-reaching span.
   std::optional<ByteSpan> farthest;
   for (size_t k = 0; k < spans.size(); ++k) {
     const ByteSpan& span = spans[k];

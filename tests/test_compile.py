@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import assert_close, backend_params
@@ -208,24 +210,8 @@ def test_compiled_clip_takes_disjoint_views_of_one_buffer(device, backend):
     assert_close(compiled_buffer, eager_buffer, rtol=1e-6, what="clipped buffer")
 
 
-@pytest.mark.skipif(not plan._HAS_DENSE_CHECK, reason="needs the extension's check_dense_aliasing")
-@pytest.mark.parametrize("writes", [False, True])
-@pytest.mark.parametrize(
-    "case", ["disjoint", "same memory", "overlap", "three, one repeat", "inference"]
-)
-def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes):
-    """check_dense_aliasing (C++, dense lists) and check_aliasing (the Python rule) decide and
-    word every case alike: the compiled code takes one or the other by the traced layouts."""
-    buffer = torch.arange(8.0)
-    with torch.inference_mode():
-        inference = torch.arange(3.0)
-    tensors = {
-        "disjoint": [buffer[:3], buffer[3:]],
-        "same memory": [buffer[:4], buffer[:4].view(2, 2)],
-        "overlap": [buffer[:4], buffer[2:6]],
-        "three, one repeat": [buffer[6:], buffer[:3], buffer[6:].clone(), buffer[:3].view(-1)],
-        "inference": [buffer, inference],
-    }[case]
+def _outcomes_of_both_checks(tensors: list, writes: bool) -> list[tuple]:
+    """What check_aliasing (the Python rule) and check_dense_aliasing (C++) return or raise."""
     value = torch.tensor(0.5, dtype=torch.float64)
     outcomes = []
     for check in (
@@ -244,11 +230,46 @@ def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes
             outcomes.append(("returned", check().item()))
         except ValueError as error:
             outcomes.append(("refused", str(error)))
+    return outcomes
+
+
+@pytest.mark.skipif(not plan._HAS_DENSE_CHECK, reason="needs the extension's check_dense_aliasing")
+@pytest.mark.parametrize("writes", [False, True])
+@pytest.mark.parametrize(
+    "case", ["disjoint", "same memory", "overlap", "three, one repeat", "inference"]
+)
+def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes):
+    """check_dense_aliasing (C++, dense lists) and check_aliasing (the Python rule) decide and
+    word every case alike: the compiled code takes one or the other by the traced layouts."""
+    buffer = torch.arange(8.0)
+    with torch.inference_mode():
+        inference = torch.arange(3.0)
+    tensors = {
+        "disjoint": [buffer[:3], buffer[3:]],
+        "same memory": [buffer[:4], buffer[:4].view(2, 2)],
+        "overlap": [buffer[:4], buffer[2:6]],
+        "three, one repeat": [buffer[6:], buffer[:3], buffer[6:].clone(), buffer[:3].view(-1)],
+        "inference": [buffer, inference],
+    }[case]
+    outcomes = _outcomes_of_both_checks(tensors, writes)
     assert outcomes[0] == outcomes[1]
     refused = case in ("same memory", "three, one repeat") or (
         case in ("overlap", "inference") and writes
     )
     assert outcomes[0][0] == ("refused" if refused else "returned"), outcomes[0]
+
+
+@pytest.mark.skipif(not plan._HAS_DENSE_CHECK, reason="needs the extension's check_dense_aliasing")
+@pytest.mark.parametrize("writes", [False, True])
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))), ids=str)
+def test_the_dense_check_finds_a_repeat_around_another_dtypes_view(order, writes):
+    """Another dtype's view of the same bytes, sorted between a repeat's two listings, hid the
+    repeat from check_dense_aliasing: g and g.view(2, 4) were counted twice."""
+    buffer = torch.arange(8.0)
+    views = [buffer, buffer.view(torch.bfloat16), buffer.view(2, 4)]
+    outcomes = _outcomes_of_both_checks([views[i] for i in order], writes)
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][0] == "refused" and "same memory" in outcomes[1][1], outcomes[1]
 
 
 def test_a_compiled_call_with_a_strided_gradient_checks_with_the_python_rule():
