@@ -57,6 +57,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored(request):
+    """Every call restores grad mode, also when it raises: a test that left it off made every
+    later test that needs autograd fail far from the cause."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail(f"{request.node.nodeid} left grad mode off")
+
+
 def poison_allocator(device: str) -> None:
     """Fills freed allocator blocks with NaN, so an output element no kernel wrote shows up.
 
