@@ -119,7 +119,7 @@ def _inv_scale(scaler: GradScaler) -> torch.Tensor:
     global _last_inv_scale
     scale = scaler._scale
     if (
-        torch.compiler.is_compiling()
+        plan.is_tracing()
         or (scale.is_cuda and torch.cuda.is_current_stream_capturing())
         or scale.is_inference()  # created by a first scaler.scale() in inference mode: no version
     ):

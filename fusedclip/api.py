@@ -112,13 +112,13 @@ def check_nonnegative(value, name: str, fix: str = "") -> float:
 
 def check_bound(value, name: str, fix: str = "") -> float | torch.Tensor:
     """`check_nonnegative` for a max_norm or clip_value, except a one-element tensor traced by
-    torch.compile: reading it (and so checking its sign) would need the host, which a
-    fullgraph=True compile cannot give, so it is kept as a 0-dim tensor, as torch's clip takes
-    it. The callers compute with it on the device."""
+    torch.compile or make_fx: reading it (and so checking its sign) would need the host (which
+    a fullgraph=True compile cannot give) or bake its value into the graph, so it is kept as a
+    0-dim tensor, as torch's clip takes it. The callers compute with it on the device."""
     if (
         isinstance(value, torch.Tensor)
         and value.numel() == 1
-        and torch.compiler.is_compiling()
+        and plan.is_tracing()
         and not value.is_complex()  # refused by check_nonnegative, as eagerly (dtypes trace)
     ):
         return value.reshape(())
@@ -425,7 +425,7 @@ def _clip(
         return joined._replace(total_norm=joined.total_norm.float()), joined.total_norm
     backend_ = the_plan.groups[0].backend
     inv_scale_tensor = _inv_scale_tensor(inv_scale, the_plan.device)
-    if torch.compiler.is_compiling():
+    if plan.is_tracing():
         # Every op below computes from inv_scale (1 changes nothing): it carries the check.
         if inv_scale_tensor is None:
             inv_scale_tensor = torch.ones((), dtype=torch.float64, device=the_plan.device)

@@ -5,20 +5,22 @@ One entry point, `prepare`. It checks each tensor (type, dtype, layout, inferenc
 parameter passed where its gradient belongs), applies the aliasing rule, replaces DTensors by
 their local shards, groups the tensors by device and picks each device's backend.
 
-The aliasing rule: tensors that are the same memory (same storage, offset, sizes, strides and
-dtype; or dense views of one dtype over the same bytes, such as g and g.view(-1); coalesced
-sparse tensors over the same indices and values) count and are scaled once; a call that writes
-refuses tensors that overlap partially (a coalesced sparse tensor by its values), each other or
-themselves (an `expand`), with a ValueError naming them. An uncoalesced sparse tensor is written
-through a coalesced copy, so it aliases nothing: only the same object repeats. A call that only reads measures
-every tensor as given (an expanded tensor counts each of its elements, as torch does). Under
-torch.compile, tracing drops repeats of one tensor object and `checked_when_run` checks the rest
-when the compiled code runs, refusing the same memory listed as two tensors.
+The aliasing rule: tensors that are the same memory (one dtype over the same elements in any
+view of them: g and g.view(-1), s and s.t() or s.unsqueeze(0), whichever storage objects hold
+them; coalesced sparse tensors over the same indices and values) count and are scaled once; a
+call that writes refuses tensors that overlap partially (a coalesced sparse tensor by its
+values), each other or themselves (an `expand`), with a ValueError naming them. Empty tensors
+hold no memory: never a repeat, never refused. An uncoalesced sparse tensor is written through a
+coalesced copy, so it aliases nothing: only the same object repeats. A call that only reads
+measures every tensor as given (an expanded tensor counts each of its elements, as torch does).
+Traced (torch.compile, make_fx, torch.export: `is_tracing`), repeats of one tensor object are
+dropped and `checked_when_run` checks the rest when the traced code runs, refusing the same
+memory listed as two tensors.
 
 The common case (plain contiguous tensors on one device, none aliasing another) is planned by the
 C++ extension in one pass (`fusedclip._C.plan_dense`) when it is built, which hands the extension's
 ops the checked tensors in a C++ vector (`fusedclip._C.DenseGradients`); everything else, and
-everything under torch.compile, by the general path below. Both give the same plans and errors.
+everything traced, by the general path below. Both give the same plans and errors.
 A clip or a write on the extension's own ops can have its common case planned and run in one C++
 call (`prepare_and_clip`, `prepare_and_scale`).
 """
@@ -147,7 +149,7 @@ def _dense_plan(
     refuse_float16: bool,
 ):
     """The common case's plan from the C++ planner, or None to take the general path."""
-    if not tensors or torch.compiler.is_compiling() or _C_PLAN_DENSE is None:
+    if not tensors or _C_PLAN_DENSE is None or is_tracing():
         return None
     found = _C_PLAN_DENSE(
         tensors, of_parameters, _refuses_inference(writes, False), gradients_only, refuse_float16
@@ -229,7 +231,7 @@ def prepare_and_scale(
 
 def _one_call_devices(tensors: list, function, backend: str | None) -> tuple[bool, bool]:
     """dispatch.extension_device_types for a one-call path; (False, False) where it cannot run."""
-    if not tensors or torch.compiler.is_compiling() or function is None:
+    if not tensors or function is None or is_tracing():
         return False, False
     return dispatch.extension_device_types(backend)
 
@@ -328,13 +330,6 @@ def _is_memoryless(tensor: torch.Tensor) -> bool:
     return tensor.numel() == 0 or tensor.device.type == "meta" or isinstance(tensor, FakeTensor)
 
 
-def _storage_identity(tensor: torch.Tensor):
-    """Equal for tensors of one storage: its address, or for a tensor without memory the storage
-    object itself, which views of it share."""
-    storage = tensor.untyped_storage()
-    return ("object", storage._cdata) if _is_memoryless(tensor) else storage.data_ptr()
-
-
 class _Memory(NamedTuple):
     space: object  # equal for tensors whose memory may intersect
     base: int  # the address of the storage's first byte (0 for a tensor without memory)
@@ -369,14 +364,33 @@ def _memories(tensors: list[torch.Tensor]) -> list[_Memory]:
 
 
 def _memory_key(tensor: torch.Tensor, memory: _Memory) -> tuple:
-    """Equal for tensors that are the same memory: the same view, or dense tensors of one dtype
-    over the same bytes (g and g.view(-1)), whichever storage objects hold them."""
+    """Equal for nonempty tensors that are the same memory: one dtype over the same elements in
+    any view of them (g and g.view(-1), s and s.t() or s.unsqueeze(0)), whichever storage
+    objects hold them."""
     address = memory.base + tensor.storage_offset() * tensor.element_size()
-    if tensor.numel() == 0:
-        return ("empty", memory.space, address, tensor.dtype)
+    return (memory.space, address, _element_layout(tensor), tensor.dtype)
+
+
+def _element_layout(tensor: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """(size, stride) of each dimension that steps, from the smallest stride, with a dimension
+    merged into the one before where it steps over it whole: the same for every view of the same
+    elements that differ in dimension order, size-1 dimensions or how the steps are split
+    (((numel, 1),) for any dense tensor)."""
     if is_dense(tensor):
-        return (memory.space, address, tensor.numel(), tensor.dtype)
-    return (memory.space, address, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        return ((tensor.numel(), 1),)
+    merged: list[tuple[int, int]] = []
+    for stride, size in sorted(
+        (s, n) for n, s in zip(tensor.shape, tensor.stride(), strict=True) if n != 1
+    ):
+        if merged and stride == merged[-1][0] * merged[-1][1]:
+            merged[-1] = (merged[-1][0] * size, merged[-1][1])
+        else:
+            merged.append((size, stride))
+    return tuple(merged)
+
+
+def _holds_nothing(tensor: torch.Tensor) -> bool:
+    return (tensor._nnz() if tensor.is_sparse else tensor.numel()) == 0
 
 
 def _has_symbolic_layout(tensor: torch.Tensor) -> bool:
@@ -419,41 +433,85 @@ def _overlaps_itself(tensor: torch.Tensor) -> bool:
     return _element_offsets(tensor).numel() < tensor.numel()
 
 
-def _share_elements(a: torch.Tensor, base_a: int, b: torch.Tensor, base_b: int) -> bool:
-    """Whether two tensors whose byte spans intersect really share an element (`base_a`,
-    `base_b`: their storages' addresses)."""
-    if is_dense(a) and is_dense(b):
-        return True  # a dense tensor fills its span: any intersection is shared memory
-    # Element i covers bytes [offset_i, offset_i + size): compare bytes, exact for mixed dtypes.
-    offsets_a, offsets_b = _element_offsets(a, base_a), _element_offsets(b, base_b)
+def _first_overlap(
+    spans: list[tuple[int, int, int]], written: list, memories: list
+) -> tuple | None:
+    """The positions of two tensors of one space that share a byte, or None. `spans`: their
+    (first byte, last byte, position), reordered here; `written` and `memories` by position.
+    Sorted, the spans fall into runs, each span intersecting one before it in its run."""
+    spans.sort()
+    run: list[tuple[int, int, int]] = []
+    reach = 0  # the farthest last byte of the run
+    for span in spans:
+        if run and span[0] >= reach:
+            pair = _overlap_in_run(run, written, memories)
+            if pair is not None:
+                return pair
+            run = []
+        reach = span[1] if not run else max(reach, span[1])
+        run.append(span)
+    return _overlap_in_run(run, written, memories)
+
+
+def _overlap_in_run(run: list[tuple[int, int, int]], written: list, memories: list) -> tuple | None:
+    """A dense tensor fills its span, so in a run of dense tensors the first two overlap; a run
+    with a strided one is decided element by element, in one sort (interleaved column views of
+    one matrix are one run that shares nothing)."""
+    if len(run) < 2:
+        return None
+    if all(is_dense(written[index]) for _, _, index in run):
+        pair = (run[0][2], run[1][2])
+    else:
+        pair = _shared_bytes(run, written, memories)
+    return None if pair is None else (min(pair), max(pair))
+
+
+def _shared_bytes(run: list[tuple[int, int, int]], written: list, memories: list) -> tuple | None:
+    """_first_overlap's exact test of one run: every element a [first, last) byte interval (a
+    dense tensor one interval in all); sorted by first byte, an interval that begins before the
+    farthest end so far shares bytes with the interval that reaches there."""
     with unset_fake_temporarily():
-        in_element_a = torch.arange(a.element_size(), device="cpu")
-        in_element_b = torch.arange(b.element_size(), device="cpu")
-        bytes_a = (offsets_a.view(-1, 1) + in_element_a).reshape(-1)
-        bytes_b = (offsets_b.view(-1, 1) + in_element_b).reshape(-1)
-        return bool(torch.isin(bytes_a, bytes_b).any())
+        firsts, lasts, owners = [], [], []
+        for first, last, index in run:
+            tensor = written[index]
+            if is_dense(tensor):
+                starts = torch.tensor([first], dtype=torch.int64)
+                ends = torch.tensor([last], dtype=torch.int64)
+            else:
+                starts = _element_offsets(tensor, memories[index].base)
+                ends = starts + tensor.element_size()
+            firsts.append(starts)
+            lasts.append(ends)
+            owners.append(torch.full_like(starts, index))
+        order = torch.cat(firsts).argsort(stable=True)
+        firsts_sorted = torch.cat(firsts)[order]
+        reach, reached_by = torch.cummax(torch.cat(lasts)[order], 0)
+        clashes = (firsts_sorted[1:] < reach[:-1]).nonzero()
+        if clashes.numel() == 0:
+            return None
+        k = int(clashes[0]) + 1
+        owners_sorted = torch.cat(owners)[order]
+        return int(owners_sorted[k]), int(owners_sorted[reached_by[k - 1]])
 
 
 def _drop_repeats(
     tensors: list, copies: list[int] | None, name: str, writes: bool, refuse_repeats: str | None
 ):
     """The aliasing rule (module docstring), or with `refuse_repeats` (why, and the fix) a
-    ValueError for a repeat. Tensors are the local ones (no DTensor here).
+    ValueError for a repeat. Tensors are the local ones (no DTensor here). Empty tensors hold no
+    memory to share: they are kept as listed, never refused.
 
-    Under torch.compile storages are not traceable (dynamo itself guards on how its inputs
-    alias): repeats are dropped by identity, which dynamo evaluates at trace time without an id()
-    guard. So are the tensors of a list with a symbolic layout (make_fx's symbolic tracing),
-    whose offsets and sizes are no numbers to compare: there two tensors over one storage are
-    refused, as they cannot be told apart from overlapping ones."""
-    symbolic = not torch.compiler.is_compiling() and any(
+    Traced (is_tracing), storages are not traceable: repeats are dropped by identity, which
+    dynamo evaluates at trace time without an id() guard, and checked_when_run checks the rest
+    when the traced code runs. So are the tensors of a list with a symbolic layout (fake ones
+    with SymInt offsets or sizes, which are no numbers to compare)."""
+    by_identity = is_tracing() or any(
         isinstance(tensor, FakeTensor) and _has_symbolic_layout(tensor) for tensor in tensors
     )
-    by_identity = symbolic or torch.compiler.is_compiling()
-    storages: dict[object, int] = {}  # when symbolic: storage -> index of its first tensor
     kept, kept_copies, kept_indices = [], [], []
     listed: list[int] = []  # for each index in `tensors`, the position in `kept` it counts as
     seen: dict[tuple, int] = {}  # memory key -> index in `tensors` of its first listing
-    # space -> (first byte, last byte, index in `tensors`) of each kept tensor
+    # space -> (first byte, last byte, index in `tensors`) of each nonempty kept tensor
     spans: dict[object, list[tuple[int, int, int]]] = {}
     if not by_identity:
         # A coalesced sparse tensor is written through its values, and is the same gradient as
@@ -469,17 +527,12 @@ def _drop_repeats(
             first_listed = next(
                 (i for other, i in zip(kept, kept_indices, strict=True) if tensor is other), None
             )
-            if first_listed is not None:
+            if first_listed is not None and not (refuse_repeats and _holds_nothing(tensor)):
                 if refuse_repeats is not None:
                     raise _repeat_error(name, first_listed, index, refuse_repeats)
                 listed.append(listed[first_listed])
                 continue
-            if symbolic:
-                storage = _storage_identity(tensor._values() if tensor.is_sparse else tensor)
-                if storage in storages:
-                    raise _repeat_error(name, storages[storage], index, _SYMBOLIC_VIEWS)
-                storages[storage] = index
-        else:
+        elif not _holds_nothing(tensor):
             memory, (space, base) = written[index], memories[index]
             key = _memory_key(memory, memories[index])
             if tensor.is_sparse:
@@ -499,19 +552,17 @@ def _drop_repeats(
                     f"{tuple(memory.stride())}): it cannot be scaled in place; pass a "
                     "contiguous copy (tensor.contiguous()) and copy the result back yourself"
                 )
-            first, last = _byte_span(memory, base)
-            if writes and last > first:
-                for other_first, other_last, other in spans.get(space, ()):
-                    if first < other_last and other_first < last:
-                        if _share_elements(memory, base, written[other], memories[other].base):
-                            raise ValueError(f"{name}[{other}] and {name}[{index}] {_OVERLAP}")
-            if last > first:
-                spans.setdefault(space, []).append((first, last, index))
+            if writes:
+                spans.setdefault(space, []).append((*_byte_span(memory, base), index))
             seen[key] = index
         listed.append(len(kept))
         kept.append(tensor)
         kept_copies.append(1 if copies is None else copies[index])
         kept_indices.append(index)
+    for space_spans in spans.values():
+        pair = _first_overlap(space_spans, written, memories)
+        if pair is not None:
+            raise ValueError(f"{name}[{pair[0]}] and {name}[{pair[1]}] {_OVERLAP}")
     return (
         kept,
         (None if copies is None else kept_copies),
@@ -540,25 +591,37 @@ REPEATS_WRITTEN_BY_CALLER = (
     "which a caller that writes each listed tensor itself (a fused optimizer's step) would "
     "scale twice: give each parameter its own gradient tensor, or use a non-fused optimizer"
 )
-_SYMBOLIC_VIEWS = (
-    "or views of one storage, which a trace with symbolic shapes (make_fx) cannot tell from "
-    "overlapping ones: list that gradient once, or the same tensor object twice"
-)
 _REPEATS_UNDER_COMPILE = (
-    "listed as two tensors, which a call compiled by torch.compile cannot count once (the "
-    "compiled code does not know where its tensors' memory lies): list that gradient once, or "
-    "the same tensor object twice"
+    "listed as two tensors, which a traced call (torch.compile, make_fx, torch.export) cannot "
+    "count once (the traced code does not know where its tensors' memory lies): list that "
+    "gradient once, or the same tensor object twice"
 )
+
+
+def is_tracing() -> bool:
+    """Whether this call is being traced into a graph that runs later: by torch.compile, or by
+    make_fx (a proxy mode on the dispatch stack), where the tensors' memory is not the memory
+    the graph will run on. Dynamo folds the first test to True and never traces the second."""
+    return _is_compiling() or (
+        _dispatch_stack_depth() > 0 and _get_dispatch_mode(_PROXY_MODE) is not None
+    )
+
+
+# Bound once: each eager call asks several times, and the lookups were half of its cost.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_depth = torch._C._len_torch_dispatch_stack
+_get_dispatch_mode = torch._C._get_dispatch_mode
+_PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
 
 
 def checked_when_run(the_plan: Plan, value: torch.Tensor, name: str, writes: bool):
-    """Under torch.compile, `value` as returned by an op that applies the aliasing rule to the
+    """Traced (is_tracing), `value` as returned by an op that applies the aliasing rule to the
     planned tensors when the compiled code runs. Tracing sees tensors, not their memory: it drops
     repeats of one tensor object, but two tensors may still share memory at run time. The
     kernels that follow compute from what this returns, so the check runs before anything is
     written and the graph cannot leave it out. A repeat raises there: the compiled call cannot
     count it once. Eagerly, `value` itself (prepare applied the rule)."""
-    if not torch.compiler.is_compiling():
+    if not is_tracing():
         return value
     tensors: list = [None] * the_plan.count  # in planned order, for the messages' positions
     for group in the_plan.groups:

@@ -3,6 +3,7 @@ general path (same plans, same errors, same results)."""
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 
@@ -256,11 +257,10 @@ def test_tensors_without_memory_are_told_apart_by_their_storage(memoryless):
         run()
 
 
-def test_a_symbolic_trace_by_make_fx_clips_and_refuses_views_of_one_storage():
+def test_a_symbolic_trace_by_make_fx_clips_and_counts_one_object_once():
     """make_fx's symbolic tracing hands the planner fake tensors whose offsets and sizes are
     SymInts: the aliasing rule's memory keys could not even be hashed (TypeError). There the
-    same object still counts once, and two views of one storage are refused, since their
-    symbolic layouts cannot be compared."""
+    same object still counts once."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def clip(a, b):
@@ -272,11 +272,181 @@ def test_a_symbolic_trace_by_make_fx_clips_and_refuses_views_of_one_storage():
         expected = torch.linalg.vector_norm(torch.cat([a, b.reshape(-1)]), dtype=torch.float64)
         assert_close(traced(a.clone(), b.clone()), expected, rtol=1e-6, what="traced norm")
 
-    def views(a):
-        return fusedclip.fused_clip_([a, a.view(-1)], max_norm=1.0).total_norm
 
-    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory, or views"):
-        make_fx(views, tracing_mode="symbolic")(torch.randn(5))
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+def test_a_make_fx_graph_applies_the_aliasing_rule_when_run(mode, backend):
+    """make_fx was not seen as tracing: its graph dropped repeats by the memory of the tensors
+    it was traced with, so gm(z, z) counted z twice and the reference backend scaled it twice
+    (and a symbolic trace refused views it could have checked when run). A traced graph
+    checks its inputs' memory when it runs, refusing a repeat before anything is written; a
+    real-mode trace runs that check on the tracing inputs too."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def clip(a, b):
+        return fusedclip.fused_clip_([a, b], inv_scale=0.5, backend=backend).total_norm
+
+    traced = make_fx(clip, tracing_mode=mode)(torch.randn(5), torch.randn(5))
+    a, b = torch.full((5,), 4.0), torch.full((5,), 2.0)
+    assert_close(traced(a, b), torch.tensor(5**0.5 * (2.0**2 + 1.0) ** 0.5), rtol=1e-6, what="norm")
+    assert a.tolist() == [2.0] * 5 and b.tolist() == [1.0] * 5, "each scaled once"
+    z = torch.full((5,), 4.0)
+    for pair in ((z, z), (z, z.view(-1)), (z, z[:])):
+        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+            traced(*pair)
+        assert z.tolist() == [4.0] * 5, "nothing written"
+
+    def views(a):
+        return fusedclip.fused_clip_([a, a.view(-1)], max_norm=1.0, backend=backend).total_norm
+
+    if mode == "real":  # the check runs on the tracing inputs
+        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+            make_fx(views, tracing_mode=mode)(torch.randn(5))
+        return
+    traced_views = make_fx(views, tracing_mode=mode)(torch.randn(5))
+    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+        traced_views(z)
+    assert z.tolist() == [4.0] * 5, "nothing written"
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_an_exported_program_applies_the_aliasing_rule_when_run(strict):
+    """torch.export traces by make_fx (non-strict) or dynamo (strict): its program checks its
+    inputs' memory when it runs, as a compiled function does."""
+
+    class Clip(torch.nn.Module):
+        def forward(self, a, b):
+            return fusedclip.fused_clip_([a, b], inv_scale=0.5).total_norm
+
+    exported = torch.export.export(Clip(), (torch.randn(5), torch.randn(5)), strict=strict)
+    a, b = torch.full((5,), 4.0), torch.full((5,), 2.0)
+    assert_close(exported.module()(a, b), torch.tensor(5.0), rtol=1e-6, what="norm")
+    assert a.tolist() == [2.0] * 5 and b.tolist() == [1.0] * 5, "each scaled once"
+    z = torch.full((5,), 4.0)
+    try:
+        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+            exported.module()(z, z)
+    finally:
+        # torch's wrap_with_set_grad_enabled (the API's no_grad, exported) restores grad mode
+        # only when its body returns (README, Aliasing).
+        torch.set_grad_enabled(True)
+    assert z.tolist() == [4.0] * 5, "nothing written"
+
+
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+def test_a_make_fx_graph_takes_a_tensor_bound_as_an_input(mode):
+    """A one-element tensor max_norm or clip_value was read on the host while make_fx traced
+    (its sign check), which make_fx refuses in every mode: it is kept as a tensor, as under
+    torch.compile, so the graph takes each call's bound."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def clip(grad, max_norm, clip_value):
+        fusedclip.fused_clip_([grad], clip_value=clip_value)
+        return fusedclip.fused_clip_([grad], max_norm=max_norm).total_norm
+
+    traced = make_fx(clip, tracing_mode=mode)(torch.randn(4), torch.tensor(1.0), torch.tensor(9.0))
+    for max_norm, clip_value in ((3.0, 9.0), (12.0, 2.0)):
+        grad = torch.full((4,), 3.0)
+        theirs = torch.nn.Parameter(torch.zeros(4))
+        theirs.grad = grad.clone()
+        torch.nn.utils.clip_grad_value_([theirs], clip_value)
+        expected_norm = torch.nn.utils.clip_grad_norm_([theirs], max_norm)
+        norm = traced(grad, torch.tensor(max_norm), torch.tensor(clip_value))
+        assert_close(norm, expected_norm, rtol=1e-6, what="norm")
+        assert_close(grad, theirs.grad, rtol=1e-6, what="clipped by this call's bounds")
+
+
+def test_a_make_fx_graph_reads_the_scalers_scale_when_run():
+    """amp's inv_scale cache was used while make_fx traced, so the graph took the inverse of an
+    earlier call's scale as a constant: a scale the scaler changed later was not seen."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # makes the scale tensor, as the first scaled loss does
+    model = torch.nn.Linear(3, 1)
+
+    def unscale(grad, optimizer):
+        model.weight.grad = grad
+        model.bias.grad = None
+        return fusedclip.amp.unscale_clip_(scaler, optimizer, max_norm=1e9).total_norm
+
+    eager_optimizer = torch.optim.SGD(model.parameters())  # kept: the scaler's state is by id()
+    unscale(torch.ones(1, 3), eager_optimizer)  # the cache holds 1/4
+    traced_optimizer = torch.optim.SGD(model.parameters())
+    traced = make_fx(lambda grad: unscale(grad, traced_optimizer), tracing_mode="fake")(
+        torch.ones(1, 3)
+    )
+    scaler._scale.fill_(2.0)  # in place, as scaler.update() writes it
+    norm = traced(torch.full((1, 3), 4.0))
+    assert_close(norm, torch.tensor(2.0 * 3**0.5), rtol=1e-6, what="unscaled by the new scale")
+
+
+def test_the_overlap_check_is_exact_and_lays_out_each_tensor_once(monkeypatch):
+    """The overlap check compared every pair of intersecting spans element by element: the
+    columns of one matrix all intersect, so 300 of them took 10 s. Now each tensor's elements
+    are laid out at most twice (its own overlap and the shared one), and a real overlap among
+    them is still found, as a pair that shares an element by an oracle over element sets."""
+    calls = []
+    element_offsets = plan._element_offsets
+    monkeypatch.setattr(
+        plan, "_element_offsets", lambda *args: calls.append(1) or element_offsets(*args)
+    )
+    buffer = torch.arange(1.0, 12 * 40 + 1).reshape(12, 40)
+    columns = [buffer[:, j] for j in range(40)]
+    fusedclip.fused_clip_(columns, inv_scale=0.5)
+    assert torch.equal(buffer, torch.arange(1.0, 12 * 40 + 1).reshape(12, 40) / 2), "each once"
+    assert len(calls) <= 2 * len(columns), len(calls)
+
+    overlapping = columns + [buffer[3, 10:20]]
+    before = buffer.clone()
+    with pytest.raises(ValueError, match="overlap in memory") as refused:
+        fusedclip.fused_clip_(overlapping, inv_scale=0.5)
+    assert torch.equal(buffer, before), "nothing written"
+    named = tuple(int(i) for i in re.findall(r"tensors\[(\d+)\]", str(refused.value)))
+
+    def elements(tensor):
+        offsets = torch.arange(buffer.numel()).reshape(buffer.shape)
+        return set(
+            offsets.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+            .flatten()
+            .tolist()
+        )
+
+    assert elements(overlapping[named[0]]) & elements(overlapping[named[1]]), named
+
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
+@pytest.mark.parametrize("in_python", [False, True], ids=["c++-planner", "general-path"])
+@pytest.mark.parametrize("kind", ["strided", "dense"])
+def test_views_of_the_same_elements_count_and_are_written_once(
+    monkeypatch, backend, in_python, kind
+):
+    """A strided gradient and its transpose or unsqueezed view are the same elements, but the
+    rule compared their shapes and strides: counted twice in the norm, and refused as an
+    overlap for a write. Views that differ only in dimension order, size-1 dimensions or how
+    the steps are split are the same memory; interleaved ones still share nothing."""
+    if in_python:
+        plan_in_python(monkeypatch)
+    buffer = torch.arange(1.0, 25.0).reshape(4, 6)
+    gradient = buffer[:, ::2] if kind == "strided" else buffer[1]
+    views = [gradient, gradient.t(), gradient.unsqueeze(0), gradient.unsqueeze(-1).transpose(0, 1)]
+    if kind == "dense":
+        views.append(gradient.view(2, 3).t())
+    expected = torch.linalg.vector_norm(gradient, dtype=torch.float64)
+    norm = fusedclip.get_total_norm(views, backend=backend)
+    assert_close(norm, expected, rtol=1e-6, what="counted once")
+    before = buffer.clone()
+    result = fusedclip.fused_clip_(views, inv_scale=0.5, backend=backend)
+    assert_close(result.total_norm, expected / 2, rtol=1e-6, what="unscaled norm")
+    expected_buffer = before.clone()
+    if kind == "strided":
+        expected_buffer[:, ::2] /= 2
+    else:
+        expected_buffer[1] /= 2
+    assert torch.equal(buffer, expected_buffer), "scaled once"
+    interleaved = [buffer[:, ::2].t(), buffer[:, 1::2]]
+    fusedclip.fused_clip_(interleaved, clip_value=0.0, backend=backend)
+    assert torch.equal(buffer, torch.zeros(4, 6)), "interleaved views share nothing"
 
 
 @pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
@@ -490,17 +660,50 @@ def test_parameters_are_anything_with_a_grad_as_in_torch():
 
 
 @pytest.mark.parametrize("general", [False, True], ids=["fast-path", "general-path"])
-def test_empty_tensors_repeat_only_as_views_of_one_storage(monkeypatch, general):
+def test_empty_tensors_are_planned_as_listed(monkeypatch, general):
+    """An empty tensor holds no memory to count or write twice: never a repeat, each is planned
+    as listed, and per-tensor norms are one per listed tensor."""
     if general:
         plan_in_python(monkeypatch)
     empty = torch.ones(0)
     listed = [empty, empty, empty.view(0, 1), torch.ones(2)]
-    same, _ = plan.prepare(listed, "tensors", None, writes=False)
-    assert (same.count, same.listed) == (2, [0, 0, 0, 1])
+    same, _ = plan.prepare(listed, "tensors", None, writes=True)
+    assert (same.count, same.listed) == (4, None)
     norms = fusedclip.measure(listed, per_tensor=True).per_tensor_norms  # one per listed tensor
     assert norms.tolist() == [0.0, 0.0, 0.0, torch.tensor(2.0).sqrt().item()]
     distinct, _ = plan.prepare([torch.ones(0), torch.ones(0)], "tensors", None, writes=False)
     assert (distinct.count, distinct.listed) == (2, None)
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["fast-path", "general-path"])
+@pytest.mark.parametrize("caller", ["measure", "amp.clip_step", "ZClip.clip_step"])
+def test_empty_tensors_are_never_refused_as_repeats(monkeypatch, general, caller):
+    """An empty tensor holds no memory to write twice, yet two views of one empty tensor were
+    refused for a caller that writes each listed tensor itself: a fused optimizer's step over two
+    empty parameters whose gradients share an empty tensor raised."""
+    if general:
+        plan_in_python(monkeypatch)
+    empty = torch.ones(0)
+    parameters = [torch.nn.Parameter(torch.zeros(n)) for n in (0, 4, 0, 0)]
+    for parameter, grad in zip(
+        parameters, [empty, torch.full((4,), 3.0), empty.view(0), empty], strict=True
+    ):
+        parameter.grad = grad
+    theirs = [torch.nn.Parameter(torch.zeros(4))]
+    theirs[0].grad = torch.full((4,), 3.0)
+    expected_norm = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    if caller == "measure":
+        norm = fusedclip.measure([p.grad for p in parameters], writes_after=True).total_norm
+        assert_close(norm, expected_norm, rtol=1e-6, what="norm")
+        return
+    optimizer = torch.optim.SGD(parameters, lr=1.0, fused=True)
+    if caller == "amp.clip_step":
+        norm = fusedclip.amp.clip_step(optimizer, max_norm=1.0).total_norm
+    else:
+        norm = fusedclip.stability.ZClip(max_norm=1.0).clip_step(optimizer).total_norm
+    torch.optim.SGD(theirs, lr=1.0).step()
+    assert_close(norm, expected_norm, rtol=1e-6, what="norm")
+    assert_close(parameters[1], theirs[0], rtol=1e-6, what="stepped parameter")
 
 
 @needs_fast_path
