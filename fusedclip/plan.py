@@ -27,6 +27,7 @@ call (`prepare_and_clip`, `prepare_and_scale`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -426,11 +427,18 @@ def _element_offsets(tensor: torch.Tensor, base: int = 0) -> torch.Tensor:
 
 
 def _overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Exact; a view whose every step clears all the smaller steps' reach (any slice with a
+    step, as w[:, ::2]) is decided from its layout, without laying out its elements."""
     if tensor.is_sparse or tensor.numel() <= 1 or is_dense(tensor):
         return False
-    if any(n > 1 and s == 0 for n, s in zip(tensor.shape, tensor.stride(), strict=True)):
-        return True
-    return _element_offsets(tensor).numel() < tensor.numel()
+    reach = 0  # the largest element offset the smaller steps make, from the first element
+    for size, stride in _element_layout(tensor):
+        if stride == 0:
+            return True
+        if stride <= reach:
+            return _element_offsets(tensor).numel() < tensor.numel()
+        reach += (size - 1) * stride
+    return False
 
 
 def _first_overlap(
@@ -455,15 +463,38 @@ def _first_overlap(
 
 def _overlap_in_run(run: list[tuple[int, int, int]], written: list, memories: list) -> tuple | None:
     """A dense tensor fills its span, so in a run of dense tensors the first two overlap; a run
-    with a strided one is decided element by element, in one sort (interleaved column views of
-    one matrix are one run that shares nothing)."""
+    with a strided one (interleaved column views of one matrix are one run that shares nothing)
+    by the residues of its steps where they tell, else element by element, in one sort."""
     if len(run) < 2:
         return None
     if all(is_dense(written[index]) for _, _, index in run):
         pair = (run[0][2], run[1][2])
+    elif _apart_by_residue(run, written):
+        return None
     else:
         pair = _shared_bytes(run, written, memories)
     return None if pair is None else (min(pair), max(pair))
+
+
+def _apart_by_residue(run: list[tuple[int, int, int]], written: list) -> bool:
+    """Whether the run's strided tensors share no byte, shown without laying out their elements
+    (False: not shown). Where every step, in bytes, is a multiple of G, each tensor's elements
+    sit at one offset modulo G: tensors whose elements' bytes fall in disjoint intervals modulo G
+    share nothing (a matrix's columns, the even and odd elements of a buffer)."""
+    step = 0
+    for _, _, index in run:
+        tensor = written[index]
+        if is_dense(tensor):
+            return False
+        for _, stride in _element_layout(tensor):
+            step = math.gcd(step, stride * tensor.element_size())
+    if step == 0:
+        return False
+    residues = sorted((first % step, written[index].element_size()) for first, _, index in run)
+    ends = [residue + size for residue, size in residues]
+    return ends[-1] <= step and all(
+        end <= residue for end, (residue, _) in zip(ends, residues[1:], strict=False)
+    )
 
 
 def _shared_bytes(run: list[tuple[int, int, int]], written: list, memories: list) -> tuple | None:

@@ -381,11 +381,43 @@ def test_a_make_fx_graph_reads_the_scalers_scale_when_run():
     assert_close(norm, torch.tensor(2.0 * 3**0.5), rtol=1e-6, what="unscaled by the new scale")
 
 
+def test_a_stepped_view_is_written_without_laying_out_its_elements(monkeypatch):
+    """Whether a written strided view overlaps itself was decided by laying out and sorting all
+    its elements, each call: a w[:, ::2] of a large weight cost a sort of its size. A step that
+    clears the smaller steps' reach decides it from the layout; the rest stays exact, checked
+    here against an oracle over random layouts."""
+    calls = []
+    element_offsets = plan._element_offsets
+    monkeypatch.setattr(
+        plan, "_element_offsets", lambda *args: calls.append(1) or element_offsets(*args)
+    )
+    buffer = torch.full((64, 128), 4.0)
+    fusedclip.fused_clip_([buffer[:32, ::2], buffer[32::3, 1::2]], inv_scale=0.5)
+    assert calls == [], "laid out"
+    expected = torch.full((64, 128), 4.0)
+    expected[:32, ::2] = 2.0
+    expected[32::3, 1::2] = 2.0
+    assert torch.equal(buffer, expected)
+
+    generator = np.random.default_rng(0)
+    for _ in range(500):
+        dims = int(generator.integers(1, 4))
+        shape = [int(n) for n in generator.integers(1, 5, dims)]
+        stride = [int(s) for s in generator.integers(0, 7, dims)]
+        view = torch.empty(128).as_strided(shape, stride)
+        offsets = (np.indices(shape).reshape(dims, -1) * np.array(stride)[:, None]).sum(0)
+        assert plan._overlaps_itself(view) == (len(set(offsets.tolist())) < view.numel()), (
+            shape,
+            stride,
+        )
+
+
 def test_the_overlap_check_is_exact_and_lays_out_each_tensor_once(monkeypatch):
     """The overlap check compared every pair of intersecting spans element by element: the
-    columns of one matrix all intersect, so 300 of them took 10 s. Now each tensor's elements
-    are laid out at most twice (its own overlap and the shared one), and a real overlap among
-    them is still found, as a pair that shares an element by an oracle over element sets."""
+    columns of one matrix all intersect, so 300 of them took 10 s. Now the residues of their
+    steps tell them apart, or each tensor's elements are laid out at most twice (its own overlap
+    and the shared one), and a real overlap among them is still found, as a pair that shares an
+    element by an oracle over element sets."""
     calls = []
     element_offsets = plan._element_offsets
     monkeypatch.setattr(
@@ -395,13 +427,14 @@ def test_the_overlap_check_is_exact_and_lays_out_each_tensor_once(monkeypatch):
     columns = [buffer[:, j] for j in range(40)]
     fusedclip.fused_clip_(columns, inv_scale=0.5)
     assert torch.equal(buffer, torch.arange(1.0, 12 * 40 + 1).reshape(12, 40) / 2), "each once"
-    assert len(calls) <= 2 * len(columns), len(calls)
+    assert calls == [], "columns are apart by their residues"
 
     overlapping = columns + [buffer[3, 10:20]]
     before = buffer.clone()
     with pytest.raises(ValueError, match="overlap in memory") as refused:
         fusedclip.fused_clip_(overlapping, inv_scale=0.5)
     assert torch.equal(buffer, before), "nothing written"
+    assert len(calls) <= 2 * len(overlapping), len(calls)  # the dense one: exact
     named = tuple(int(i) for i in re.findall(r"tensors\[(\d+)\]", str(refused.value)))
 
     def elements(tensor):
@@ -413,6 +446,40 @@ def test_the_overlap_check_is_exact_and_lays_out_each_tensor_once(monkeypatch):
         )
 
     assert elements(overlapping[named[0]]) & elements(overlapping[named[1]]), named
+
+
+def test_the_overlap_check_agrees_with_an_oracle_on_random_views():
+    """The residue shortcut and the exact test against element sets: views that share no
+    element are accepted for a write, views that share some but not all are refused."""
+    generator = np.random.default_rng(1)
+    buffer = torch.zeros(96)
+    elements = torch.arange(96)
+    decided = {"apart": 0, "overlap": 0}
+    for _ in range(400):
+        views = []
+        while len(views) < int(generator.integers(2, 5)):
+            dims = int(generator.integers(1, 3))
+            shape = [int(n) for n in generator.integers(1, 5, dims)]
+            stride = [int(s) for s in generator.integers(1, 9, dims)]
+            offset = int(generator.integers(0, 40))
+            view = buffer.as_strided(shape, stride, offset)
+            if not plan._overlaps_itself(view):
+                views.append(view)
+        sets = [
+            set(elements.as_strided(v.shape, v.stride(), v.storage_offset()).flatten().tolist())
+            for v in views
+        ]
+        pairs = [(a, b) for a in range(len(sets)) for b in range(a + 1, len(sets))]
+        if any(sets[a] == sets[b] for a, b in pairs):
+            continue  # the same elements: a repeat, counted once
+        shared = any(sets[a] & sets[b] for a, b in pairs)
+        if shared:
+            with pytest.raises(ValueError, match="overlap in memory"):
+                fusedclip.measure(views, writes_after=True)
+        else:
+            fusedclip.measure(views, writes_after=True)
+        decided["overlap" if shared else "apart"] += 1
+    assert min(decided.values()) > 50, decided
 
 
 @pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
