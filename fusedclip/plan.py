@@ -558,7 +558,7 @@ def _drop_repeats(
             first_listed = next(
                 (i for other, i in zip(kept, kept_indices, strict=True) if tensor is other), None
             )
-            if first_listed is not None and not (refuse_repeats and _holds_nothing(tensor)):
+            if first_listed is not None and not _holds_nothing(tensor):
                 if refuse_repeats is not None:
                     raise _repeat_error(name, first_listed, index, refuse_repeats)
                 listed.append(listed[first_listed])
