@@ -477,24 +477,43 @@ def _overlap_in_run(run: list[tuple[int, int, int]], written: list, memories: li
 
 
 def _apart_by_residue(run: list[tuple[int, int, int]], written: list) -> bool:
-    """Whether the run's strided tensors share no byte, shown without laying out their elements
-    (False: not shown). Where every step, in bytes, is a multiple of G, each tensor's elements
-    sit at one offset modulo G: tensors whose elements' bytes fall in disjoint intervals modulo G
-    share nothing (a matrix's columns, the even and odd elements of a buffer)."""
-    step = 0
-    for _, _, index in run:
+    """Whether the run's tensors share no byte, shown without laying out their elements (False:
+    not shown). Modulo a step M, in bytes, a tensor's steps that are multiples of M leave its
+    bytes where they are and its other steps reach R bytes from its first one, so its bytes lie
+    in the circular interval [first mod M, first mod M + R): tensors whose intervals are
+    disjoint share nothing. Two moduli are tried: the gcd of every step (a matrix's columns, a
+    buffer's even and odd elements) and that of each strided tensor's largest step (a matrix's
+    column blocks, as split(n, dim=1) makes them, beside dense pieces of its rows)."""
+    layouts = []  # (first byte, element size, (size, step in bytes) of each dimension)
+    largest_steps = 0
+    for first, _, index in run:
         tensor = written[index]
-        if is_dense(tensor):
-            return False
-        for _, stride in _element_layout(tensor):
-            step = math.gcd(step, stride * tensor.element_size())
-    if step == 0:
-        return False
-    residues = sorted((first % step, written[index].element_size()) for first, _, index in run)
-    ends = [residue + size for residue, size in residues]
-    return ends[-1] <= step and all(
-        end <= residue for end, (residue, _) in zip(ends, residues[1:], strict=False)
+        size = tensor.element_size()
+        layout = [(n, s * size) for n, s in _element_layout(tensor)]
+        layouts.append((first, size, layout))
+        if not is_dense(tensor):
+            largest_steps = math.gcd(largest_steps, max(step for _, step in layout))
+    every_step = math.gcd(*(step for _, _, layout in layouts for _, step in layout))
+    return any(
+        modulus > 0 and _disjoint_modulo(layouts, modulus)
+        for modulus in dict.fromkeys((every_step, largest_steps))
     )
+
+
+def _disjoint_modulo(layouts: list, modulus: int) -> bool:
+    """_apart_by_residue's test for one modulus: each tensor's circular interval, cut in two
+    where it wraps, and no two of them intersecting."""
+    pieces = []
+    for first, size, layout in layouts:
+        reach = size + sum((n - 1) * step for n, step in layout if step % modulus)
+        if reach > modulus:
+            return False
+        start = first % modulus
+        pieces.append((start, min(start + reach, modulus)))
+        if start + reach > modulus:
+            pieces.append((0, start + reach - modulus))
+    pieces.sort()
+    return all(end <= start for (_, end), (start, _) in zip(pieces, pieces[1:], strict=False))
 
 
 def _shared_bytes(run: list[tuple[int, int, int]], written: list, memories: list) -> tuple | None:
