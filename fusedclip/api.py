@@ -159,9 +159,10 @@ def check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Ten
 def _check_total_norm(total_norm) -> torch.Tensor:
     if isinstance(total_norm, torch.Tensor):
         total_norm = distributed.plain_value(total_norm)  # torch's get_total_norm of DTensors
-        if total_norm.numel() != 1 or not total_norm.is_floating_point():
+        # Integer and bool ones too, as torch's division takes them; complex has no order.
+        if total_norm.numel() != 1 or total_norm.is_complex():
             raise ValueError(
-                "total_norm must be a number or a one-element floating-point tensor (what "
+                "total_norm must be a number or a one-element real tensor (what "
                 f"get_total_norm returns), got a {total_norm.dtype} tensor of shape "
                 f"{tuple(total_norm.shape)}"
             )
@@ -786,7 +787,7 @@ def clip_grads_with_norm_(
     Args:
         parameters: as `clip_grad_norm_`.
         max_norm: the largest total norm left.
-        total_norm: a number or a one-element floating-point tensor (`get_total_norm`'s result);
+        total_norm: a number or a one-element real tensor (`get_total_norm`'s result);
             the coefficient is computed from it in float64.
 
     Raises:

@@ -192,7 +192,7 @@ class ZClip:
     (with the updated mean), as the reference implementation. `max_norm`, when given, caps the
     clip applied (min(g', max_norm)) but not the statistics, again as the reference: capped
     statistics would call every step above `max_norm` a spike. Non-finite norms neither clip by z
-    nor enter the EMAs.
+    nor enter the EMAs; nor does a step without any gradient, which measures nothing.
 
     `skip_on_spike=True` also marks a spike step to be skipped (`result.skip`; `clip_step` and
     `fusedclip.amp.step` honour it on the device), within a budget of `max_skips` skipped steps
@@ -326,13 +326,22 @@ class ZClip:
         Warm-up and the rule after it are both computed and one is selected on the device, so
         that overflowed steps need not be counted on the host.
         """
+        group = self.process_group if self.process_group is not None else dtensor_group
         measured, norm = api.measure_before_scale(
             grads,
             inv_scale=inv_scale,
-            process_group=self.process_group if self.process_group is not None else dtensor_group,
+            process_group=group,
             backend=self.backend,
             writes_each=writes_after,
         )
+        if not grads and group is None:
+            # No gradient measured (every parameter frozen or without one this step): its 0 is
+            # no sample of the norm, so it neither counts in the warm-up nor moves the EMAs. A
+            # rank without gradients in a group still gets the group's norm and counts it.
+            nothing = torch.zeros((), dtype=torch.bool, device=norm.device)
+            return ZClipResult(
+                measured.total_norm, measured.found_inf, measured.clip_coef, norm, nothing, nothing
+            )
         if self.mean is None:
             self._start(norm.device)
         elif self.mean.device != norm.device:  # loaded from elsewhere

@@ -721,7 +721,18 @@ def test_clip_grads_with_norm_takes_total_norm_at_the_gradients_precision():
     snapshot = _snapshot(tensors)
     with pytest.raises(ValueError, match=r"total_norm must be a number or a one-element"):
         fusedclip.clip_grads_with_norm_(_parameters(*tensors), 1.0, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"total_norm must be a number or a one-element real"):
+        fusedclip.clip_grads_with_norm_(_parameters(*tensors), 1.0, torch.tensor(2.0 + 0j))
     assert _unchanged(tensors, snapshot)
+
+
+@pytest.mark.parametrize("total_norm", [torch.tensor(5), torch.tensor(5, dtype=torch.int32)])
+def test_clip_grads_with_norm_takes_an_integer_total_norm_as_torch_does(total_norm):
+    """torch divides by any real total_norm; an integer tensor was refused as not floating."""
+    ours, theirs = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
+    fusedclip.clip_grads_with_norm_(_parameters(ours), 1.0, total_norm)
+    torch.nn.utils.clip_grads_with_norm_(_parameters(theirs), 1.0, total_norm)
+    assert_close(ours, theirs, rtol=1e-6, what="clipped as torch")
 
 
 def test_calls_from_several_threads_are_each_right():

@@ -192,6 +192,34 @@ def _zclip_skips(norms, **options):
     return [bool(zclip.step([direction * norm]).skip) for norm in norms]
 
 
+@pytest.mark.parametrize("call", ["step", "clip_step"])
+def test_a_step_without_gradients_is_no_sample_of_the_norm(call):
+    """A step where no parameter has a gradient (all frozen, or none reached this step) measures
+    nothing, but its norm of 0 took a warm-up slot and then pulled the EMAs toward 0: the
+    statistics after it must be those of the norms that were measured."""
+    norms = scripted_norms()[:40]
+    zclip, oracle = ZClip(max_norm=None), PythonZClip(max_norm=None)
+    direction = torch.ones(4, dtype=torch.float64) / 2
+    frozen = torch.nn.Parameter(torch.ones(3))
+    for step, norm in enumerate(norms):
+        if step % 7 == 3:
+            result = (
+                zclip.step([frozen])
+                if call == "step"
+                else zclip.clip_step(torch.optim.SGD([frozen], lr=0.1))
+            )
+            assert not bool(result.skip) and not bool(result.spike), f"step {step}"
+            assert float(result.total_norm) == 0.0
+        threshold, _, _ = oracle.observe(norm)
+        result = zclip.step([direction * norm])
+        assert_close(
+            result.threshold,
+            torch.tensor(threshold, dtype=torch.float64),
+            rtol=1e-9,
+            what=f"threshold at step {step}",
+        )
+
+
 def test_zclip_never_skips_more_than_its_budget_whatever_the_pattern():
     # In adaptive mode the variance collapses under repeated spikes: every 3.0 below stays a
     # spike for good, and skipping them all would never train on those batches.
