@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <utility>
@@ -22,23 +23,43 @@
 namespace fusedclip {
 namespace {
 
-[[noreturn]] void refuse(std::string_view name, size_t a, size_t b, std::string_view reason) {
-  TORCH_CHECK_VALUE(false, name, "[", text(std::min(a, b)), "] and ", name, "[",
-                    text(std::max(a, b)), "] ", reason);
+// How the messages name tensors[i], as plan.TensorNames does: name[positions[i]]suffix.
+struct TensorNames {
+  std::string_view name;
+  c10::ArrayRef<int64_t> positions;
+  std::string_view suffix;
+
+  std::string of(size_t index) const {
+    std::string label(name);
+    label += "[" + text(positions[index]) + "]";
+    label += suffix;
+    return label;
+  }
+};
+
+[[noreturn]] void refuse(const TensorNames& names, size_t a, size_t b, std::string_view reason) {
+  TORCH_CHECK_VALUE(false, names.of(std::min(a, b)), " and ", names.of(std::max(a, b)), " ",
+                    reason);
 }
 
 at::Tensor check_dense_aliasing(at::TensorList tensors, const at::Tensor& value,
-                                c10::string_view name, bool writes, c10::string_view same_memory,
+                                c10::string_view name, c10::IntArrayRef positions,
+                                c10::string_view suffix, bool writes, c10::string_view same_memory,
                                 c10::string_view overlap, c10::string_view inference_tensor) {
+  TORCH_CHECK(positions.size() == tensors.size(),
+              "fusedclip::check_dense_aliasing: ", text(positions.size()), " positions for ",
+              text(tensors.size()), " tensors");
+  const TensorNames names{name, positions, suffix};
   // As eager torch: inference tensors are written only inside inference mode.
   const bool refuse_inference = writes && !c10::InferenceMode::is_enabled();
   std::vector<ByteSpan> spans;
   spans.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& tensor = tensors[i];
-    TORCH_CHECK(tensor.is_non_overlapping_and_dense(), "fusedclip::check_dense_aliasing: ", name,
-                "[", text(i), "] is not dense; fusedclip::check_aliasing takes such lists");
-    TORCH_CHECK_VALUE(!(refuse_inference && tensor.is_inference()), name, "[", text(i), "] ",
+    TORCH_CHECK(tensor.is_non_overlapping_and_dense(),
+                "fusedclip::check_dense_aliasing: ", names.of(i),
+                " is not dense; fusedclip::check_aliasing takes such lists");
+    TORCH_CHECK_VALUE(!(refuse_inference && tensor.is_inference()), names.of(i), " ",
                       inference_tensor);
     if (tensor.numel() > 0) spans.push_back(byte_span(tensor, i));
   }
@@ -56,9 +77,9 @@ at::Tensor check_dense_aliasing(at::TensorList tensors, const at::Tensor& value,
   for (size_t k = 0; k < spans.size(); ++k) {
     const ByteSpan& span = spans[k];
     if (k > 0 && same(spans[k - 1], span))
-      refuse(name, spans[k - 1].index, span.index, same_memory);
+      refuse(names, spans[k - 1].index, span.index, same_memory);
     if (writes && farthest.has_value() && span.begin < farthest->end) {
-      refuse(name, farthest->index, span.index, same(*farthest, span) ? same_memory : overlap);
+      refuse(names, farthest->index, span.index, same(*farthest, span) ? same_memory : overlap);
     }
     if (!farthest.has_value() || span.end > farthest->end) farthest = span;
   }

@@ -43,6 +43,6 @@ TORCH_LIBRARY(fusedclip, m) {
       "float? clip_value, ScalarType out_dtype, bool per_tensor, str launch=\"auto\") -> "
       "(Tensor total_norm, Tensor found_inf, Tensor clip_coef, Tensor per_tensor_norms)");
   m.def(
-      "check_dense_aliasing(Tensor[] tensors, Tensor value, str name, bool writes, "
-      "str same_memory, str overlap, str inference_tensor) -> Tensor");
+      "check_dense_aliasing(Tensor[] tensors, Tensor value, str name, int[] positions, "
+      "str suffix, bool writes, str same_memory, str overlap, str inference_tensor) -> Tensor");
 }

@@ -430,12 +430,7 @@ def _clip(
         # Every op below computes from inv_scale (1 changes nothing): it carries the check.
         if inv_scale_tensor is None:
             inv_scale_tensor = torch.ones((), dtype=torch.float64, device=the_plan.device)
-        inv_scale_tensor = plan.checked_when_run(
-            the_plan,
-            inv_scale_tensor,
-            plan.listed_name(name, of_parameters),
-            writes or writes_after,
-        )
+        inv_scale_tensor = plan.checked_when_run(the_plan, inv_scale_tensor, writes or writes_after)
     # Per-tensor norms are unscaled after the write: by a copy of |inv_scale| taken before it,
     # since an inv_scale tensor may be a view of a gradient that the write changes.
     per_tensor_unscale = (
@@ -572,7 +567,7 @@ def _write_only(
     else:
         coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)
         coef = coef.to(the_plan.device)
-    coef = plan.checked_when_run(the_plan, coef, plan.listed_name(name, of_parameters), True)
+    coef = plan.checked_when_run(the_plan, coef, True)
     inputs = [_kernel_inputs(group) for group in the_plan.groups]
     _scale(the_plan, inputs, coef, clip_value)
 

@@ -138,7 +138,7 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fusedclip::check_dense_aliasing")
     def _check_dense_aliasing_fake(
-        tensors, value, name, writes, same_memory, overlap, inference_tensor
+        tensors, value, name, positions, suffix, writes, same_memory, overlap, inference_tensor
     ):
         return torch.empty_like(value)
 

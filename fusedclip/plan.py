@@ -63,6 +63,8 @@ class Plan(NamedTuple):
     # For each tensor as the caller listed it, its position in the planned list, where the
     # aliasing rule dropped repeats (per-tensor norms are given per listed tensor); None: none.
     listed: list[int] | None = None
+    # How messages name each planned tensor (for the check when traced code runs).
+    names: TensorNames | None = None
 
     @property
     def device(self) -> torch.device:
@@ -97,9 +99,11 @@ def prepare(
         return plan, process_group
     dispatch.requested_backend(backend)  # an empty list must reject a bad backend too
     if of_parameters:
-        tensors = _gradients(tensors, name)
-    name = listed_name(name, of_parameters)
-    _check_tensors(tensors, name, writes, gradients_only, refuse_float16)
+        tensors, positions = _gradients(tensors, name)
+        names = TensorNames(name, positions, ".grad")
+    else:
+        names = TensorNames(name)
+    _check_tensors(tensors, names, writes, gradients_only, refuse_float16)
     if not tensors:
         return None, process_group
     copies = None
@@ -108,8 +112,11 @@ def prepare(
             tensors, copies, process_group = distributed.localize(tensors, process_group)
         else:
             tensors = distributed.local_shards(tensors)
-    tensors, copies, listed = _drop_repeats(tensors, copies, name, writes, refuse_repeats)
-    return _group(tensors, backend, copies)._replace(listed=listed), process_group
+    tensors, copies, listed = _drop_repeats(tensors, copies, names, writes, refuse_repeats)
+    planned_names = names if listed is None else names.of_kept(listed)
+    return _group(tensors, backend, copies)._replace(
+        listed=listed, names=planned_names
+    ), process_group
 
 
 def backend_on(device: torch.device, backend: str | None) -> dispatch.Backend:
@@ -118,17 +125,43 @@ def backend_on(device: torch.device, backend: str | None) -> dispatch.Backend:
     return dispatch.select(device, backend)
 
 
-def listed_name(name: str, of_parameters: bool) -> str:
-    """How messages call the planned tensors: the gradients of the parameters named `name`."""
-    return f"{name}' gradients" if of_parameters else name
+class TensorNames:
+    """How messages name the tensor at position i of a list being planned: `name[i]`, or for the
+    gradients of the parameters named `name`, `name[j].grad` of the parameter j it came from
+    (parameters without a gradient are skipped, so j is not i)."""
+
+    __slots__ = ("name", "positions", "suffix")
+
+    def __init__(self, name: str, positions: list[int] | None = None, suffix: str = ""):
+        self.name, self.positions, self.suffix = name, positions, suffix
+
+    def of(self, index: int) -> str:
+        position = index if self.positions is None else self.positions[index]
+        return f"{self.name}[{position}]{self.suffix}"
+
+    def of_kept(self, listed: list[int]) -> TensorNames:
+        """The names of the tensors kept where `listed` (as _drop_repeats returns it) dropped
+        repeats: each kept one as first listed."""
+        first_listed: dict[int, int] = {}
+        for index, kept in enumerate(listed):
+            first_listed.setdefault(kept, index)
+        positions = [
+            index if self.positions is None else self.positions[index]
+            for index in first_listed.values()
+        ]
+        return TensorNames(self.name, positions, self.suffix)
+
+    def all_positions(self, count: int) -> list[int]:
+        return list(range(count)) if self.positions is None else self.positions
 
 
 _NO_GRAD_ATTRIBUTE = object()
 
 
-def _gradients(parameters: list, name: str) -> list:
-    """The `.grad` of each parameter that has one; like torch, anything with a `.grad` will do."""
-    gradients = []
+def _gradients(parameters: list, name: str) -> tuple[list, list[int]]:
+    """The `.grad` of each parameter that has one, and that parameter's position; like torch,
+    anything with a `.grad` will do."""
+    gradients, positions = [], []
     for index, parameter in enumerate(parameters):
         grad = getattr(parameter, "grad", _NO_GRAD_ATTRIBUTE)
         if grad is _NO_GRAD_ATTRIBUTE:
@@ -138,7 +171,8 @@ def _gradients(parameters: list, name: str) -> list:
             )
         if grad is not None:
             gradients.append(grad)
-    return gradients
+            positions.append(index)
+    return gradients, positions
 
 
 def _dense_plan(
@@ -267,55 +301,54 @@ def _refuses_inference(writes: bool, compiling: bool) -> bool:
 
 
 def _check_tensors(
-    tensors: list, name: str, writes: bool, gradients_only: bool, refuse_float16: bool
+    tensors: list, names: TensorNames, writes: bool, gradients_only: bool, refuse_float16: bool
 ) -> None:
     compiling = torch.compiler.is_compiling()
     refuse_inference = _refuses_inference(writes, compiling)
     for index, tensor in enumerate(tensors):
+        name = names.of(index)
         if not isinstance(tensor, torch.Tensor):
             if tensor is None:
                 raise TypeError(
-                    f"{name}[{index}] is None: a parameter without a gradient? Pass only the "
+                    f"{name} is None: a parameter without a gradient? Pass only the "
                     "gradients that exist ([p.grad for p in params if p.grad is not None]), or "
                     "use clip_grad_norm_(params, ...), which skips them"
                 )
-            raise TypeError(f"{name}[{index}] is a {type(tensor).__name__}, not a tensor")
+            raise TypeError(f"{name} is a {type(tensor).__name__}, not a tensor")
         # Eagerly only: dynamo traces neither check (the tensors it traces are fake ones).
         if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
             raise TypeError(
-                f"{name}[{index}] is a tensor inside a torch.func transform (grad, vmap, "
+                f"{name} is a tensor inside a torch.func transform (grad, vmap, "
                 "functionalize), which holds no memory that fusedclip's kernels could read: "
                 "call fusedclip outside the transform, or torch.nn.utils' clipping inside it"
             )
         if not compiling and tensor._is_zerotensor():
             raise TypeError(
-                f"{name}[{index}] is a ZeroTensor (torch._efficientzerotensor), which holds no "
+                f"{name} is a ZeroTensor (torch._efficientzerotensor), which holds no "
                 "memory: pass torch.zeros_like(it), or leave it out (its norm is 0)"
             )
         if tensor.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(
-                f"{name}[{index}] has dtype {tensor.dtype}; gradients must be float32, float16, "
+                f"{name} has dtype {tensor.dtype}; gradients must be float32, float16, "
                 "bfloat16 or float64 (clipping integer or complex gradients is not defined)"
             )
         if tensor.is_nested:  # strided nested ones too: no kernel takes them
             raise TypeError(
-                f"{name}[{index}] is a nested tensor; pass its components instead "
+                f"{name} is a nested tensor; pass its components instead "
                 "(list(t.unbind()), views of its memory)"
             )
         if tensor.layout not in (torch.strided, torch.sparse_coo):
-            raise TypeError(
-                f"{name}[{index}] has layout {tensor.layout}; use strided or sparse_coo"
-            )
+            raise TypeError(f"{name} has layout {tensor.layout}; use strided or sparse_coo")
         if gradients_only and tensor.requires_grad and tensor.is_leaf:
             raise TypeError(
-                f"{name}[{index}] is a parameter (a leaf tensor that requires grad), not a "
+                f"{name} is a parameter (a leaf tensor that requires grad), not a "
                 "gradient: pass the gradients ([p.grad for p in model.parameters() if p.grad "
                 "is not None]) or use clip_grad_norm_(model.parameters(), ...)"
             )
         if refuse_float16 and tensor.dtype == torch.float16:
             raise ValueError(FLOAT16_UNSCALE_ERROR)
         if refuse_inference and tensor.is_inference():
-            raise ValueError(f"{name}[{index}] {_INFERENCE_TENSOR}")
+            raise ValueError(f"{name} {_INFERENCE_TENSOR}")
 
 
 # What refusing an inference tensor says after naming it (checked_when_run passes it to C++).
@@ -545,7 +578,11 @@ def _shared_bytes(run: list[tuple[int, int, int]], written: list, memories: list
 
 
 def _drop_repeats(
-    tensors: list, copies: list[int] | None, name: str, writes: bool, refuse_repeats: str | None
+    tensors: list,
+    copies: list[int] | None,
+    names: TensorNames,
+    writes: bool,
+    refuse_repeats: str | None,
 ):
     """The aliasing rule (module docstring), or with `refuse_repeats` (why, and the fix) a
     ValueError for a repeat. Tensors are the local ones (no DTensor here). Empty tensors hold no
@@ -579,7 +616,7 @@ def _drop_repeats(
             )
             if first_listed is not None and not _holds_nothing(tensor):
                 if refuse_repeats is not None:
-                    raise _repeat_error(name, first_listed, index, refuse_repeats)
+                    raise _repeat_error(names, first_listed, index, refuse_repeats)
                 listed.append(listed[first_listed])
                 continue
         elif not _holds_nothing(tensor):
@@ -590,14 +627,14 @@ def _drop_repeats(
                 key = ("sparse", indices_key, key, tuple(tensor.shape))
             if key in seen:
                 if refuse_repeats is not None:
-                    raise _repeat_error(name, seen[key], index, refuse_repeats)
+                    raise _repeat_error(names, seen[key], index, refuse_repeats)
                 if copies is not None and copies[index] != copies[seen[key]]:
-                    raise _repeat_error(name, seen[key], index, _COUNTED_DIFFERENTLY)
+                    raise _repeat_error(names, seen[key], index, _COUNTED_DIFFERENTLY)
                 listed.append(listed[seen[key]])
                 continue
             if writes and _overlaps_itself(memory):
                 raise ValueError(
-                    f"{name}[{index}] overlaps itself in memory (an expanded or strided view whose "
+                    f"{names.of(index)} overlaps itself in memory (an expanded or strided view whose "
                     f"elements share storage, shape {tuple(memory.shape)}, strides "
                     f"{tuple(memory.stride())}): it cannot be scaled in place; pass a "
                     "contiguous copy (tensor.contiguous()) and copy the result back yourself"
@@ -612,7 +649,7 @@ def _drop_repeats(
     for space_spans in spans.values():
         pair = _first_overlap(space_spans, written, memories)
         if pair is not None:
-            raise ValueError(f"{name}[{pair[0]}] and {name}[{pair[1]}] {_OVERLAP}")
+            raise ValueError(f"{names.of(pair[0])} and {names.of(pair[1])} {_OVERLAP}")
     return (
         kept,
         (None if copies is None else kept_copies),
@@ -620,8 +657,8 @@ def _drop_repeats(
     )
 
 
-def _repeat_error(name: str, first: int, index: int, why_and_fix: str) -> ValueError:
-    return ValueError(f"{name}[{first}] and {name}[{index}] {_SAME_MEMORY}{why_and_fix}")
+def _repeat_error(names: TensorNames, first: int, index: int, why_and_fix: str) -> ValueError:
+    return ValueError(f"{names.of(first)} and {names.of(index)} {_SAME_MEMORY}{why_and_fix}")
 
 
 # What the refusals say after naming the two tensors (csrc/check_aliasing.cpp says it too).
@@ -664,7 +701,7 @@ _get_dispatch_mode = torch._C._get_dispatch_mode
 _PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
 
 
-def checked_when_run(the_plan: Plan, value: torch.Tensor, name: str, writes: bool):
+def checked_when_run(the_plan: Plan, value: torch.Tensor, writes: bool):
     """Traced (is_tracing), `value` as returned by an op that applies the aliasing rule to the
     planned tensors when the compiled code runs. Tracing sees tensors, not their memory: it drops
     repeats of one tensor object, but two tensors may still share memory at run time. The
@@ -679,41 +716,53 @@ def checked_when_run(the_plan: Plan, value: torch.Tensor, name: str, writes: boo
             (*group.dense, *group.strided, *group.sparse), group.order, strict=True
         ):
             tensors[index] = tensor
+    names = the_plan.names
+    # The messages' names, as TensorNames gives them: name[positions[i]]suffix.
+    naming = (names.name, names.all_positions(len(tensors)), names.suffix)
     all_dense = all(not group.strided and not group.sparse for group in the_plan.groups)
     if all_dense and _HAS_DENSE_CHECK:  # the C++ rule: no Python call when the code runs
         return torch.ops.fusedclip.check_dense_aliasing(
             tensors,
             value,
-            name,
+            *naming,
             writes,
             _SAME_MEMORY + _REPEATS_UNDER_COMPILE,
             _OVERLAP,
             _INFERENCE_TENSOR,
         )
-    return torch.ops.fusedclip.check_aliasing(tensors, value, name, writes)
+    return torch.ops.fusedclip.check_aliasing(tensors, value, *naming, writes)
 
 
 def _check_aliasing(
-    tensors: list[torch.Tensor], value: torch.Tensor, name: str, writes: bool
+    tensors: list[torch.Tensor],
+    value: torch.Tensor,
+    name: str,
+    positions: list[int],
+    suffix: str,
+    writes: bool,
 ) -> torch.Tensor:
     # Lists of dense tensors take check_dense_aliasing wherever the extension is built: here come
     # the others, or every list without the extension.
+    names = TensorNames(name, positions, suffix)
     if _refuses_inference(writes, False):
         for index, tensor in enumerate(tensors):
             if tensor.is_inference():
-                raise ValueError(f"{name}[{index}] {_INFERENCE_TENSOR}")
-    _drop_repeats(tensors, None, name, writes, _REPEATS_UNDER_COMPILE)
+                raise ValueError(f"{names.of(index)} {_INFERENCE_TENSOR}")
+    _drop_repeats(tensors, None, names, writes, _REPEATS_UNDER_COMPILE)
     return value.clone()
 
 
-def _check_aliasing_fake(tensors, value, name, writes):
+def _check_aliasing_fake(tensors, value, name, positions, suffix, writes):
     return torch.empty_like(value)
 
 
 # A plain library op, not torch.library.custom_op: that wrapper costs about twice as much per
 # call (its checks walk every tensor of the list), on every step of a compiled training loop.
 _LIBRARY = torch.library.Library("fusedclip", "FRAGMENT")
-_LIBRARY.define("check_aliasing(Tensor[] tensors, Tensor value, str name, bool writes) -> Tensor")
+_LIBRARY.define(
+    "check_aliasing(Tensor[] tensors, Tensor value, str name, int[] positions, str suffix, "
+    "bool writes) -> Tensor"
+)
 _LIBRARY.impl("check_aliasing", _check_aliasing, "CompositeExplicitAutograd")
 torch.library.register_fake("fusedclip::check_aliasing", _check_aliasing_fake, lib=_LIBRARY)
 

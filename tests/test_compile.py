@@ -211,15 +211,17 @@ def test_compiled_clip_takes_disjoint_views_of_one_buffer(device, backend):
 
 
 def _outcomes_of_both_checks(tensors: list, writes: bool) -> list[tuple]:
-    """What check_aliasing (the Python rule) and check_dense_aliasing (C++) return or raise."""
+    """What check_aliasing (the Python rule) and check_dense_aliasing (C++) return or raise,
+    naming each tensor as the gradient of a parameter listed at 10 i + 3 (TensorNames)."""
     value = torch.tensor(0.5, dtype=torch.float64)
+    naming = ("p", [10 * i + 3 for i in range(len(tensors))], ".grad")
     outcomes = []
     for check in (
-        lambda: torch.ops.fusedclip.check_aliasing(tensors, value, "g", writes),
+        lambda: torch.ops.fusedclip.check_aliasing(tensors, value, *naming, writes),
         lambda: torch.ops.fusedclip.check_dense_aliasing(
             tensors,
             value,
-            "g",
+            *naming,
             writes,
             plan._SAME_MEMORY + plan._REPEATS_UNDER_COMPILE,
             plan._OVERLAP,
@@ -257,6 +259,9 @@ def test_the_dense_check_at_run_time_says_what_the_python_rule_says(case, writes
         case in ("overlap", "inference") and writes
     )
     assert outcomes[0][0] == ("refused" if refused else "returned"), outcomes[0]
+    if refused:
+        named = {"three, one repeat": "p[13].grad and p[33].grad", "inference": "p[13].grad"}
+        assert outcomes[0][1].startswith(named.get(case, "p[3].grad and p[13].grad")), outcomes
 
 
 @pytest.mark.skipif(not plan._HAS_DENSE_CHECK, reason="needs the extension's check_dense_aliasing")

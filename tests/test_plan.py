@@ -181,7 +181,9 @@ def test_sparse_gradients_follow_the_aliasing_rule_by_their_values(backend, case
     expected = [g.to_dense().double() for g in grads]
     if case in ("values only", "values view"):
         snapshot = [g.to_dense() for g in grads]
-        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+        with pytest.raises(
+            ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? overlap in memory"
+        ):
             fusedclip.fused_clip_(grads, max_norm=1.0, backend=backend)
         assert all(torch.equal(g.to_dense(), s) for g, s in zip(grads, snapshot, strict=True))
         return
@@ -216,15 +218,40 @@ def _unchanged(tensors, snapshot):
 def test_overlapping_gradients_are_refused_before_anything_is_written(call):
     dense = torch.ones(4)
     expanded = torch.ones(3).expand(2, 3)  # the issue's reproduction
-    with pytest.raises(ValueError, match=r"\[1\] overlaps itself in memory"):
+    with pytest.raises(ValueError, match=r"\[1\](\.grad)? overlaps itself in memory"):
         call([dense, expanded])
     assert torch.equal(dense, torch.ones(4)), "the dense gradient was written before the refusal"
     storage = torch.randn(4, 4)
     tensors = [torch.randn(5), storage, storage[1:3]]
     snapshot = _snapshot(tensors)
-    with pytest.raises(ValueError, match=r"\[1\] and .*\[2\] overlap in memory"):
+    with pytest.raises(ValueError, match=r"\[1\](\.grad)? and .*\[2\](\.grad)? overlap in memory"):
         call(tensors)
     assert _unchanged(tensors, snapshot)
+
+
+@pytest.mark.parametrize("how", ["eager", "compiled"])
+def test_a_refusal_names_the_parameter_whose_gradient_it_refuses(how):
+    """Messages counted only the parameters with a gradient: with a frozen parameter first,
+    parameters[1] and parameters[2]'s overlapping gradients were called "parameters'
+    gradients[0] and [1]", which reads as two other parameters. They name each by the
+    parameter it belongs to, eagerly and when compiled code runs the check."""
+    torch._dynamo.reset()
+    buffer = torch.zeros(10)
+    frozen, first, second = (torch.nn.Parameter(torch.zeros(6)) for _ in range(3))
+    first.grad, second.grad = buffer[0:6], buffer[4:10]
+    clip = fusedclip.clip_grad_norm_
+    if how == "compiled":
+        clip = torch.compile(clip, fullgraph=True)
+    with pytest.raises(
+        ValueError, match=r"^parameters\[1\]\.grad and parameters\[2\]\.grad overlap"
+    ):
+        clip([frozen, first, second], 1.0)
+    with torch.inference_mode():
+        inference = torch.ones(6)
+    second.grad = inference
+    with pytest.raises(ValueError, match=r"^parameters\[2\]\.grad is an inference tensor"):
+        clip([frozen, first, second], 1.0)
+    assert torch.equal(buffer, torch.zeros(10)), "nothing written"
 
 
 @pytest.mark.parametrize("memoryless", ["meta", "meta-default-device", "fake"])
@@ -242,7 +269,9 @@ def test_tensors_without_memory_are_told_apart_by_their_storage(memoryless):
             norm = fusedclip.clip_grad_norm_(parameters, 1.0)
             expected = torch.nn.utils.clip_grad_norm_(_parameters(*grads), 1.0)
         assert norm.shape == expected.shape and norm.device == expected.device
-        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+        with pytest.raises(
+            ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? overlap in memory"
+        ):
             fusedclip.clip_grad_value_(_parameters(grads[1], grads[1][1:3]), 0.1)
         storage = torch.randn(10, device=device)
         fusedclip.fused_clip_([storage[::2], storage[1::2], storage[::2]], max_norm=1.0)
@@ -292,7 +321,9 @@ def test_a_make_fx_graph_applies_the_aliasing_rule_when_run(mode, backend):
     assert a.tolist() == [2.0] * 5 and b.tolist() == [1.0] * 5, "each scaled once"
     z = torch.full((5,), 4.0)
     for pair in ((z, z), (z, z.view(-1)), (z, z[:])):
-        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+        with pytest.raises(
+            ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? are the same memory"
+        ):
             traced(*pair)
         assert z.tolist() == [4.0] * 5, "nothing written"
 
@@ -300,11 +331,15 @@ def test_a_make_fx_graph_applies_the_aliasing_rule_when_run(mode, backend):
         return fusedclip.fused_clip_([a, a.view(-1)], max_norm=1.0, backend=backend).total_norm
 
     if mode == "real":  # the check runs on the tracing inputs
-        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+        with pytest.raises(
+            ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? are the same memory"
+        ):
             make_fx(views, tracing_mode=mode)(torch.randn(5))
         return
     traced_views = make_fx(views, tracing_mode=mode)(torch.randn(5))
-    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+    with pytest.raises(
+        ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? are the same memory"
+    ):
         traced_views(z)
     assert z.tolist() == [4.0] * 5, "nothing written"
 
@@ -324,7 +359,9 @@ def test_an_exported_program_applies_the_aliasing_rule_when_run(strict):
     assert a.tolist() == [2.0] * 5 and b.tolist() == [1.0] * 5, "each scaled once"
     z = torch.full((5,), 4.0)
     try:
-        with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] are the same memory"):
+        with pytest.raises(
+            ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? are the same memory"
+        ):
             exported.module()(z, z)
     finally:
         # torch's wrap_with_set_grad_enabled (the API's no_grad, exported) restores grad mode
@@ -573,10 +610,10 @@ def test_memory_wrapped_by_two_storage_objects_follows_the_aliasing_rule(
 
     gradient = torch.full((10,), 2.0)
     overlapping = [gradient[:6], torch.from_dlpack(gradient[4:])]
-    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+    with pytest.raises(ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? overlap in memory"):
         fusedclip.fused_clip_(overlapping, inv_scale=0.5, backend=backend)
     assert gradient.tolist() == [2.0] * 10
-    with pytest.raises(ValueError, match=r"\[0\] and .*\[1\] overlap in memory"):
+    with pytest.raises(ValueError, match=r"\[0\](\.grad)? and .*\[1\](\.grad)? overlap in memory"):
         fusedclip.measure(overlapping, writes_after=True, backend=backend)
 
     # Interleaved views over two storage objects share no element: both are clipped.
