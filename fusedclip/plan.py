@@ -306,49 +306,50 @@ def _check_tensors(
     compiling = torch.compiler.is_compiling()
     refuse_inference = _refuses_inference(writes, compiling)
     for index, tensor in enumerate(tensors):
-        name = names.of(index)
         if not isinstance(tensor, torch.Tensor):
             if tensor is None:
                 raise TypeError(
-                    f"{name} is None: a parameter without a gradient? Pass only the "
+                    f"{names.of(index)} is None: a parameter without a gradient? Pass only the "
                     "gradients that exist ([p.grad for p in params if p.grad is not None]), or "
                     "use clip_grad_norm_(params, ...), which skips them"
                 )
-            raise TypeError(f"{name} is a {type(tensor).__name__}, not a tensor")
+            raise TypeError(f"{names.of(index)} is a {type(tensor).__name__}, not a tensor")
         # Eagerly only: dynamo traces neither check (the tensors it traces are fake ones).
         if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
             raise TypeError(
-                f"{name} is a tensor inside a torch.func transform (grad, vmap, "
+                f"{names.of(index)} is a tensor inside a torch.func transform (grad, vmap, "
                 "functionalize), which holds no memory that fusedclip's kernels could read: "
                 "call fusedclip outside the transform, or torch.nn.utils' clipping inside it"
             )
         if not compiling and tensor._is_zerotensor():
             raise TypeError(
-                f"{name} is a ZeroTensor (torch._efficientzerotensor), which holds no "
+                f"{names.of(index)} is a ZeroTensor (torch._efficientzerotensor), which holds no "
                 "memory: pass torch.zeros_like(it), or leave it out (its norm is 0)"
             )
         if tensor.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(
-                f"{name} has dtype {tensor.dtype}; gradients must be float32, float16, "
+                f"{names.of(index)} has dtype {tensor.dtype}; gradients must be float32, float16, "
                 "bfloat16 or float64 (clipping integer or complex gradients is not defined)"
             )
         if tensor.is_nested:  # strided nested ones too: no kernel takes them
             raise TypeError(
-                f"{name} is a nested tensor; pass its components instead "
+                f"{names.of(index)} is a nested tensor; pass its components instead "
                 "(list(t.unbind()), views of its memory)"
             )
         if tensor.layout not in (torch.strided, torch.sparse_coo):
-            raise TypeError(f"{name} has layout {tensor.layout}; use strided or sparse_coo")
+            raise TypeError(
+                f"{names.of(index)} has layout {tensor.layout}; use strided or sparse_coo"
+            )
         if gradients_only and tensor.requires_grad and tensor.is_leaf:
             raise TypeError(
-                f"{name} is a parameter (a leaf tensor that requires grad), not a "
+                f"{names.of(index)} is a parameter (a leaf tensor that requires grad), not a "
                 "gradient: pass the gradients ([p.grad for p in model.parameters() if p.grad "
                 "is not None]) or use clip_grad_norm_(model.parameters(), ...)"
             )
         if refuse_float16 and tensor.dtype == torch.float16:
             raise ValueError(FLOAT16_UNSCALE_ERROR)
         if refuse_inference and tensor.is_inference():
-            raise ValueError(f"{name} {_INFERENCE_TENSOR}")
+            raise ValueError(f"{names.of(index)} {_INFERENCE_TENSOR}")
 
 
 # What refusing an inference tensor says after naming it (checked_when_run passes it to C++).
