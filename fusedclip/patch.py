@@ -14,16 +14,20 @@ own `clip_grad_norm_` keeps it, and a global rebound by someone else meanwhile i
 Attributes outside module globals (a class attribute, a `functools.partial`) are not followed:
 one that holds torch's `clip_grad_norm_` still calls torch's, but torch's looks its two halves up
 in torch.nn.utils.clip_grad, so while patched it runs fusedclip's `get_total_norm` and then
-`clip_grads_with_norm_` (fusedclip's results, in two passes instead of one fused call).
+`clip_grads_with_norm_` (fusedclip's results, in two passes instead of one fused call). Such a
+reference to torch's function cannot be pickled while patched (pickle finds a stand-in under its
+name); the stand-ins pickle as torch's names.
 
 Patches nest: each `patch()` returns a handle; torch's functions come back when the last
 handle is undone (or at once with `unpatch()`). As a decorator, `@fusedclip.patch()` patches
-for each call of the function it decorates, not from the decoration on.
+for each call of the function it decorates, not from the decoration on (nor a generator or async
+function, whose body runs after the call returns: it is refused).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import threading
 import types
@@ -47,13 +51,18 @@ _lock = threading.Lock()
 _stand_ins: dict[int, tuple[Callable, Callable]] = {}
 
 
-def _make_stand_in(drop_in: Callable) -> Callable:
-    """A distinct function object per patch, so undoing finds exactly what the patch bound."""
+def _make_stand_in(drop_in: Callable, torch_function: Callable) -> Callable:
+    """A distinct function object per patch, so undoing finds exactly what the patch bound.
+    It is pickled by reference as torch's name, which holds it while patched (as fusedclip's
+    drop-in's name it was another object, which pickle refuses); unpickled, it is whatever that
+    name holds then."""
 
     @functools.wraps(drop_in)
     def stand_in(*args, **kwargs):
         return drop_in(*args, **kwargs)
 
+    stand_in.__module__ = torch_function.__module__
+    stand_in.__qualname__ = torch_function.__qualname__
     stand_in.__fusedclip_patch__ = True
     return stand_in
 
@@ -89,7 +98,7 @@ def _apply() -> None:
                 f"torch.nn.utils.{name} is already a fusedclip stand-in from an earlier patch "
                 "that was not undone through fusedclip; call fusedclip.unpatch() first"
             )
-        _stand_ins[id(torch_function)] = (torch_function, _make_stand_in(drop_in))
+        _stand_ins[id(torch_function)] = (torch_function, _make_stand_in(drop_in, torch_function))
     _rebind({key: stand_in for key, (_, stand_in) in _stand_ins.items()})
 
 
@@ -128,12 +137,19 @@ class Patch:
         self.undo()
 
     def __call__(self, function: Callable) -> Callable:
+        self.undo()  # first: a refused decoration must not leave this patch on
         if not callable(function):
             raise TypeError(
                 f"fusedclip.patch() decorates a function, got {type(function).__name__}; "
                 "write `@fusedclip.patch()` above a def, or `with fusedclip.patch(): ...`"
             )
-        self.undo()
+        kind = _deferred_body_kind(function)
+        if kind is not None:
+            raise TypeError(
+                f"fusedclip.patch() cannot decorate {function.__qualname__}, {kind} function: "
+                "its body runs after the call returns, unpatched; write `with "
+                "fusedclip.patch():` inside it instead"
+            )
 
         @functools.wraps(function)
         def patched_while_running(*args, **kwargs):
@@ -141,6 +157,18 @@ class Patch:
                 return function(*args, **kwargs)
 
         return patched_while_running
+
+
+def _deferred_body_kind(function: Callable) -> str | None:
+    """What kind of function `function` is ("a generator") where calling it returns before its
+    body runs; None for a plain one."""
+    if inspect.isgeneratorfunction(function):
+        return "a generator"
+    if inspect.iscoroutinefunction(function):
+        return "a coroutine"
+    if inspect.isasyncgenfunction(function):
+        return "an async generator"
+    return None
 
 
 _open_handles: list[Patch] = []

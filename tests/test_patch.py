@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pickle
 import sys
 import types
 
@@ -234,3 +235,41 @@ def test_torchs_clip_grad_norm_held_outside_module_globals_runs_fusedclips_halve
         assert torch.equal(got.grad, want.grad)
     held(_parameters(7))  # torch's own again after undo
     assert calls == ["get_total_norm", "clip_grads_with_norm_"]
+
+
+def test_a_refused_decoration_leaves_nothing_patched():
+    """patch() applies when called, and a decoration it refused raised before undoing it: the
+    patch stayed on for good. A generator or async function is refused too: its body runs after
+    the call returns, where a patch for the call was already undone."""
+
+    def generator():
+        yield torch.nn.utils.clip_grad_norm_
+
+    async def coroutine():
+        return torch.nn.utils.clip_grad_norm_
+
+    async def async_generator():
+        yield torch.nn.utils.clip_grad_norm_
+
+    with pytest.raises(TypeError, match=r"decorates a function, got int"):
+        fusedclip.patch()(3)
+    assert not patch_module.is_patched(), "a refused decoration left the patch on"
+    for function, kind in (
+        (generator, "a generator"),
+        (coroutine, "a coroutine"),
+        (async_generator, "an async generator"),
+    ):
+        with pytest.raises(TypeError, match=rf"cannot decorate .*{function.__name__}, {kind}"):
+            fusedclip.patch()(function)
+        assert not patch_module.is_patched(), kind
+
+
+def test_the_stand_ins_pickle_as_torchs_names():
+    """A stand-in carried fusedclip's drop-in's name but was another object, so pickling it
+    (torch.nn.utils.clip_grad_norm_ while patched, say in a saved config) raised."""
+    with fusedclip.patch():
+        for name in NAMES:
+            stand_in = getattr(torch.nn.utils, name)
+            assert pickle.loads(pickle.dumps(stand_in)) is stand_in, name
+    for name in NAMES:  # unpatched, the same bytes' name is torch's function again
+        assert pickle.loads(pickle.dumps(TORCH_FUNCTIONS[name])) is TORCH_FUNCTIONS[name], name
