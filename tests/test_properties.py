@@ -840,7 +840,7 @@ CORRUPTIONS = {
         ValueError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
     ),
     "two-element total_norm": Corruption(ValueError, ("clip_grads_with_norm_",)),
-    "integer total_norm": Corruption(ValueError, ("clip_grads_with_norm_",)),
+    "complex total_norm": Corruption(ValueError, ("clip_grads_with_norm_",)),
     # (torch refuses a .grad of another dtype than its parameter's: gradients only)
     "integer gradient": Corruption(TypeError, ("fused_clip_", "measure", "get_total_norm")),
     "complex gradient": Corruption(TypeError, ("fused_clip_", "measure", "get_total_norm")),
@@ -904,7 +904,7 @@ def run_corrupted(kind: str, api: str, gradients: list[torch.Tensor], backend: s
     }.get(kind, 0.5)
     total_norm = {
         "two-element total_norm": torch.tensor([3.0, 4.0]),
-        "integer total_norm": torch.tensor(3),
+        "complex total_norm": torch.tensor(3 + 0j),
     }.get(kind, 3.0)
     backend = "no-such-backend" if kind == "unknown backend" else backend
     error_if_nonfinite = kind == "non-finite with error_if_nonfinite"
