@@ -16,7 +16,7 @@ INTERPRETED_SIZES = [0, 1, 3, 4095, 70001]
 MULTI_CHUNK_SIZE = 3 * 65536 + 5
 INTERPRETED_MULTI_CHUNK_SIZE = 70001
 # Large enough that the CPU kernels split the chunks between threads (at::parallel_for gives a task
-# at least 262144 elements), and odd.
+# at least 65536 elements of a large tensor), and odd.
 PARALLEL_SIZE = (1 << 21) + 3
 
 # reduce's raw_norm and per_tensor_norms against an exact or float64 oracle (csrc/README.md):

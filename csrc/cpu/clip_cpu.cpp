@@ -50,8 +50,14 @@ namespace {
 constexpr int64_t kChunkSize = 65536;
 // Independent accumulators per loop: enough to fill several vector registers and hide add latency.
 constexpr int kLanes = 16;
-// at::parallel_for splits work only when every task gets at least this many elements.
-constexpr int64_t kMinElementsPerTask = 262144;
+// at::parallel_for splits work only when every task gets at least this many elements. Chunks of
+// large tensors pay for a task at 64K elements (on 2 cores one tensor of 128K-256K elements ran
+// 1.9-2x as fast as in one task); chunks of small tensors (below kSmallChunk) only at 128K, since
+// each tensor costs a task more than its elements do (1000 tensors of 256 elements ran 1.14x as
+// fast; tasks of 64K of them ran slower than one task). bench/results/grain-*.json.
+constexpr int64_t kMinElementsPerTask = 65536;
+constexpr int64_t kMinSmallChunkElementsPerTask = 131072;
+constexpr int64_t kSmallChunk = kChunkSize / 4;
 // Each pass asks for the first bytes of the tensor this many places ahead as it starts one: small
 // tensors are separate heap blocks that the hardware prefetchers cannot see coming (larger ones
 // they stream once their first lines are read). These are the distance and size measured
@@ -613,7 +619,9 @@ ChunkPlan make_chunk_plan(at::TensorList tensors, bool writes) {
   plan.num_chunks = num_chunks;
   const int64_t mean_chunk_numel =
       std::max<int64_t>(1, total_numel / std::max<int64_t>(1, num_chunks));
-  plan.grain = std::max<int64_t>(1, kMinElementsPerTask / mean_chunk_numel);
+  const int64_t task_elements =
+      mean_chunk_numel < kSmallChunk ? kMinSmallChunkElementsPerTask : kMinElementsPerTask;
+  plan.grain = std::max<int64_t>(1, task_elements / mean_chunk_numel);
   return plan;
 }
 
