@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -75,25 +75,31 @@ def group_to_join(process_group, grads: list, parameters: Iterable) -> object | 
     return group_of_dtensors(parameters)
 
 
-def localize(tensors: list[torch.Tensor], process_group):
+def localize(tensors: list[torch.Tensor], process_group, name_of: Callable[[int], str]):
     """(local tensors, copies per tensor, group): DTensors become their local shards.
 
     `copies[i]` is how many ranks of the group hold the same elements as tensor i (its shard's
     replicas along Replicate placements), so each element counts once in the global sum. The
-    group is `process_group`, or the default group when none is given.
+    group is `process_group`, or the default group when none is given. `name_of(i)` is how
+    messages name tensor i.
     """
     dtensor = _dtensor_type()
     group = process_group if process_group is not None else dist.group.WORLD
-    local = local_shards(tensors)
+    local = local_shards(tensors, name_of)
     copies = []
     for index, tensor in enumerate(tensors):
         if isinstance(tensor, dtensor):
             copies.append(
-                _copies_in_group(tensor.device_mesh, tuple(tensor.placements), group, index)
+                _copies_in_group(
+                    tensor.device_mesh,
+                    tuple(tensor.placements),
+                    group,
+                    lambda index=index: name_of(index),
+                )
             )
         elif process_group is None:
             raise ValueError(
-                f"gradient {index} is a plain tensor among DTensor gradients, and without "
+                f"{name_of(index)} is a plain tensor among DTensor gradients, and without "
                 "process_group= fusedclip cannot tell whether it is replicated on every rank "
                 "or this rank's own shard: make it a DTensor (Replicate or Shard), or pass "
                 "process_group= to count plain tensors as this rank's disjoint share"
@@ -103,8 +109,9 @@ def localize(tensors: list[torch.Tensor], process_group):
     return local, copies, group
 
 
-def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each DTensor's local tensor (a view: scaling it in place scales the DTensor)."""
+def local_shards(tensors: list[torch.Tensor], name_of: Callable[[int], str]) -> list[torch.Tensor]:
+    """Each DTensor's local tensor (a view: scaling it in place scales the DTensor); `name_of(i)`
+    is how messages name tensor i."""
     dtensor = _dtensor_type()
     local = []
     for index, tensor in enumerate(tensors):
@@ -114,7 +121,7 @@ def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         for placement in tensor.placements:
             if placement.is_partial():
                 raise ValueError(
-                    f"gradient {index} is a DTensor with a Partial placement (a pending sum): its "
+                    f"{name_of(index)} is a DTensor with a Partial placement (a pending sum): its "
                     "local values are not a shard of the gradient; redistribute it to Shard or "
                     "Replicate before clipping"
                 )
@@ -155,8 +162,9 @@ def _root_mesh(mesh):
     return (resources.get_root_mesh(mesh) if resources is not None else None) or mesh
 
 
-def _copies_in_group(mesh, placements: tuple, group, index: int) -> int:
-    """Ranks of `group` holding this rank's shard; checks that the group holds every shard.
+def _copies_in_group(mesh, placements: tuple, group, name: Callable[[], str]) -> int:
+    """Ranks of `group` holding this rank's shard; checks that the group holds every shard
+    (`name()` is how the refusal names the tensor).
 
     Host-side only (mesh and group membership), cached per (mesh, placements, group).
     """
@@ -183,7 +191,7 @@ def _copies_in_group(mesh, placements: tuple, group, index: int) -> int:
     count = sum(all(position[dim] == coordinate[dim] for dim in sharded) for position in members)
     if count == 0 or shards_seen != shards_total:
         raise ValueError(
-            f"gradient {index} is a DTensor on a mesh of shape {shape} with "
+            f"{name()} is a DTensor on a mesh of shape {shape} with "
             f"placements {list(placements)}, but process_group holds {shards_seen} of its "
             f"{shards_total} shards{'' if count else ' and not this rank'}: pass a group that "
             "spans its Shard dimensions, or no group (the default group)"

@@ -109,9 +109,9 @@ def prepare(
     copies = None
     if distributed.has_dtensor(tensors):
         if measured:
-            tensors, copies, process_group = distributed.localize(tensors, process_group)
+            tensors, copies, process_group = distributed.localize(tensors, process_group, names.of)
         else:
-            tensors = distributed.local_shards(tensors)
+            tensors = distributed.local_shards(tensors, names.of)
     tensors, copies, listed = _drop_repeats(tensors, copies, names, writes, refuse_repeats)
     planned_names = names if listed is None else names.of_kept(listed)
     return _group(tensors, backend, copies)._replace(

@@ -260,6 +260,7 @@ def _check_group_narrower_than_mesh(rank, world):
         )
     except ValueError as error:
         assert f"holds 1 of its {world} shards" in str(error), str(error)
+        assert str(error).startswith("tensors[0] is a DTensor on a mesh"), str(error)
     else:
         raise AssertionError("a group missing some shards of a DTensor must be refused")
     assert torch.equal(grad.to_local(), before), "a refused call must not touch the gradient"
@@ -279,7 +280,14 @@ def _check_plain_tensors_among_dtensors(rank, world):
     try:
         fusedclip.get_total_norm([sharded, plain])
     except ValueError as error:
-        assert "plain tensor among DTensor" in str(error), str(error)
+        assert "tensors[1] is a plain tensor among DTensor" in str(error), str(error)
+    else:
+        raise AssertionError("a plain tensor among DTensors without a group must be refused")
+    frozen = torch.nn.Parameter(torch.zeros(3))  # no gradient: the names count it all the same
+    try:
+        fusedclip.clip_grad_norm_([frozen, _parameter(sharded), _parameter(plain)], 1.0)
+    except ValueError as error:
+        assert "parameters[2].grad is a plain tensor among DTensor" in str(error), str(error)
     else:
         raise AssertionError("a plain tensor among DTensors without a group must be refused")
     for norm_type in NORM_TYPES:
