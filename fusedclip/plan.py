@@ -112,8 +112,10 @@ def prepare(
             tensors, copies, process_group = distributed.localize(tensors, process_group, names.of)
         else:
             tensors = distributed.local_shards(tensors, names.of)
-    tensors, copies, listed = _drop_repeats(tensors, copies, names, writes, refuse_repeats)
-    planned_names = names if listed is None else names.of_kept(listed)
+    tensors, copies, listed, kept_indices = _drop_repeats(
+        tensors, copies, names, writes, refuse_repeats
+    )
+    planned_names = names if kept_indices is None else names.of_kept(kept_indices)
     return _group(tensors, backend, copies)._replace(
         listed=listed, names=planned_names
     ), process_group
@@ -135,21 +137,16 @@ class TensorNames:
     def __init__(self, name: str, positions: list[int] | None = None, suffix: str = ""):
         self.name, self.positions, self.suffix = name, positions, suffix
 
-    def of(self, index: int) -> str:
-        position = index if self.positions is None else self.positions[index]
-        return f"{self.name}[{position}]{self.suffix}"
+    def _position(self, index: int) -> int:
+        return index if self.positions is None else self.positions[index]
 
-    def of_kept(self, listed: list[int]) -> TensorNames:
-        """The names of the tensors kept where `listed` (as _drop_repeats returns it) dropped
-        repeats: each kept one as first listed."""
-        first_listed: dict[int, int] = {}
-        for index, kept in enumerate(listed):
-            first_listed.setdefault(kept, index)
-        positions = [
-            index if self.positions is None else self.positions[index]
-            for index in first_listed.values()
-        ]
-        return TensorNames(self.name, positions, self.suffix)
+    def of(self, index: int) -> str:
+        return f"{self.name}[{self._position(index)}]{self.suffix}"
+
+    def of_kept(self, kept_indices: list[int]) -> TensorNames:
+        """The names of the tensors _drop_repeats kept, each named as first listed
+        (`kept_indices`: the index of each in the list named here)."""
+        return TensorNames(self.name, [self._position(i) for i in kept_indices], self.suffix)
 
     def all_positions(self, count: int) -> list[int]:
         return list(range(count)) if self.positions is None else self.positions
@@ -587,7 +584,9 @@ def _drop_repeats(
 ):
     """The aliasing rule (module docstring), or with `refuse_repeats` (why, and the fix) a
     ValueError for a repeat. Tensors are the local ones (no DTensor here). Empty tensors hold no
-    memory to share: they are kept as listed, never refused.
+    memory to share: they are kept as listed, never refused. Returns (the kept tensors, their
+    copies, and where repeats were dropped: each listed tensor's position among the kept, and
+    each kept one's index as listed; both None where none was).
 
     Traced (is_tracing), storages are not traceable: repeats are dropped by identity, which
     dynamo evaluates at trace time without an id() guard, and checked_when_run checks the rest
@@ -651,10 +650,12 @@ def _drop_repeats(
         pair = _first_overlap(space_spans, written, memories)
         if pair is not None:
             raise ValueError(f"{names.of(pair[0])} and {names.of(pair[1])} {_OVERLAP}")
+    dropped = len(kept) != len(tensors)
     return (
         kept,
         (None if copies is None else kept_copies),
-        (None if len(kept) == len(tensors) else listed),
+        (listed if dropped else None),
+        (kept_indices if dropped else None),
     )
 
 
