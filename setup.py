@@ -26,6 +26,9 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# The sources are C++20 (std::erase_if, templated lambdas): torch 2.14's cpp_extension passes
+# -std=c++20 unless told otherwise, torch 2.11's -std=c++17, which does not compile them.
+CXX_STANDARD = "-std=c++20"
 
 
 def _load_build_info_module():
@@ -109,7 +112,7 @@ def _extensions():
     # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it compiles
     # to a serial loop. The extension then shares the libgomp that torch has already loaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", *openmp]
+    cxx_flags = ["-O3", CXX_STANDARD, *openmp]
     record = {"torch_version": torch.__version__, "torch_cuda_version": torch.version.cuda}
     if cuda_home and cuda_sources:
         cpp_extension.CUDA_HOME = cuda_home
@@ -120,7 +123,7 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-lineinfo"],
+                "nvcc": ["-O3", CXX_STANDARD, "-lineinfo"],
             },
             extra_link_args=openmp,
         )
