@@ -265,9 +265,12 @@ def _has_addresses(tensors: list[torch.Tensor]) -> bool:
 
 
 def _launch(kernel, grid: tuple, args: tuple, traced: bool, **meta) -> None:
-    # The interpreter needs real memory, and torch's wrap_triton hands back interpreted kernels
-    # unwrapped; a fake run only has to produce the outputs' metadata, so it launches nothing.
-    if kernels.INTERPRETED and traced:
+    if kernels.INTERPRETED:
+        # The interpreter needs real memory: a fake run only has to produce the outputs'
+        # metadata, so it launches nothing. An interpreted kernel launches as itself (torch 2.14's
+        # wrap_triton hands it back unwrapped, torch 2.11's refuses it).
+        if not traced:
+            kernel[grid](*args, **meta)
         return
     wrap_triton(kernel)[grid](*args, **meta)
 
