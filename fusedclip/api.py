@@ -185,13 +185,19 @@ class _KernelInputs(NamedTuple):
     write_backs: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _kernel_inputs(group: plan.DeviceGroup) -> _KernelInputs:
-    """Dense gradients as they are; strided ones as contiguous copies; sparse ones as their
+def _kernel_inputs(group: plan.DeviceGroup, writes: bool) -> _KernelInputs:
+    """Dense gradients as they are (traced, with `writes`, as fresh copies where
+    plan.writes_through_copies says so); strided ones as contiguous copies; sparse ones as their
     coalesced values (the tensor's own values when it is coalesced already, else float64 ones)."""
-    if not group.strided and not group.sparse:
+    copy_dense = writes and plan.writes_through_copies(group.dense)
+    if not group.strided and not group.sparse and not copy_dense:
         return _KernelInputs(group.dense, [])
-    tensors = list(group.dense)
-    write_backs = []
+    if copy_dense:
+        tensors = torch.ops.fusedclip.fresh_copies(group.dense)
+        write_backs = list(zip(group.dense, tensors, strict=True))
+    else:
+        tensors = list(group.dense)
+        write_backs = []
     for tensor in group.strided:
         buffer = tensor.resolve_neg().contiguous()
         tensors.append(buffer)
@@ -445,7 +451,7 @@ def _clip(
         and not traced_bounds
         and _runs_as_one_op(the_plan, process_group)
     ):
-        one_group = _kernel_inputs(the_plan.groups[0])
+        one_group = _kernel_inputs(the_plan.groups[0], writes=True)
         total_norm, found_inf, clip_coef, per_tensor_norms = backend_.clip_(
             one_group.tensors,
             norm_type,
@@ -459,7 +465,7 @@ def _clip(
         if per_tensor:
             per_tensor_norms = _in_plan_order(the_plan, [per_tensor_norms])
     else:
-        inputs = [_kernel_inputs(group) for group in the_plan.groups]
+        inputs = [_kernel_inputs(group, writes) for group in the_plan.groups]
         raw_norm, found_inf, per_tensor_norms = _measure(
             the_plan, inputs, norm_type, per_tensor, process_group
         )
@@ -568,7 +574,7 @@ def _write_only(
         coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)
         coef = coef.to(the_plan.device)
     coef = plan.checked_when_run(the_plan, coef, True)
-    inputs = [_kernel_inputs(group) for group in the_plan.groups]
+    inputs = [_kernel_inputs(group, writes=True) for group in the_plan.groups]
     _scale(the_plan, inputs, coef, clip_value)
 
 

@@ -769,6 +769,39 @@ _LIBRARY.impl("check_aliasing", _check_aliasing, "CompositeExplicitAutograd")
 torch.library.register_fake("fusedclip::check_aliasing", _check_aliasing_fake, lib=_LIBRARY)
 
 
+# torch 2.11 and 2.12's inductor miswrites an op that mutates a list holding two views of one
+# buffer (DDP's gradient_as_bucket_view): it clones one view alone, then finds the view in the
+# clone at its offset in the buffer, so the kernels read and write past the clone's end. Fixed in
+# torch 2.13. There, traced code writes such gradients through copies that an opaque op makes
+# (inductor reinplaces a plain clone away) and copies them back (see writes_through_copies).
+_INDUCTOR_MISWRITES_LISTED_VIEWS = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
+
+def writes_through_copies(dense: list[torch.Tensor]) -> bool:
+    """Whether traced code writes these dense gradients through fresh copies (the inductor bug
+    above): on the torch versions that have it, where two of them are views. Whether of one
+    buffer is not asked: a view or not is all traced code can tell cheaply, and the copies cost
+    one more read and write of the gradients, only there."""
+    return (
+        _INDUCTOR_MISWRITES_LISTED_VIEWS
+        and is_tracing()
+        and sum(tensor._base is not None for tensor in dense) > 1
+    )
+
+
+def _fresh_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensor.clone() for tensor in tensors]
+
+
+def _fresh_copies_fake(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty_like(tensor) for tensor in tensors]
+
+
+_LIBRARY.define("fresh_copies(Tensor[] tensors) -> Tensor[]")
+_LIBRARY.impl("fresh_copies", _fresh_copies, "CompositeExplicitAutograd")
+torch.library.register_fake("fusedclip::fresh_copies", _fresh_copies_fake, lib=_LIBRARY)
+
+
 def _group(tensors: list[torch.Tensor], backend: str | None, copies: list[int] | None) -> Plan:
     """Groups the tensors by device (first-seen order) and picks each device's backend."""
     by_device: dict[torch.device, tuple[list, list, list, list, list, list]] = {}

@@ -189,25 +189,56 @@ def test_compiled_calls_refuse_aliasing_gradients_as_eager_does(device, backend,
     assert torch.equal(buffer, torch.tensor([3.0, 4.0, 0.0]))
 
 
+@pytest.mark.parametrize("route", ["as-installed", "through-copies"])
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_"])
 @pytest.mark.parametrize(("device", "backend"), backend_params())
-def test_compiled_clip_takes_disjoint_views_of_one_buffer(device, backend):
+def test_compiled_clip_takes_disjoint_views_of_one_buffer(
+    device, backend, call, route, monkeypatch
+):
     """Gradients that are views of one flat buffer (DDP's gradient_as_bucket_view) share a
-    storage but no element: the check when the compiled code runs lets them through."""
-    torch._dynamo.reset()
-    results = []
-    for compiled in (False, True):
-        buffer = torch.tensor([3.0, 4.0, 0.0, 1.0, -2.0], device=device)
-        parameters = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in (2, 3)]
-        parameters[0].grad, parameters[1].grad = buffer[:2], buffer[2:]
+    storage but no element: the check when the compiled code runs lets them through, and they are
+    written as eagerly. On torch 2.11 and 2.12 inductor miswrote them in place (read and wrote
+    past a copy of one view), so there they go through copies (plan.writes_through_copies):
+    "through-copies" takes that route on every torch, and the graph shows which one ran."""
+    if route == "through-copies":
+        monkeypatch.setattr(plan, "_INDUCTOR_MISWRITES_LISTED_VIEWS", True)
+    through_copies = plan._INDUCTOR_MISWRITES_LISTED_VIEWS
 
-        def clip(parameters):
+    def clip(parameters):
+        if call == "clip_grad_norm_":
             return fusedclip.clip_grad_norm_(parameters, 1.0, backend=backend)
+        fusedclip.clip_grad_value_(parameters, 0.5, backend=backend)
+        return parameters[0].grad.sum()
 
-        norm = (torch.compile(clip, fullgraph=True) if compiled else clip)(parameters)
-        results.append((norm, buffer))
-    (eager_norm, eager_buffer), (compiled_norm, compiled_buffer) = results
-    assert_close(compiled_norm, eager_norm, rtol=1e-6, what="norm")
+    def views_of_one_buffer():
+        buffer = torch.tensor([9.0, 3.0, 4.0, 0.0, 1.0, -2.0, 0.25], device=device)
+        sizes = (2, 3, 1)  # every view but the first at an offset, as a bucket's views are
+        parameters = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
+        offset = 1
+        for parameter, size in zip(parameters, sizes, strict=True):
+            parameter.grad = buffer[offset : offset + size]
+            offset += size
+        return buffer, parameters
+
+    graphs = []
+
+    def inductor_recording_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return torch._inductor.compile(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    eager_buffer, eager_parameters = views_of_one_buffer()
+    eager_result = clip(eager_parameters)
+    compiled_buffer, compiled_parameters = views_of_one_buffer()
+    compiled_result = torch.compile(clip, fullgraph=True, backend=inductor_recording_graphs)(
+        compiled_parameters
+    )
+    assert_close(compiled_result, eager_result, rtol=1e-6, what="result")
     assert_close(compiled_buffer, eager_buffer, rtol=1e-6, what="clipped buffer")
+    (graph,) = graphs
+    fresh_copies = (torch.ops.fusedclip.fresh_copies, torch.ops.fusedclip.fresh_copies.default)
+    copies = [node for node in graph.graph.nodes if node.target in fresh_copies]
+    assert len(copies) == (1 if through_copies else 0)
 
 
 def _outcomes_of_both_checks(tensors: list, writes: bool) -> list[tuple]:
