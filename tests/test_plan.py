@@ -4,6 +4,7 @@ general path (same plans, same errors, same results)."""
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import warnings
 
@@ -1082,6 +1083,11 @@ def test_one_call_leaves_a_dispatch_mode_to_the_general_path():
 
 
 @needs_fast_path
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12),
+    reason="from Python 3.12 the collector runs between bytecodes only, never inside the C++ "
+    "planner's allocations, so no finalizer can run while it plans",
+)
 @pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "plan_dense"])
 def test_a_finalizer_that_empties_the_list_while_it_is_planned_is_survived(monkeypatch, one_call):
     """The C++ planner wraps each .grad that has no Python object yet (every gradient fresh from
