@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/include/fusedclip/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 export MAX_JOBS ?= 2
 
-.PHONY: test bench demo lint build clean gpu-check gpu-check-dry-run
+.PHONY: test test-oldest bench demo lint build clean gpu-check gpu-check-dry-run
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,20 @@ build: build/.extension
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The suite against the oldest torch and triton supported (requirements-oldest.txt), in a venv
+# and a copy of the tree of their own under build/oldest, so that neither build replaces the
+# other's extension. CPU kernels only: CI compiles the CUDA ones against the pinned torch. The
+# integrations' frameworks are not installed there, so their tests skip.
+OLDEST := build/oldest
+test-oldest:
+	test -x $(OLDEST)/venv/bin/python || python3 -m venv $(OLDEST)/venv
+	$(OLDEST)/venv/bin/python -m pip install -q -r requirements-oldest.txt
+	rm -rf $(OLDEST)/tree && mkdir -p $(OLDEST)/tree
+	git ls-files -z --cached --others --exclude-standard \
+		| tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(OLDEST)/tree
+	cd $(OLDEST)/tree && FUSEDCLIP_SKIP_CUDA=1 FUSEDCLIP_REQUIRE_CUDA=0 ../venv/bin/python setup.py -q build_ext --inplace
+	cd $(OLDEST)/tree && ../venv/bin/python -m pytest -q -p no:cacheprovider tests
 
 bench: build
 	$(PY) -m bench
