@@ -780,8 +780,8 @@ _INDUCTOR_MISWRITES_LISTED_VIEWS = torch.torch_version.TorchVersion(torch.__vers
 def writes_through_copies(dense: list[torch.Tensor]) -> bool:
     """Whether traced code writes these dense gradients through fresh copies (the inductor bug
     above): on the torch versions that have it, where two of them are views. Whether of one
-    buffer is not asked: a view or not is all traced code can tell cheaply, and the copies cost
-    one more read and write of the gradients, only there."""
+    buffer is not asked (that compares bases pairwise, or by id(), which dynamo guards on): the
+    copies cost one more read and write of the gradients, only there."""
     return (
         _INDUCTOR_MISWRITES_LISTED_VIEWS
         and is_tracing()
