@@ -5,7 +5,8 @@ Steps, each with its own time limit inside one overall deadline (every later ste
 least 30 s), each logged to <dir>/logs/<step>.log:
   build      the extension for sm_90 only, with every core (FUSEDCLIP_REQUIRE_CUDA=1)
   pytest     `pytest -k cuda`, fail-fast: every test marked cuda (what `-m cuda` selects) and
-             every test whose id names cuda (the CUDA variants of the rest of the suite)
+             every test whose id names cuda (the CUDA variants of the rest of the suite), the
+             GPU's own test files first and test_compile.py last, on pytest-xdist's workers
   bench      python -m bench, the short GPU profile (at most 3 minutes)
   host       python -m bench.host --device cuda
   memcheck   compute-sanitizer --tool memcheck on tests/standalone_cuda_check.py (about 90 s)
@@ -48,6 +49,8 @@ LARGE_FLOOR_FRACTION = 0.90
 LARGE_SPEEDUP = 1.8
 MANY_SMALL_WORKLOAD = "2000x16K"
 MANY_SMALL_SPEEDUP = 3.0
+PYTEST_FIRST = ("test_cuda.py", "test_triton.py")
+PYTEST_LAST = ("test_compile.py",)
 
 
 @dataclass
@@ -125,8 +128,10 @@ def steps(dry_run: bool, out_dir: str) -> list[Step]:
     pytest_timeout = ["--timeout=60"] if _has_module("pytest_timeout") else []
     pytest = Step(
         "pytest",
-        [python, "-m", "pytest", "-x", "-q", "-k", "cuda", "-p", "no:cacheprovider", "tests"]
-        + pytest_timeout,
+        [python, "-m", "pytest", "-x", "-q", "-k", "cuda", "-p", "no:cacheprovider"]
+        + pytest_timeout
+        + _pytest_workers(dry_run)
+        + _pytest_files(),
         150 if not dry_run else 120,
     )
     flags = _standalone_flags("--no-bench", "--no-huge")
@@ -161,6 +166,30 @@ def steps(dry_run: bool, out_dir: str) -> list[Step]:
     )
     host = Step("host", [python, "-m", "bench.host", "--out", out_dir] + host_args, 90)
     return [build, pytest, bench, host, memcheck, racecheck]
+
+
+def _pytest_files() -> list[str]:
+    """The test files, the GPU's own first and compiled graphs (the slowest tests) last: on a GPU
+    `-k cuda` selects over a thousand tests, and a step its limit cuts short has still run those
+    that only a GPU can (device guard, graph capture, table lifetimes, the launch fallback)."""
+    names = sorted(
+        name
+        for name in os.listdir(os.path.join(REPOSITORY, "tests"))
+        if name.startswith("test_") and name.endswith(".py")
+    )
+    first = [name for name in PYTEST_FIRST if name in names]
+    last = [name for name in PYTEST_LAST if name in names]
+    middle = [name for name in names if name not in first + last]
+    return [os.path.join("tests", name) for name in first + middle + last]
+
+
+def _pytest_workers(dry_run: bool) -> list[str]:
+    """pytest-xdist's workers where it is installed (the GPU machine's image has it): half the
+    cores, at most 8, each with its own CUDA context; the dry run takes two, to try the flag."""
+    if not _has_module("xdist"):
+        return []
+    workers = 2 if dry_run else max(1, min(8, (os.cpu_count() or 1) // 2))
+    return ["-n", str(workers)] if workers > 1 else []
 
 
 def _has_module(name: str) -> bool:

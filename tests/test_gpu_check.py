@@ -107,3 +107,17 @@ def test_a_sanitizer_section_that_does_not_exist_fails_the_check_at_once(tmp_pat
 def test_the_summary_reads_each_tool_s_last_word(name, log, expected):
     step = gpu_check.Step(name, [], 1)
     assert gpu_check.describe(step, log) == expected
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["gpu", "dry-run"])
+def test_the_gpu_s_own_tests_run_first_and_compiled_graphs_last(dry_run, tmp_path):
+    (step,) = [s for s in gpu_check.steps(dry_run, str(tmp_path)) if s.name == "pytest"]
+    files = [argument for argument in step.command if argument.startswith("tests" + os.sep)]
+    on_disk = sorted(
+        os.path.join("tests", name)
+        for name in os.listdir(os.path.join(REPOSITORY, "tests"))
+        if name.startswith("test_") and name.endswith(".py")
+    )
+    assert sorted(files) == on_disk, "every test file, each once"
+    first = [os.path.join("tests", name) for name in ("test_cuda.py", "test_triton.py")]
+    assert files[:2] == first and files[-1] == os.path.join("tests", "test_compile.py"), files
