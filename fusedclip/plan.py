@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fusedclip import dispatch, distributed
 from fusedclip.layout import is_dense
@@ -297,6 +298,11 @@ def _refuses_inference(writes: bool, compiling: bool) -> bool:
     return not torch.is_inference_mode_enabled()
 
 
+def _wraps_other_tensors(tensor: torch.Tensor) -> bool:
+    """A wrapper subclass (TwoTensor, torchao's), but a DTensor, whose local tensor is read."""
+    return is_traceable_wrapper_subclass(tensor) and not distributed.has_dtensor((tensor,))
+
+
 def _check_tensors(
     tensors: list, names: TensorNames, writes: bool, gradients_only: bool, refuse_float16: bool
 ) -> None:
@@ -317,6 +323,13 @@ def _check_tensors(
                 f"{names.of(index)} is a tensor inside a torch.func transform (grad, vmap, "
                 "functionalize), which holds no memory that fusedclip's kernels could read: "
                 "call fusedclip outside the transform, or torch.nn.utils' clipping inside it"
+            )
+        if not compiling and _wraps_other_tensors(tensor):
+            raise TypeError(
+                f"{names.of(index)} is a {type(tensor).__name__}, a tensor subclass that wraps "
+                "others (__torch_dispatch__) and holds no memory of its own that fusedclip's "
+                "kernels could read: pass its inner tensors, or use torch.nn.utils' clipping, "
+                "which dispatches through the subclass"
             )
         if not compiling and tensor._is_zerotensor():
             raise TypeError(

@@ -652,6 +652,32 @@ def test_tensors_without_readable_memory_are_refused_by_name_on_both_paths(
         apply(calls)(torch.randn(2, 3) if transform == "vmap" else torch.randn(3))
 
 
+@pytest.mark.parametrize("in_python", [False, True], ids=["c++-planner", "general-path"])
+def test_a_wrapper_subclass_gradient_is_refused_by_name_before_any_write(monkeypatch, in_python):
+    """A gradient that is a wrapper subclass (TwoTensor: a __torch_dispatch__ subclass holding two
+    tensors) raised 'Attempted to access the data pointer on an invalid python storage', naming
+    neither the tensor nor a way out."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    if in_python:
+        plan_in_python(monkeypatch)
+    dense = torch.randn(5) * 10
+    before = dense.clone()
+    wrapped = TwoTensor(torch.randn(3), torch.randn(3))
+    parameters = [torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(3))]
+    parameters[0].grad, parameters[1].grad = dense, wrapped
+    refusal = r" is a TwoTensor, a tensor subclass that wraps others .* torch.nn.utils' clipping"
+    for call, named in (
+        (lambda: fusedclip.get_total_norm([dense, wrapped]), r"tensors\[1\]"),
+        (lambda: fusedclip.fused_clip_([dense, wrapped], max_norm=0.1), r"tensors\[1\]"),
+        (lambda: fusedclip.clip_grad_norm_(parameters, 0.1), r"parameters\[1\]\.grad"),
+        (lambda: fusedclip.clip_grad_value_(parameters, 0.1), r"parameters\[1\]\.grad"),
+    ):
+        with pytest.raises(TypeError, match="^" + named + refusal):
+            call()
+        assert torch.equal(dense, before), "nothing is written by a call that raises"
+
+
 def test_interleaved_views_do_not_overlap_and_are_clipped():
     storage = torch.randn(10) * 5
     expected = storage.clone()
