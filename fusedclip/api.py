@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
+import sys
 import types
 import warnings
 from collections.abc import Iterable
@@ -64,9 +66,23 @@ def _parameters_list(parameters: TensorOrTensors) -> list:
     parameters = list(parameters)
     if is_generator and not parameters:
         warnings.warn(
-            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4
+            "`parameters` is an empty generator, no gradient clipping will occur.",
+            stacklevel=_first_caller_outside_fusedclip(),
         )
     return parameters
+
+
+_PACKAGE_DIRECTORY = os.path.dirname(__file__) + os.sep
+
+
+def _first_caller_outside_fusedclip() -> int:
+    """The stacklevel, for a warning raised by the function calling this one, that names the
+    first frame outside fusedclip: the user's call, however many of fusedclip's own frames lie
+    between (fusedclip.patch's stand-in for torch's name is one more)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRECTORY):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_backend(backend: BackendName | None) -> None:

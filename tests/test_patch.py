@@ -3,11 +3,13 @@ fusedclip while patched and are torch's again, exactly, after undo."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import pickle
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -273,3 +275,26 @@ def test_the_stand_ins_pickle_as_torchs_names():
             assert pickle.loads(pickle.dumps(stand_in)) is stand_in, name
     for name in NAMES:  # unpatched, the same bytes' name is torch's function again
         assert pickle.loads(pickle.dumps(TORCH_FUNCTIONS[name])) is TORCH_FUNCTIONS[name], name
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["fusedclip", "patched-torch-name"])
+def test_the_empty_generator_warning_names_the_callers_line(patched):
+    """Patched, the stand-in is one frame more between the caller and the warning, which then
+    named fusedclip/patch.py instead of the line that called torch.nn.utils.clip_grad_norm_."""
+    with fusedclip.patch() if patched else contextlib.nullcontext():
+        clip = torch.nn.utils.clip_grad_norm_ if patched else fusedclip.clip_grad_norm_
+        assert getattr(clip, "__fusedclip_patch__", False) == patched
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clip((p for p in []), 1.0)
+    (warning,) = caught
+    assert (warning.filename, warning.lineno) == (__file__, _line_of("clip((p for p in [])")), (
+        warning.filename,
+        warning.lineno,
+    )
+
+
+def _line_of(text: str) -> int:
+    with open(__file__) as handle:
+        (line,) = [number for number, line in enumerate(handle, 1) if line.strip().startswith(text)]
+    return line
