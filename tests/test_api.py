@@ -135,6 +135,20 @@ def test_clip_grad_norm_no_clip_needed_leaves_grads(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_a_norm_beyond_float32_is_inf_and_still_clips_to_max_norm(device, backend):
+    """Finite float32 gradients whose norm (4.2e38) exceeds float32's range: the float32 norm
+    returned is inf (as torch's), but the clip factor comes from the float64 norm, so the
+    gradients are clipped to max_norm (torch's factor of 0 zeroes them); README, "Where fusedclip
+    deliberately differs from torch"."""
+    parameter = torch.nn.Parameter(torch.zeros(2, device=device))
+    parameter.grad = torch.full((2,), 3e38, device=device)
+    norm = fusedclip.clip_grad_norm_([parameter], 1.0, backend=backend)
+    assert norm.dtype == torch.float32 and norm.item() == math.inf
+    expected = torch.full((2,), 3e38 * (1.0 / (math.hypot(3e38, 3e38) + 1e-6)), dtype=torch.float64)
+    assert_grads_close(parameter.grad, expected, "clipped to max_norm, not zeroed")
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_accepts_generator_single_tensor_and_no_grads(device, backend):
     parameters = make_parameters([10, 20], [torch.float32], device)
     theirs = clone_parameters(parameters)
