@@ -218,6 +218,22 @@ def test_clip_grad_value_matches_torch(device, backend, dtype):
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_clip_grad_value_of_zero_keeps_the_signs_of_zeros_as_torch(device, backend, dtype):
+    """A clamp to [-0.0, 0.0]: Triton's maximum/minimum gave +0.0 where torch (and the C++
+    kernels' compares) give -0.0; the same bits on every backend."""
+    values = [-5.0, -0.0, 0.0, 5.0, -1e-30, math.nan, -math.inf]
+    parameter = torch.nn.Parameter(torch.zeros(len(values), dtype=dtype, device=device))
+    parameter.grad = torch.tensor(values, dtype=dtype, device=device)
+    twin = torch.nn.Parameter(parameter.detach().clone())
+    twin.grad = parameter.grad.clone()
+    fusedclip.clip_grad_value_([parameter], 0.0, backend=backend)
+    torch.nn.utils.clip_grad_value_([twin], 0.0)
+    assert torch.equal(torch.signbit(parameter.grad), torch.signbit(twin.grad)), parameter.grad
+    assert torch.equal(parameter.grad.nan_to_num(7.0), twin.grad.nan_to_num(7.0)), parameter.grad
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_clip_grad_value_with_inv_scale_unscales_then_clamps(device, backend):
     parameters = make_parameters([4095, 65], [torch.float32, torch.bfloat16], device, scale=1024.0)
     originals = [p.grad.clone() for p in parameters]

@@ -572,8 +572,10 @@ def _scale_chunk(
             values = tl.load(data_ptr + offsets, mask=mask)
         scaled = values.to(clip_coef.dtype) * clip_coef
         if HAS_CLIP_VALUE:
-            scaled = tl.maximum(scaled, -clip_value, propagate_nan=tl.PropagateNan.ALL)
-            scaled = tl.minimum(scaled, clip_value, propagate_nan=tl.PropagateNan.ALL)
+            # Compares, as the C++ kernels: a NaN compares false and stays, and a zero keeps its
+            # sign (maximum/minimum may return either zero of -0.0 and +0.0).
+            scaled = tl.where(scaled < -clip_value, -clip_value, scaled)
+            scaled = tl.where(scaled > clip_value, clip_value, scaled)
         scaled = scaled.to(values.dtype)
         if is_full:
             tl.store(data_ptr + offsets, scaled)
