@@ -26,6 +26,9 @@ from fusedclip import api, distributed, plan
 from fusedclip.api import ClipResult
 from fusedclip.grad_mode import without_grad
 
+# How messages call an optimizer's gradients: `the optimizer's parameters[3].grad`.
+OPTIMIZER_PARAMETERS = "the optimizer's parameters"
+
 
 def _parameters(optimizer: torch.optim.Optimizer) -> list:
     """Every parameter of `optimizer`, in param-group order (one group's own list as it is: the
@@ -230,7 +233,7 @@ def unscale_clip_(
     # as scaler.unscale_ does, before anything is written.
     result = api._clip(
         _parameters(optimizer),
-        "the optimizer's parameters",
+        OPTIMIZER_PARAMETERS,
         norm_type=norm_type,
         max_norm=max_norm,
         clip_value=clip_value,
@@ -320,8 +323,9 @@ def _step_measured(
 ):
     """Unscale, clip and step with a rule that decides on the device.
 
-    `measure(grads, inv_scale, writes_after, dtensor_group) -> (result, skip)` reads the
-    gradients without writing them (`writes_after`: checking them as `api.measure` does for a
+    `measure(grads, names, inv_scale, writes_after, dtensor_group) -> (result, skip)` reads the
+    gradients without writing them (`names`: how messages call them, by their parameters'
+    places in the optimizer; `writes_after`: checking them as `api.measure` does for a
     caller that writes each one itself, as a fused optimizer does; `dtensor_group`: the group to
     join when no group is given, see distributed.group_to_join) and returns a result whose `clip_coef`
     (inv_scale included) and `found_inf` apply to this step, and an on-device flag to skip it.
@@ -332,13 +336,15 @@ def _step_measured(
     not back off the scale. Returns `result`.
     """
     scaling = scaler is not None and scaler._enabled
-    grads = optimizer_gradients(optimizer)
+    grads, positions = plan.gradients_of(_parameters(optimizer), OPTIMIZER_PARAMETERS)
+    names = plan.TensorNames(OPTIMIZER_PARAMETERS, positions, ".grad")
     state = _scaler_state(scaler, optimizer, funcname) if scaling else None
     if scaling:
         _check_not_float16(scaler, grads)
     fused = _is_fused(optimizer)
     dtensor_group = distributed.group_to_join(None, grads, _each_parameter(optimizer))
-    result, skip = measure(grads, _inv_scale(scaler) if scaling else None, fused, dtensor_group)
+    inv_scale = _inv_scale(scaler) if scaling else None
+    result, skip = measure(grads, names, inv_scale, fused, dtensor_group)
     flag = _recorded_flag(scaler, result.found_inf if grads else None) if scaling else None
     if flag is not None and _sharded_scaler(scaler)[0]:  # another rank's overflow skips here too
         skip = skip.to(torch.bool) | (flag.reshape(()) > 0).to(skip.device)
@@ -418,17 +424,21 @@ def clip_step(
             _step_unless(optimizer, result.found_inf)
         return result
 
-    def measure(grads, inv_scale, writes_after, dtensor_group):
-        result = api.measure(
+    def measure(grads, names, inv_scale, writes_after, dtensor_group):
+        result = api._clip(  # api.measure, with the gradients named by their parameters
             grads,
+            names,
             max_norm=max_norm,
             norm_type=norm_type,
             inv_scale=inv_scale,
             per_tensor=per_tensor,
             process_group=process_group if process_group is not None else dtensor_group,
             backend=backend,
+            apply=False,
+            gradients_only=True,
             writes_after=writes_after,
         )
+        result = api._or_empty(result, per_tensor)
         return result, result.found_inf
 
     return _step_measured(optimizer, measure, scaler=scaler, backend=backend)

@@ -359,7 +359,7 @@ def _runs_as_one_op(the_plan: plan.Plan, process_group) -> bool:
 
 def _clip(
     items: list,
-    name: str,
+    name: str | plan.TensorNames,
     *,
     norm_type: float | str,
     max_norm: float | None,
@@ -690,16 +690,18 @@ def measure_before_scale(
     process_group: ProcessGroup | None,
     backend: BackendName | None,
     writes_each: bool,
+    names: str | plan.TensorNames = "tensors",
 ) -> tuple[ClipResult, torch.Tensor]:
     """`measure(tensors, inv_scale=...)` and the total norm in float64, for a caller that
     computes its own coefficient from that norm (a float32 one overflows where the gradients do
     not), acts on it (its own state), then writes the tensors: checked as for a write here, so
     that a write refused later cannot follow state already changed. `writes_each`: the caller
     writes each listed tensor itself (a fused optimizer's step), so the same memory listed twice
-    is refused too; otherwise it writes through `scale_`, which scales a repeat once."""
+    is refused too; otherwise it writes through `scale_`, which scales a repeat once. `names`:
+    how messages call the tensors (`plan.prepare`'s `name`)."""
     measured = _clip(
         tensors,
-        "tensors",
+        names,
         norm_type=2.0,
         max_norm=None,
         inv_scale=inv_scale,

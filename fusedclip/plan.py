@@ -74,7 +74,7 @@ class Plan(NamedTuple):
 
 def prepare(
     tensors: list,
-    name: str,
+    name: str | TensorNames,
     backend: str | None,
     process_group=None,
     *,
@@ -88,7 +88,8 @@ def prepare(
     """(plan or None when there is nothing to do, process group).
 
     `tensors` are the gradients, or with `of_parameters` the parameters whose `.grad` to take
-    (None skipped). `name` is how messages call them; `writes`: the call modifies the gradients;
+    (None skipped). `name` is how messages call them (or, for gradients a caller gathered from
+    parameters itself, their TensorNames); `writes`: the call modifies the gradients;
     `measured=False`: no norm is taken (no count of the ranks holding a shard);
     `gradients_only`: refuse parameters (leaves that require grad) among the gradients;
     `refuse_float16`: refuse float16 gradients, as GradScaler.unscale_ does;
@@ -100,10 +101,10 @@ def prepare(
         return plan, process_group
     dispatch.requested_backend(backend)  # an empty list must reject a bad backend too
     if of_parameters:
-        tensors, positions = _gradients(tensors, name)
+        tensors, positions = gradients_of(tensors, name)
         names = TensorNames(name, positions, ".grad")
     else:
-        names = TensorNames(name)
+        names = name if isinstance(name, TensorNames) else TensorNames(name)
     _check_tensors(tensors, names, writes, gradients_only, refuse_float16)
     if not tensors:
         return None, process_group
@@ -156,7 +157,7 @@ class TensorNames:
 _NO_GRAD_ATTRIBUTE = object()
 
 
-def _gradients(parameters: list, name: str) -> tuple[list, list[int]]:
+def gradients_of(parameters: list, name: str) -> tuple[list, list[int]]:
     """The `.grad` of each parameter that has one, and that parameter's position; like torch,
     anything with a `.grad` will do."""
     gradients, positions = [], []

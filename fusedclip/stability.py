@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusedclip import amp, api, distributed
+from fusedclip import amp, api, distributed, plan
 from fusedclip.grad_mode import without_grad
 from fusedclip.norms import NORM_EPS, SUPPORTED_DTYPES
 
@@ -316,6 +316,7 @@ class ZClip:
         inv_scale: float | torch.Tensor | None,
         writes_after: bool = False,
         dtensor_group=None,
+        names: str | plan.TensorNames = "tensors",
     ) -> ZClipResult:
         """One read of the gradients and the rule's update, on the device; touches no gradient,
         but checks them for the write that follows, before the state changes (`writes_after`:
@@ -333,6 +334,7 @@ class ZClip:
             process_group=group,
             backend=self.backend,
             writes_each=writes_after,
+            names=names,
         )
         if not grads and group is None:
             # No gradient measured (every parameter frozen or without one this step): its 0 is
@@ -414,8 +416,8 @@ class ZClip:
         other optimizers get one write pass and one sync to skip, as `scaler.step`. Call
         `scaler.update()` afterwards as usual: a spike does not back off the scale."""
 
-        def measure(grads, inv_scale, writes_after, dtensor_group):
-            result = self._measure(grads, inv_scale, writes_after, dtensor_group)
+        def measure(grads, names, inv_scale, writes_after, dtensor_group):
+            result = self._measure(grads, inv_scale, writes_after, dtensor_group, names)
             return result, result.skip
 
         return amp._step_measured(

@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICES, assert_close, plan_in_python, refusing_host_syncs
 
 from fusedclip import amp
+from fusedclip.stability import ZClip
 
 OVERFLOW_STEPS = {2, 5}
 MAX_NORM = 0.5
@@ -645,3 +646,34 @@ def test_uncoalesced_sparse_gradients_do_not_overflow_where_the_unscaled_sum_fit
     (torch_found, _, torch_scale), (found, norm, scale) = outcomes
     assert found == torch_found == 0.0 and scale == torch_scale
     assert norm == pytest.approx(math.hypot(2 * 3e38 / 2**16, 1 / 2**16), rel=1e-6)
+
+
+_OPTIMIZER_CALLS = {
+    "unscale_clip_": lambda optimizer, scaler: amp.unscale_clip_(scaler, optimizer, 1.0),
+    "clip_step": lambda optimizer, scaler: amp.clip_step(optimizer, 1.0, scaler=scaler),
+    "ZClip.clip_step": lambda optimizer, scaler: ZClip().clip_step(optimizer, scaler=scaler),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+@pytest.mark.parametrize("call", list(_OPTIMIZER_CALLS))
+@pytest.mark.parametrize("shared", [False, True], ids=["overlapping", "one-tensor-twice"])
+def test_a_refused_optimizer_gradient_is_named_by_its_parameter(fused, call, shared):
+    """clip_step with a fused optimizer and ZClip.clip_step named refused gradients `tensors[0]`
+    and `tensors[1]`, counting only the parameters with a gradient (here parameters[0] has
+    none), where unscale_clip_ names `the optimizer's parameters[1].grad`."""
+    if shared and not (fused and call != "unscale_clip_"):
+        pytest.skip("the same tensor listed twice is refused only where each is written apart")
+    parameters = [torch.nn.Parameter(torch.zeros(n)) for n in (4, 5, 5 if shared else 2)]
+    buffer = torch.randn(5)
+    parameters[1].grad = buffer
+    parameters[2].grad = buffer if shared else buffer[1:3]
+    before = buffer.clone()
+    optimizer = torch.optim.SGD(parameters, lr=0.1, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))
+    why = "are the same memory" if shared else "overlap in memory"
+    names = r"^the optimizer's parameters\[1\]\.grad and the optimizer's parameters\[2\]\.grad "
+    with pytest.raises(ValueError, match=names + why):
+        _OPTIMIZER_CALLS[call](optimizer, scaler)
+    assert torch.equal(buffer, before) and scaler.get_scale() == 1024.0
