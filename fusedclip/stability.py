@@ -2,7 +2,9 @@
 
 ZClip (adaptive z-score clipping), AGC (unit-wise adaptive gradient clipping, NFNets) and
 GradMonitor (an on-device history of norms, clip coefficients and overflows, read back only when
-asked). Each takes parameters or gradients and an optional `inv_scale`, so it composes with AMP.
+asked). Each takes parameters or gradients; ZClip and GradMonitor also an optional `inv_scale`,
+so that they compose with AMP. AGC compares gradients with weights, so it runs on unscaled
+gradients (after `amp.unscale_clip_(scaler, optimizer, None)` under a GradScaler).
 """
 
 from __future__ import annotations

@@ -299,8 +299,9 @@ def _check_plain_tensors_among_dtensors(rank, world):
 
 def _check_dtensor_total_norm_and_a_dtensor_listed_with_its_local_tensor(rank, world):
     """torch's get_total_norm of DTensors is a Replicate DTensor: clip_grads_with_norm_ takes
-    it (and a Partial one) as its value. A DTensor listed beside its own local tensor has no
-    one count in the global norm: refused, whichever comes first."""
+    it (and a Partial one) as its value. A replicated DTensor listed beside its own local tensor
+    has no one count in the global norm: refused, whichever comes first; a sharded one is the
+    same memory listed twice, with one count: counted once."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
@@ -329,6 +330,11 @@ def _check_dtensor_total_norm_and_a_dtensor_listed_with_its_local_tensor(rank, w
             assert "held by more ranks than the other" in str(error), str(error)
         else:
             raise AssertionError("a DTensor beside its own local tensor must be refused")
+    sharded = distribute_tensor(full[0].clone(), mesh, [Shard(0)])
+    alone = fusedclip.get_total_norm([sharded])
+    for listed in ([sharded.to_local(), sharded], [sharded, sharded.to_local()]):
+        norm = fusedclip.get_total_norm(listed, process_group=dist.group.WORLD)
+        assert torch.equal(norm, alone), (rank, norm, alone)
 
 
 def _check_amp_overflow_on_one_rank_skips_everywhere(rank, world):
