@@ -573,8 +573,10 @@ def _scale_chunk(
         scaled = values.to(clip_coef.dtype) * clip_coef
         if HAS_CLIP_VALUE:
             # Compares, as the C++ kernels: a NaN compares false and stays, and a zero keeps its
-            # sign (maximum/minimum may return either zero of -0.0 and +0.0).
-            scaled = tl.where(scaled < -clip_value, -clip_value, scaled)
+            # sign (maximum/minimum may return either zero of -0.0 and +0.0). The lower bound is
+            # a product: triton 3.6 negates as 0 - x, which makes -(+0.0) +0.0.
+            lower = clip_value * -1.0
+            scaled = tl.where(scaled < lower, lower, scaled)
             scaled = tl.where(scaled > clip_value, clip_value, scaled)
         scaled = scaled.to(values.dtype)
         if is_full:
