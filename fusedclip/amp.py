@@ -46,12 +46,13 @@ def _each_parameter(optimizer: torch.optim.Optimizer) -> Iterable:
 
 def optimizer_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The gradients of `optimizer`'s parameters that have one, in param-group order."""
-    return [
-        param.grad
-        for group in optimizer.param_groups
-        for param in group["params"]
-        if param.grad is not None
-    ]
+    return _named_gradients(optimizer)[0]
+
+
+def _named_gradients(optimizer: torch.optim.Optimizer) -> tuple[list, plan.TensorNames]:
+    """`optimizer_gradients`, and how messages call them: by their parameters' places."""
+    grads, positions = plan.gradients_of(_parameters(optimizer), OPTIMIZER_PARAMETERS)
+    return grads, plan.TensorNames(OPTIMIZER_PARAMETERS, positions, ".grad")
 
 
 def _scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, funcname: str) -> dict:
@@ -336,8 +337,7 @@ def _step_measured(
     not back off the scale. Returns `result`.
     """
     scaling = scaler is not None and scaler._enabled
-    grads, positions = plan.gradients_of(_parameters(optimizer), OPTIMIZER_PARAMETERS)
-    names = plan.TensorNames(OPTIMIZER_PARAMETERS, positions, ".grad")
+    grads, names = _named_gradients(optimizer)
     state = _scaler_state(scaler, optimizer, funcname) if scaling else None
     if scaling:
         _check_not_float16(scaler, grads)
