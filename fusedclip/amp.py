@@ -425,7 +425,7 @@ def clip_step(
         return result
 
     def measure(grads, names, inv_scale, writes_after, dtensor_group):
-        result = api._clip(  # api.measure, with the gradients named by their parameters
+        result = api.measure_named(
             grads,
             names,
             max_norm=max_norm,
@@ -434,11 +434,8 @@ def clip_step(
             per_tensor=per_tensor,
             process_group=process_group if process_group is not None else dtensor_group,
             backend=backend,
-            apply=False,
-            gradients_only=True,
             writes_after=writes_after,
         )
-        result = api._or_empty(result, per_tensor)
         return result, result.found_inf
 
     return _step_measured(optimizer, measure, scaler=scaler, backend=backend)

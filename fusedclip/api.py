@@ -667,9 +667,36 @@ def measure(
     Returns:
         ClipResult; `clip_coef` is the factor `fused_clip_` would multiply the gradients by.
     """
-    result = _clip(
+    return measure_named(
         _as_list(tensors),
         "tensors",
+        max_norm=max_norm,
+        norm_type=norm_type,
+        inv_scale=inv_scale,
+        per_tensor=per_tensor,
+        process_group=process_group,
+        backend=backend,
+        writes_after=writes_after,
+    )
+
+
+def measure_named(
+    tensors: list[torch.Tensor],
+    names: str | plan.TensorNames,
+    *,
+    max_norm: float | None,
+    norm_type: float | str,
+    inv_scale: float | torch.Tensor | None,
+    per_tensor: bool,
+    process_group: ProcessGroup | None,
+    backend: BackendName | None,
+    writes_after: bool,
+) -> ClipResult:
+    """`measure` of a list that messages call `names` (`plan.prepare`'s `name`), such as an
+    optimizer's gradients named by their parameters."""
+    result = _clip(
+        tensors,
+        names,
         norm_type=norm_type,
         max_norm=max_norm,
         inv_scale=inv_scale,
