@@ -159,15 +159,27 @@ class Patch:
         return patched_while_running
 
 
+_DEFERRED_BODIES = (
+    (inspect.isgeneratorfunction, "a generator"),
+    (inspect.iscoroutinefunction, "a coroutine"),
+    (inspect.isasyncgenfunction, "an async generator"),
+)
+
+
 def _deferred_body_kind(function: Callable) -> str | None:
     """What kind of function `function` is ("a generator") where calling it returns before its
-    body runs; None for a plain one."""
-    if inspect.isgeneratorfunction(function):
-        return "a generator"
-    if inspect.iscoroutinefunction(function):
-        return "a coroutine"
-    if inspect.isasyncgenfunction(function):
-        return "an async generator"
+    body runs; None for a plain one. A function that wraps one (its `__wrapped__`, as
+    contextlib.contextmanager and functools.wraps leave it) counts as what it wraps: the body runs
+    when the caller consumes the result (enters the context, iterates, awaits), after the call."""
+    wrapper = None
+    seen: set[int] = set()
+    while callable(function) and id(function) not in seen:
+        seen.add(id(function))
+        for is_kind, kind in _DEFERRED_BODIES:
+            if is_kind(function):
+                return kind if wrapper is None else f"a function wrapping {kind}"
+        wrapper = function
+        function = getattr(function, "__wrapped__", None)
     return None
 
 

@@ -266,6 +266,55 @@ def test_a_refused_decoration_leaves_nothing_patched():
         assert not patch_module.is_patched(), kind
 
 
+def test_a_function_wrapping_a_deferred_body_is_refused_too():
+    """contextlib's context managers and functools.wraps decorators return a plain function whose
+    body (the wrapped generator or coroutine) runs after the call returns: it was accepted and ran
+    unpatched. A plain function that only wraps a plain one is still patched while it runs."""
+
+    def passing_through(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def context():
+        yield torch.nn.utils.clip_grad_norm_
+
+    @contextlib.asynccontextmanager
+    async def async_context():
+        yield torch.nn.utils.clip_grad_norm_
+
+    @passing_through
+    async def coroutine():
+        return torch.nn.utils.clip_grad_norm_
+
+    @passing_through
+    def generator():
+        yield torch.nn.utils.clip_grad_norm_
+
+    for function, kind in (
+        (context, "a generator"),
+        (async_context, "an async generator"),
+        (coroutine, "a coroutine"),
+        (generator, "a generator"),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"cannot decorate .*{function.__name__}, a function wrapping {kind}"
+        ):
+            fusedclip.patch()(function)
+        assert not patch_module.is_patched(), function.__name__
+
+    @fusedclip.patch()
+    @passing_through
+    def plain():
+        return torch.nn.utils.clip_grad_norm_
+
+    assert plain() is not TORCH_FUNCTIONS["clip_grad_norm_"]
+    assert torch.nn.utils.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
+
+
 def test_the_stand_ins_pickle_as_torchs_names():
     """A stand-in carried fusedclip's drop-in's name but was another object, so pickling it
     (torch.nn.utils.clip_grad_norm_ while patched, say in a saved config) raised."""
