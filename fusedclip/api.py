@@ -141,7 +141,7 @@ def check_bound(value, name: str, fix: str = "") -> float | torch.Tensor:
     return check_nonnegative(value, name, fix)
 
 
-def _check_norm_type(norm_type: float | str) -> float:
+def check_norm_type(norm_type: float | str) -> float:
     norm_type = to_float(norm_type, "norm_type", "a number > 0 or inf")
     if not norm_type > 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
@@ -392,7 +392,7 @@ def _clip(
     assert not (float64_norm and apply), "float64_norm is for calls that do not write"
     if refuse_repeats is None:
         refuse_repeats = writes_after
-    norm_type = _check_norm_type(norm_type)
+    norm_type = check_norm_type(norm_type)
     max_norm = None if max_norm is None else check_bound(max_norm, "max_norm")
     clip_value = None if clip_value is None else check_bound(clip_value, "clip_value")
     inv_scale = check_inv_scale(inv_scale)

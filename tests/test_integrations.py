@@ -266,6 +266,70 @@ def test_lightning_plugin_unscales_first_for_a_clip_gradients_override(monkeypat
     assert len(seen) == len(stock) and seen == pytest.approx(stock_seen, rel=1e-6, nan_ok=True)
 
 
+@pytest.mark.parametrize(
+    "saved_by, resumed_by", [("stock", "fused"), ("fused", "stock"), ("fused", "fused")]
+)
+def test_a_checkpoint_resumes_its_loss_scale_under_either_plugin(saved_by, resumed_by, tmp_path):
+    """Lightning files the plugin's state (the scaler's) under the plugin's class name: a run
+    saved with one plugin and resumed with the other restarted at the initial loss scale."""
+    lightning = pytest.importorskip("lightning")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from fusedclip.integrations.lightning import FusedMixedPrecision
+
+    plugin_types = {"stock": MixedPrecision, "fused": FusedMixedPrecision}
+    inputs, targets = (torch.cat(parts) for parts in zip(*_batches(4), strict=True))
+    batches = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(inputs, targets), batch_size=6, shuffle=False
+    )
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _tiny_net()
+
+        def training_step(self, batch, batch_idx):
+            loss = torch.nn.functional.mse_loss(self.net(batch[0]).float(), batch[1])
+            overflow = self.current_epoch == 0 and batch_idx == OVERFLOW_BATCH
+            return loss * float("inf") if overflow else loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            return batches
+
+    scales_at_start: list[float] = []
+
+    class Record(lightning.Callback):
+        def on_train_start(self, trainer, module):
+            scales_at_start.append(trainer.precision_plugin.scaler.get_scale())
+
+    def trainer(kind: str, epochs: int):
+        return lightning.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            plugins=[plugin_types[kind]("16-mixed", "cpu")],
+            gradient_clip_val=0.05,
+            callbacks=[Record()],
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    first = trainer(saved_by, 1)
+    first.fit(Module())
+    saved_scale = first.precision_plugin.scaler.get_scale()
+    assert saved_scale == scales_at_start[0] / 2, "the overflow backs the scale off"
+    first.save_checkpoint(tmp_path / "run.ckpt")
+    second = trainer(resumed_by, 2)
+    second.fit(Module(), ckpt_path=tmp_path / "run.ckpt")
+    assert scales_at_start[1] == saved_scale
+
+
 # accelerate --------------------------------------------------------------------------------------
 
 
@@ -392,6 +456,48 @@ def test_a_subset_of_the_optimizers_parameters_keeps_accelerates_unscale(fresh_a
     torch.testing.assert_close(fused_norm, stock_norm, rtol=NORM_RTOL, atol=0)
     for got, want in zip(fused_grads, stock_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=WEIGHT_RTOL, atol=0)
+
+
+@pytest.mark.parametrize(
+    "clip, arguments, error, message",
+    [
+        pytest.param("norm", ([None], 1.0), TypeError, r"parameters\[0\] is a NoneType", id="None"),
+        pytest.param("value", ("names", 1.0), TypeError, r"parameters\[0\] is a str", id="names"),
+        pytest.param(
+            "norm", ("all", None), TypeError, r"max_norm must be a .*got None", id="no-max"
+        ),
+        pytest.param("value", ("all", None), TypeError, r"clip_value must be .*None", id="no-clip"),
+        pytest.param("norm", ("first", -1.0), ValueError, r"max_norm must be a non-neg", id="neg"),
+        pytest.param("norm", ("first", 1.0, 0), ValueError, r"norm_type must be > 0", id="p0"),
+        pytest.param("value", ("first", float("nan")), ValueError, r"clip_value .*nan", id="nan"),
+    ],
+)
+@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
+def test_a_bad_argument_is_refused_before_anything_is_unscaled(
+    mixed_precision, clip, arguments, error, message, fresh_accelerate_state
+):
+    """As fusedclip's own functions refuse them, in every precision mode, before the gradients
+    or the scaler change. Found: a non-tensor entry raised an AttributeError from inside;
+    max_norm=None under fp16 clipped nothing, silently; a bad max_norm for a subset of the
+    optimizer's parameters was refused after the gradients had been unscaled."""
+    accelerator = _new_accelerator(True, mixed_precision)
+    model = _tiny_net()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    inputs, targets = _batches(1)[0]
+    accelerator.backward(torch.nn.functional.mse_loss(model(inputs).float(), targets))
+    before = [p.grad.clone() for p in model.parameters()]
+    which, *rest = arguments
+    named = {"all": model.parameters(), "first": model[0].parameters()}
+    named["names"] = dict(model.named_parameters())
+    parameters = named[which] if isinstance(which, str) else which
+    method = accelerator.clip_grad_norm_ if clip == "norm" else accelerator.clip_grad_value_
+    with pytest.raises(error, match=message):
+        method(parameters, *rest)
+    for got, want in zip((p.grad for p in model.parameters()), before, strict=True):
+        assert torch.equal(got, want)
+    if accelerator.scaler is not None:
+        stages = [s["stage"] for s in accelerator.scaler._per_optimizer_states.values()]
+        assert all(stage is torch.amp.grad_scaler.OptState.READY for stage in stages), stages
 
 
 @pytest.mark.parametrize("clip", ["norm", "value"])

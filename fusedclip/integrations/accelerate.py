@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
 import fusedclip
+from fusedclip import api, plan
 
 # Set-ups that clip through an engine of their own (accelerate's clip_grad_norm_ defers to it);
 # every other one (one device, DDP on any device type) holds plain gradients.
@@ -46,6 +47,14 @@ def _unwrapped(optimizer) -> torch.optim.Optimizer:
     while isinstance(optimizer, AcceleratedOptimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _parameters(parameters) -> list:
+    """`parameters` as a list, each entry checked to have a `.grad` (a TypeError naming it, as
+    fusedclip's clip gives, before anything is unscaled)."""
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    plan.gradients_of(parameters, "parameters")
+    return parameters
 
 
 def _optimizer_holding_exactly(accelerator: Accelerator, parameters: list[torch.Tensor]):
@@ -73,9 +82,13 @@ def _scaling(accelerator: Accelerator) -> bool:
 
 def clip_grad_norm_(self: Accelerator, parameters, max_norm, norm_type=2):
     """Accelerator.clip_grad_norm_, with unscale and clip in one fused call where it can."""
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    parameters = _parameters(parameters)
     if not _fused_path(self, parameters):
         return Accelerator.clip_grad_norm_(self, parameters, max_norm, norm_type)
+    # Checked before anything is unscaled, as fusedclip.clip_grad_norm_ checks them (the fused
+    # call below would take max_norm=None for "no clip").
+    max_norm = api.check_bound(max_norm, "max_norm")
+    norm_type = api.check_norm_type(norm_type)
     if _scaling(self):
         optimizer = _optimizer_holding_exactly(self, parameters)
         if optimizer is not None:
@@ -88,9 +101,10 @@ def clip_grad_norm_(self: Accelerator, parameters, max_norm, norm_type=2):
 
 def clip_grad_value_(self: Accelerator, parameters, clip_value):
     """Accelerator.clip_grad_value_, with unscale and clamp in one fused call where it can."""
-    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    parameters = _parameters(parameters)
     if not _fused_path(self, parameters):
         return Accelerator.clip_grad_value_(self, parameters, clip_value)
+    clip_value = api.check_bound(clip_value, "clip_value")  # as for max_norm
     if _scaling(self):
         optimizer = _optimizer_holding_exactly(self, parameters)
         if optimizer is not None:

@@ -23,6 +23,9 @@ unscale back and does it inside that clip, fused; what the loop observes stays t
   optimizers that unscale inside their step (fused Adam: Lightning refuses to clip those); a
   step without clipping.
 
+Checkpoints hold the scaler's state under the key Lightning's `MixedPrecision` uses, so a run
+saved with either plugin resumes with its loss scale under the other.
+
 "bf16-mixed" has no scaler; its clip is fusedclip's fused clip. `last_result` is the
 `fusedclip.ClipResult` of the latest fused clip (norm, found_inf, clip_coef on the device).
 """
@@ -55,6 +58,20 @@ class FusedMixedPrecision(MixedPrecision):
         # ids of optimizers whose gradients are still loss-scaled in the current step.
         self._unscale_pending: set[int] = set()
         self.last_result: ClipResult | None = None
+
+    # Lightning files a precision plugin's state (here the scaler's) under the plugin's class
+    # name. The state is MixedPrecision's, so it is filed under MixedPrecision's name: a run
+    # resumes with its loss scale whichever of the two plugins saved or loads the checkpoint.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint.pop(type(self).__qualname__, None)
+        if state is not None:
+            checkpoint[MixedPrecision.__qualname__] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if MixedPrecision.__qualname__ in checkpoint and type(self).__qualname__ not in checkpoint:
+            self.load_state_dict(checkpoint[MixedPrecision.__qualname__])
 
     def _can_hold_back_unscale(self, optimizer: Any, model: LightningModule) -> bool:
         if not model.automatic_optimization or _optimizer_handles_unscaling(optimizer):
