@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedclip.api import check_nonnegative
+from fusedclip.api import check_bound
 from fusedclip.norms import clamp_by_value, clip_coefficient
 
 
@@ -57,9 +57,9 @@ def clip_gradient(
     if max_norm is None and clip_value is None:
         raise ValueError("clip_gradient needs max_norm or clip_value (or both)")
     if max_norm is not None:
-        max_norm = check_nonnegative(max_norm, "max_norm")
+        max_norm = check_bound(max_norm, "max_norm")
     if clip_value is not None:
-        clip_value = check_nonnegative(clip_value, "clip_value")
+        clip_value = check_bound(clip_value, "clip_value")
     if x.is_complex():
         raise TypeError(
             f"clip_gradient: x has dtype {x.dtype}; complex gradients are not clipped (clip "

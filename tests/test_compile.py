@@ -565,6 +565,34 @@ def test_compiles_of_clip_gradient_take_a_symbolic_max_norm_and_clip_value(dynam
     assert counters["stats"]["unique_graphs"] <= (1 if dynamic else 2), "compiled per limit"
 
 
+@pytest.mark.parametrize(
+    "max_norm, clip_value", [(0.5, None), (None, 0.1), (0.5, 0.2)], ids=["norm", "value", "both"]
+)
+def test_clip_gradient_takes_one_element_tensor_limits_in_a_fullgraph_compile(max_norm, clip_value):
+    """clip_gradient read a tensor limit on the host (.item()), which a fullgraph compile refuses
+    ("Could not guard on data-dependent expression"); like clip_grad_norm_'s, it now stays on the
+    device while traced."""
+    torch._dynamo.reset()
+
+    def loss(x, max_norm, clip_value):
+        clipped = fusedclip.clip_gradient(x, max_norm=max_norm, clip_value=clip_value)
+        return (clipped * x.detach()).sum()
+
+    limits = [None if limit is None else torch.tensor(limit) for limit in (max_norm, clip_value)]
+    grads = []
+    for function in (loss, torch.compile(loss, fullgraph=True)):
+        x = torch.arange(-2.0, 3.0, requires_grad=True)
+        function(x, *limits).backward()
+        grads.append(x.grad)
+    assert_close(grads[1], grads[0], rtol=1e-6, what="clipped gradient, compiled")
+    expected = torch.arange(-2.0, 3.0, dtype=torch.float64)  # the gradient flowing into x
+    if max_norm is not None:
+        expected = expected * min(1.0, max_norm / (expected.norm().item() + 1e-6))
+    if clip_value is not None:
+        expected = expected.clamp(-clip_value, clip_value)
+    assert_close(grads[0], expected.float(), rtol=1e-6, what="clipped gradient, eager")
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params())
 @pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_", "fused_clip_"])
 def test_a_changing_float_inv_scale_keeps_the_graph_whole(device, backend, call):
