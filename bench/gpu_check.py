@@ -109,9 +109,10 @@ def steps(dry_run: bool, out_dir: str) -> list[Step]:
         ]
     else:
         cores = str(os.cpu_count() or 1)
-        # Every core helps only across files: clip_cuda.cu alone took 147 s of one core for
-        # sm_90 on the 2-core CI machine (2026-12-07), and a build cut short wastes the whole
-        # loan, so the build may take more than its share and the later steps shrink.
+        # Every core helps only across files. The kernels are split over five .cu files for
+        # that: the largest took 62 s of one core for sm_90 on the 2-core CI machine, where the
+        # single file before took 147 s (2026-12-07). A build cut short wastes the whole loan,
+        # so the build may still take more than its share and the later steps shrink.
         build = Step(
             "build",
             [python, "setup.py", "-q", "build_ext", "--inplace"],

@@ -35,7 +35,7 @@ from tests.exact import bits, same_alignment_copy  # noqa: E402
 from tests.tolerances import FINALIZE_RTOL, GRAD_ULPS, RAW_NORM_RTOL, ULP  # noqa: E402
 
 ops = torch.ops.fusedclip
-testing = torch.ops.fusedclip_testing  # hooks of csrc/cuda/clip_cuda.cu
+testing = torch.ops.fusedclip_testing  # hooks registered in csrc/cuda/clip_cuda.cu
 DEV = torch.device("cuda")
 CHUNK = 16384  # kChunkElements of csrc/cuda/multi_tensor.cuh
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

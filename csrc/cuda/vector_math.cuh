@@ -1,6 +1,6 @@
-// The device maths of clip_cuda.cu's kernels: 16-byte vector loads and stores, dtype conversions,
-// the read pass's accumulators (a plain float64 power sum, or norm.h's ScaledSum) and their
-// fixed-order warp and block reductions.
+// The device maths of the CUDA kernels (chunk_passes.cuh): 16-byte vector loads and stores, dtype
+// conversions, the read pass's accumulators (a plain float64 power sum, or norm.h's ScaledSum) and
+// their fixed-order warp and block reductions.
 #pragma once
 
 #include <cuda_bf16.h>
