@@ -153,13 +153,21 @@ class SkipBudget:
         _check_count("skip_window", window, max_skips + 1)
         self.max_skips, self.window = max_skips, window
         self._recent: torch.Tensor | None = None  # ring of the last `window` decisions
-        self._steps = 0  # a host int: the ring's position needs no sync
+        # Decisions taken, on the ring's device with it: a host int would be a constant of a
+        # compiled step, compiled again every step.
+        self._steps: torch.Tensor | None = None
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "recent": _copied(self._recent), "steps": self._steps}
+        steps = 0 if self._steps is None else int(self._steps)
+        return {"window": self.window, "recent": _copied(self._recent), "steps": steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self._recent, self._steps = self._checked(state, "window")
+        self._restore(self._checked(state, "window"))
+
+    def _restore(self, ring: tuple[torch.Tensor | None, int]) -> None:
+        """Sets the state `_checked` returned."""
+        self._recent, steps = ring
+        self._steps = None if self._recent is None else _step_count(steps, self._recent.device)
 
     def _checked(self, state, window_argument: str) -> tuple[torch.Tensor | None, int]:
         """(ring, steps) of a saved state, checked; `window_argument` is what the caller's
@@ -172,14 +180,21 @@ class SkipBudget:
         """`spike` where the budget allows skipping it; records the decision."""
         if self._recent is None:
             self._recent = torch.zeros(self.window, dtype=torch.bool, device=spike.device)
+            self._steps = _step_count(0, spike.device)
         elif self._recent.device != spike.device:  # loaded from elsewhere
-            self._recent = self._recent.to(spike.device)
-        slot = self._steps % self.window
-        earlier = self._recent.sum() - self._recent[slot].to(torch.int64)
+            self._recent, self._steps = self._recent.to(spike.device), self._steps.to(spike.device)
+        slot = torch.arange(self.window, device=spike.device) == self._steps % self.window
+        earlier = (self._recent & ~slot).sum()
         skip = spike & (earlier < self.max_skips)
-        self._recent[slot] = skip
-        self._steps += 1
+        self._recent = torch.where(slot, skip, self._recent)
+        self._steps = self._steps + 1
         return skip
+
+
+def _step_count(steps: int, device: torch.device) -> torch.Tensor:
+    """A step counter on the device: indexing the state with it, unlike with a host int, leaves
+    a compiled step the same graph every step."""
+    return torch.tensor(steps, dtype=torch.int64, device=device)
 
 
 class ZClip:
@@ -301,7 +316,7 @@ class ZClip:
             )
         for name, value in zip(self._STATE, tensors, strict=True):
             setattr(self, name, value)
-        self._skip_budget._recent, self._skip_budget._steps = ring
+        self._skip_budget._restore(ring)
 
     def _state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each state tensor's shape where it is not (), by attribute."""
@@ -572,9 +587,10 @@ class GradMonitor:
         ema = _check_fraction("ema", ema)
         self.capacity, self.names, self.spike_factor, self.ema = capacity, names, spike_factor, ema
         self._skip_budget = SkipBudget(max_skips, skip_window)
-        self.steps = 0
+        self._steps: torch.Tensor | None = None  # steps recorded (_step_count), None before any
         self.norms = self.coefs = self.found_inf = self.per_tensor = None
-        self._has_per_tensor: list[bool] = []  # per slot: whether per_tensor holds that step
+        # Per slot, beside per_tensor: whether it holds that step's per-tensor norms.
+        self._has_per_tensor: torch.Tensor | None = None
         self.norm_ema: torch.Tensor | None = None  # NaN until the first finite, nonzero norm
         self.should_skip: torch.Tensor | None = None
 
@@ -588,14 +604,20 @@ class GradMonitor:
         "should_skip": torch.bool,
     }
 
+    @property
+    def steps(self) -> int:
+        """The number of steps recorded (read from the device: one sync)."""
+        return 0 if self._steps is None else int(self._steps)
+
     def state_dict(self) -> dict:
         """The history, the spike EMA and the skip budget's ring (copies, on their device), for a
         checkpoint; the constructor's arguments are not in it."""
         state = {name: _copied(getattr(self, name)) for name in self._STATE}
+        has_per_tensor = [] if self._has_per_tensor is None else self._has_per_tensor.tolist()
         return state | {
             "capacity": self.capacity,
             "steps": self.steps,
-            "has_per_tensor": list(self._has_per_tensor),
+            "has_per_tensor": has_per_tensor,
             "skip_budget": self._skip_budget.state_dict(),
         }
 
@@ -635,8 +657,12 @@ class GradMonitor:
             )
         for name, value in zip(self._STATE, tensors, strict=True):
             setattr(self, name, value)
-        self.steps, self._has_per_tensor = steps, list(has_per_tensor)
-        self._skip_budget._recent, self._skip_budget._steps = ring
+        device = self.norms.device if self.norms is not None else torch.device("cpu")
+        self._steps = _step_count(steps, device)
+        self._has_per_tensor = None
+        if per_tensor is not None:
+            self._has_per_tensor = torch.tensor(has_per_tensor, dtype=torch.bool, device=device)
+        self._skip_budget._restore(ring)
 
     @without_grad
     def record(
@@ -686,8 +712,11 @@ class GradMonitor:
             self.norm_ema = torch.full(
                 (), math.nan, dtype=self._STATE["norm_ema"], device=norm.device
             )
+            self._steps = (
+                _step_count(0, norm.device) if self._steps is None else self._steps.to(norm.device)
+            )
         elif self.norms.device != norm.device:  # loaded from elsewhere
-            for name in self._STATE:
+            for name in (*self._STATE, "_steps", "_has_per_tensor"):
                 setattr(self, name, _on(getattr(self, name), norm.device))
         if per_tensor is not None and self.per_tensor is None:
             self.per_tensor = torch.zeros(
@@ -696,19 +725,19 @@ class GradMonitor:
                 dtype=self._STATE["per_tensor"],
                 device=norm.device,
             )
-            self._has_per_tensor = [False] * self.capacity
-        slot = self.steps % self.capacity
-        self.norms[slot] = norm
+            self._has_per_tensor = torch.zeros(self.capacity, dtype=torch.bool, device=norm.device)
+        slot = (self._steps % self.capacity).reshape(1)  # index_copy_'s index: no sync
+        self.norms.index_copy_(0, slot, norm.reshape(1))
         coef = result.clip_coef.to(torch.float64)
         if inv_scale is not None:
             inv_scale = torch.as_tensor(inv_scale, dtype=torch.float64, device=coef.device)
             coef = coef / inv_scale.reshape(())
-        self.coefs[slot] = coef
-        self.found_inf[slot] = result.found_inf
+        self.coefs.index_copy_(0, slot, coef.reshape(1))
+        self.found_inf.index_copy_(0, slot, result.found_inf.to(self.found_inf.dtype).reshape(1))
         if per_tensor is not None:
-            self.per_tensor[slot] = per_tensor.to(torch.float64)
-        if self.per_tensor is not None:  # on the host: a step without them is left out
-            self._has_per_tensor[slot] = per_tensor is not None
+            self.per_tensor.index_copy_(0, slot, per_tensor.to(torch.float64).reshape(1, -1))
+        if self.per_tensor is not None:  # a step without them is left out of their summary
+            self._has_per_tensor.index_fill_(0, slot, per_tensor is not None)
         finite = torch.isfinite(norm)
         above = finite & (norm > self.spike_factor * self.norm_ema)  # False while the EMA is NaN
         spike = self._skip_budget.take(above)
@@ -718,7 +747,7 @@ class GradMonitor:
         )
         enters = finite & ~spike & (norm > 0)
         self.norm_ema = torch.where(enters, ema, self.norm_ema)
-        self.steps += 1
+        self._steps = self._steps + 1
         return self.should_skip
 
     def summary(self, top_k: int = 5) -> dict:
@@ -728,7 +757,8 @@ class GradMonitor:
         ranks last, its mean NaN), and `nonfinite_norms`, the `top_k` (name, count) of tensors
         whose norm was inf or NaN."""
         _check_count("top_k", top_k, 0)
-        filled = min(self.steps, self.capacity)
+        steps = self.steps
+        filled = min(steps, self.capacity)
         if filled == 0:
             return {"steps": 0}
         norms = self.norms[:filled].cpu()
@@ -740,7 +770,7 @@ class GradMonitor:
             torch.quantile(finite, quantiles).tolist() if finite.numel() else [math.nan] * 3
         )
         summary = {
-            "steps": self.steps,
+            "steps": steps,
             "window": filled,
             "clip_frequency": float((coefs < 1).double().mean()),
             "overflow_steps": int(found.sum()),
@@ -750,7 +780,7 @@ class GradMonitor:
             "norm_max": float(finite.max()) if finite.numel() else math.nan,
         }
         if self.per_tensor is not None:
-            recorded = [slot for slot in range(filled) if self._has_per_tensor[slot]]
+            recorded = self._has_per_tensor[:filled].cpu()
             per_tensor = self.per_tensor[:filled].cpu()[recorded]
             is_finite = torch.isfinite(per_tensor)
             # 0/0 = NaN for a tensor whose norms were never finite: it has no mean and ranks

@@ -147,6 +147,65 @@ def test_a_compiled_training_step_compiles_once(clip):
     assert_close(compiled_norm, eager_norm, rtol=1e-5, what="norm after 20 steps")
 
 
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks-allowed", "fullgraph"])
+@pytest.mark.parametrize("tool", ["GradMonitor", "ZClip-skip_on_spike"])
+def test_a_compiled_step_with_a_stability_tool_compiles_at_most_twice(tool, fullgraph):
+    """Their step counters were host ints, which a compiled step reads as constants: every step
+    compiled again, up to dynamo's recompile limit (then eager, or with fullgraph=True an error
+    at step 8). 20 steps, each state against an eager twin's."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fusedclip.stability import GradMonitor, ZClip
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    spikes = {9, 13}  # flagged by both tools (the second one past a budget of one skip)
+    steps = [
+        [torch.randn(4, 3, generator=generator) * (50 if step in spikes else 1) for _ in "ab"]
+        for step in range(20)
+    ]
+
+    def make():
+        parameters = [torch.nn.Parameter(torch.zeros(4, 3)) for _ in "ab"]
+        if tool == "GradMonitor":
+            return GradMonitor(capacity=8, max_skips=1), parameters
+        return ZClip(warmup_steps=3, skip_on_spike=True, max_skips=1), parameters
+
+    def step(monitor, parameters):
+        if tool == "GradMonitor":
+            grads = [p.grad for p in parameters]
+            return monitor.record(fusedclip.fused_clip_(grads, max_norm=1.0, per_tensor=True))
+        return monitor.step(parameters).skip
+
+    counter = CompileCounter()
+    (eager_tool, eager_parameters), (compiled_tool, compiled_parameters) = make(), make()
+    # Held as a training script's globals: dynamo guards a global's int attributes by value (a
+    # closure's it had made symbolic, which hid the recompiles of ZClip's skip budget).
+    script = {"step": step, "tool": compiled_tool, "parameters": compiled_parameters}
+    exec("def train_step():\n    return step(tool, parameters)\n", script)
+    compiled = torch.compile(script["train_step"], backend=counter, fullgraph=fullgraph)
+    skips = []
+    for grads in steps:
+        for parameters in (eager_parameters, compiled_parameters):
+            for parameter, grad in zip(parameters, grads, strict=True):
+                parameter.grad = grad.clone()
+        eager = step(eager_tool, eager_parameters)
+        skips.append(bool(compiled()))
+        assert skips[-1] == bool(eager)
+    assert counter.frame_count <= 2, f"compiled {counter.frame_count} frames in 20 steps"
+    assert skips.count(True) == 1, "the budget of one skip was not exercised"
+    compiled_state, eager_state = compiled_tool.state_dict(), eager_tool.state_dict()
+    for name, value in eager_state.items():
+        if isinstance(value, torch.Tensor):
+            assert_close(compiled_state[name], value, rtol=1e-12, what=name)
+        elif name != "skip_budget":
+            assert compiled_state[name] == value, name
+    assert compiled_state["skip_budget"]["steps"] == eager_state["skip_budget"]["steps"] == 20
+    assert torch.equal(
+        compiled_state["skip_budget"]["recent"], eager_state["skip_budget"]["recent"]
+    )
+
+
 def _aliasing_case(case):
     """(the gradients of two parameters, the buffer they live in): one memory as two views, or
     two views that overlap in part."""
