@@ -206,6 +206,41 @@ def test_a_compiled_step_with_a_stability_tool_compiles_at_most_twice(tool, full
     )
 
 
+@pytest.mark.parametrize("case", ["expanded gradient", "max_norm past float64"])
+def test_compiled_refusals_still_come_before_anything_is_written(case):
+    """As the README says: under compile some refusals are dynamo's own errors, not fusedclip's
+    ValueError, but still raised before any gradient byte changes."""
+    torch._dynamo.reset()
+    gradients = [torch.ones(4), torch.ones(3).expand(2, 3)]
+    max_norm = 0.1
+    if case == "max_norm past float64":
+        gradients, max_norm = [torch.full((4,), 2.0)], 10**400
+    before = [g.clone() for g in gradients]
+    clip = torch.compile(lambda grads: fusedclip.fused_clip_(grads, max_norm=max_norm))
+    with pytest.raises(Exception):  # noqa: B017 - dynamo's error types are its own
+        clip(gradients)
+    for got, want in zip(gradients, before, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_compiled_clip_of_a_wrapper_subclass_dispatches_through_it():
+    """The README's limit: traced, a wrapper subclass looks like a plain tensor, so the call is
+    not refused and reaches the op through __torch_dispatch__, which clips each inner tensor by
+    its own norm (eager refuses it with a TypeError)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    torch._dynamo.reset()
+
+    def clip(grads):
+        return fusedclip.fused_clip_(grads, max_norm=1.0).total_norm
+
+    with pytest.raises(TypeError, match="wraps others"):
+        clip([two_tensor.TwoTensor(torch.tensor([3.0, 4.0]), torch.tensor([30.0, 40.0]))])
+    gradient = two_tensor.TwoTensor(torch.tensor([3.0, 4.0]), torch.tensor([30.0, 40.0]))
+    torch.compile(clip, backend="aot_eager")([gradient])
+    for inner in (gradient.a, gradient.b):
+        assert_close(inner, torch.tensor([0.6, 0.8]), rtol=1e-6, what="inner tensor")
+
+
 def _aliasing_case(case):
     """(the gradients of two parameters, the buffer they live in): one memory as two views, or
     two views that overlap in part."""
