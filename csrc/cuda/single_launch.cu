@@ -84,8 +84,8 @@ SingleLaunchOutcome launch_single_clip(const SingleLaunchArgs& args, bool any_fl
                                        Launch launch, int device, cudaStream_t stream) {
   const void* kernel = clamp ? single_launch_kernel<true>(args.norm_type, any_float64)
                              : single_launch_kernel<false>(args.norm_type, any_float64);
-  const int64_t resident = static_cast<int64_t>(resident_blocks_per_sm(kernel, device)) *
-                           device_limits(device).sm_count;
+  const int64_t resident =
+      static_cast<int64_t>(resident_blocks_per_sm(kernel, device)) * device_limits(device).sm_count;
   if (resident == 0) {
     TORCH_CHECK(launch != Launch::kSingle,
                 "the single-launch clip kernel does not fit on an SM of cuda:", text(device),
