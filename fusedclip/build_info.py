@@ -9,6 +9,7 @@ archs, which kernels); `build_info()` reads it back together with what the runni
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 
@@ -16,10 +17,14 @@ import torch
 
 BUILD_RECORD_NAME = "_build.json"
 BUILD_RECORD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), BUILD_RECORD_NAME)
-# How a user rebuilds the extension against the torch installed in their environment.
+# How a user rebuilds the extension against the torch installed in their environment: pip's
+# flags (--no-deps: --force-reinstall alone reinstalls torch too, at its newest version, after
+# building against the old one), or in a checkout built in place, setup.py.
+PIP_REBUILD_FLAGS = ("--no-build-isolation", "--no-deps", "--force-reinstall")
 REBUILD_HINT = (
-    "rebuild it against this torch from a fusedclip checkout or sdist: "
-    "pip install --no-build-isolation --force-reinstall <checkout or fusedclip-*.tar.gz>"
+    "rebuild it against this torch: pip install "
+    f"{' '.join(PIP_REBUILD_FLAGS)} <fusedclip checkout or fusedclip-*.tar.gz>, or in a "
+    "checkout built in place, python setup.py build_ext --inplace"
 )
 
 
@@ -45,19 +50,39 @@ def _release(version: str) -> str:
     return version.split("+", 1)[0]
 
 
-def torch_mismatch(record: dict | None, running_version: str | None = None) -> str | None:
+def _cuda_major(version: str | None) -> str | None:
+    return None if version is None else version.split(".", 1)[0]
+
+
+_NOT_GIVEN = object()
+
+
+def torch_mismatch(
+    record: dict | None, running_version: str | None = None, running_cuda=_NOT_GIVEN
+) -> str | None:
     """None when the extension was built against the running torch (or nothing is recorded), else
-    the message that says which torch it was built with and how to rebuild."""
+    the message that says which torch it was built with and how to rebuild. `running_version`,
+    `running_cuda`: torch.__version__ and torch.version.cuda unless given (tests)."""
     running_version = torch.__version__ if running_version is None else running_version
+    running_cuda = torch.version.cuda if running_cuda is _NOT_GIVEN else running_cuda
     if record is None or "torch_version" not in record:
         return None
     built_version = record["torch_version"]
-    if _release(built_version) == _release(running_version):
-        return None
-    return (
-        f"it was built against torch {built_version}, but torch {running_version} is running "
-        f"(a C++ extension only loads safely into the torch it was compiled for); {REBUILD_HINT}"
-    )
+    if _release(built_version) != _release(running_version):
+        return (
+            f"it was built against torch {built_version}, but torch {running_version} is running "
+            f"(a C++ extension only loads safely into the torch it was compiled for); "
+            f"{REBUILD_HINT}"
+        )
+    # The CUDA kernels link torch's CUDA libraries, of the CUDA major version torch was built with.
+    built_cuda = record.get("torch_cuda_version")
+    if "cuda" in record.get("kernels", ()) and _cuda_major(built_cuda) != _cuda_major(running_cuda):
+        running = f"CUDA {running_cuda}" if running_cuda else "no CUDA"
+        return (
+            f"its CUDA kernels were built against torch {built_version} (CUDA {built_cuda}), but "
+            f"torch {running_version} ({running}) is running; {REBUILD_HINT}"
+        )
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +139,7 @@ def build_info() -> BuildInfo:
         cuda_available=torch.cuda.is_available(),
         extension_loaded=ops.EXTENSION_ERROR is None,
         extension_error=ops.EXTENSION_ERROR,
-        built_with=read_build_record(),
+        # A record left beside no extension (removed by hand) describes nothing that is here.
+        built_with=read_build_record() if importlib.util.find_spec("fusedclip._C") else None,
         backends={name: dispatch.unavailable_reason(name) for name in dispatch.BACKEND_NAMES[1:]},
     )

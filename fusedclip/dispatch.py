@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 
-from fusedclip import ops, reference
+from fusedclip import build_info, ops, reference
 
 BackendName = Literal["auto", "cuda", "triton", "cpu", "reference"]
 BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
@@ -43,6 +43,16 @@ def _triton_ops():
     return triton_backend
 
 
+def _built_without_cuda() -> str:
+    """Why the extension has no CUDA kernels, as its build recorded it."""
+    skipped = (build_info.read_build_record() or {}).get("cuda_skipped")
+    why = f" ({skipped})" if skipped else ""
+    return (
+        f"the extension was built without the CUDA kernels{why}: rebuild with CUDA_HOME naming "
+        "a CUDA toolkit, and without FUSEDCLIP_SKIP_CUDA=1"
+    )
+
+
 def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
     """None if backend `name` can run (on `device_type` tensors, when given), else the reason."""
     if name == "reference":
@@ -55,10 +65,7 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
         return None
     if name == "cuda":
         if not ops.has_kernel("reduce", "CUDA"):
-            return (
-                ops.EXTENSION_ERROR
-                or "the extension was built without a CUDA toolkit (set CUDA_HOME and rebuild)"
-            )
+            return ops.EXTENSION_ERROR or _built_without_cuda()
         if device_type is None and not torch.cuda.is_available():
             return "no CUDA device is available"
         if device_type not in (None, "cuda"):

@@ -35,6 +35,8 @@ except ImportError as error:
         )
     else:  # built, but it does not load: say so once
         EXTENSION_ERROR = f"the fusedclip._C extension does not load ({error})"
+        if torch_mismatch is None:  # another cause, such as a build from before build records
+            EXTENSION_ERROR += f"; {build_info.REBUILD_HINT}"
         warnings.warn(f"fusedclip: {EXTENSION_ERROR}; using the fallback backends", stacklevel=2)
 
 
