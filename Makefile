@@ -14,7 +14,16 @@ $(VENV)/.deps: requirements-dev.txt
 	FUSEDCLIP_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-build/.extension: $(VENV)/.deps $(SOURCES)
+# What the build depends on besides the sources and the venv, rewritten (at parse time, so that
+# make -n sees it too) only when it changes: a new toolkit, arch list or switch rebuilds.
+BUILD_SETTINGS := CUDA_HOME=$(CUDA_HOME) CUDA_PATH=$(CUDA_PATH) nvcc=$(shell command -v nvcc) \
+	TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) FUSEDCLIP_SKIP_CUDA=$(FUSEDCLIP_SKIP_CUDA) \
+	FUSEDCLIP_SKIP_EXT=$(FUSEDCLIP_SKIP_EXT) FUSEDCLIP_REQUIRE_CUDA=$(FUSEDCLIP_REQUIRE_CUDA)
+$(shell mkdir -p build && (echo '$(BUILD_SETTINGS)' | cmp -s - build/.settings || echo '$(BUILD_SETTINGS)' > build/.settings))
+# torch reinstalled (another version) rewrites its version.py.
+TORCH_VERSION_FILE := $(wildcard $(VENV)/lib/python3*/site-packages/torch/version.py)
+
+build/.extension: $(VENV)/.deps $(SOURCES) build/.settings $(TORCH_VERSION_FILE)
 	$(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $@
 
@@ -61,4 +70,4 @@ lint: $(VENV)/.deps
 	$(VENV)/bin/clang-format --dry-run --Werror $(wildcard csrc/*.cpp csrc/include/fusedclip/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 clean:
-	rm -rf build fusedclip/_C*.so
+	rm -rf build fusedclip/_C*.so fusedclip/_build.json

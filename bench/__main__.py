@@ -1,5 +1,5 @@
-"""`python -m bench` (what `make bench` runs; `fusedclip-bench` once installed): fusedclip against
-torch, torch.compile of torch's path, apex when installed, and the copy-bandwidth floor.
+"""`python -m bench` (what `make bench` runs): fusedclip against torch, torch.compile of torch's
+path, apex when installed, and the copy-bandwidth floor.
 
 Every row is checked against the float64 norm before it is timed, so a fast wrong kernel cannot
 look good. Providers take turns round by round; each row is sampled until every median is known
@@ -201,7 +201,7 @@ class _Progress:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fusedclip-bench",
+        prog="python -m bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen = _chosen_workloads(args, device)
     except (ValueError, ImportError) as error:
-        raise SystemExit(f"fusedclip-bench: {error}") from error
+        raise SystemExit(f"python -m bench: {error}") from error
     budget = _budget(args, device)
     compile_limit = (
         -1 if args.no_compile else (args.compile_max_tensors or COMPILE_MAX_TENSORS[device])

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 import tomllib
 import warnings
 
@@ -78,13 +80,63 @@ def test_version_has_one_source():
     assert getattr(importlib.import_module(module_name), name) == fusedclip.__version__
 
 
-def test_the_console_script_names_bench_main():
+def test_the_wheel_installs_the_fusedclip_package_alone():
+    """It installed a top-level `bench` package too (and a console script into it), which shadows
+    a user's own bench/ folder and labelled results with whatever git checkout surrounded the
+    venv. bench/ now ships in the sdist only."""
+    setuptools = pytest.importorskip("setuptools")
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
-    module_name, _, name = project["project"]["scripts"]["fusedclip-bench"].partition(":")
-    main = getattr(importlib.import_module(module_name), name)
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(ROOT, include=include)
+    assert "fusedclip" in packages
+    assert {package.split(".")[0] for package in packages} == {"fusedclip"}, packages
+    assert "scripts" not in project["project"]
+    manifest = open(os.path.join(ROOT, "MANIFEST.in")).read()
+    assert "recursive-include bench *.py" in manifest  # the sdist still carries the harness
+
+
+def test_python_m_bench_runs_from_the_checkout():
+    from bench.__main__ import main
+
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_make_rebuilds_when_a_build_setting_changes(tmp_path):
+    """The build stamp depended on the sources and the venv alone: a first `make` without a
+    toolkit (or with FUSEDCLIP_SKIP_CUDA=1) never gained the CUDA kernels, and a new
+    TORCH_CUDA_ARCH_LIST or CUDA_HOME was ignored. A dry run in a copy of the Makefile."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make here")
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    inputs = [tmp_path / "requirements-dev.txt", tmp_path / "setup.py", tmp_path / ".venv/.deps"]
+    for path in inputs:
+        path.write_text("")
+    settings = ("CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "FUSEDCLIP_SKIP_CUDA")
+    settings += ("FUSEDCLIP_SKIP_EXT", "FUSEDCLIP_REQUIRE_CUDA", "MAKEFLAGS", "MFLAGS")
+    env = {name: value for name, value in os.environ.items() if name not in settings}
+
+    def builds(**changed) -> bool:
+        command = [make, "-n", "build"]
+        run = subprocess.run(command, cwd=tmp_path, env=env | changed, capture_output=True)
+        assert run.returncode == 0, run.stderr
+        return b"build_ext --inplace" in run.stdout
+
+    assert builds(), "never built"
+    stamp = tmp_path / "build" / ".extension"
+    stamp.parent.mkdir(exist_ok=True)
+    stamp.write_text("")
+    past = time.time() - 100
+    built = [*inputs, tmp_path / "build" / ".settings", stamp]
+    for age, path in enumerate(path for path in built if path.exists()):
+        os.utime(path, (past + age, past + age))  # each newer than what it depends on
+    assert not builds(), "rebuilt with nothing changed"
+    assert builds(TORCH_CUDA_ARCH_LIST="10.0")
+    assert builds(CUDA_HOME=str(tmp_path / "cuda"))
+    assert builds(FUSEDCLIP_SKIP_CUDA="1")
 
 
 def _fake_toolkit(root):
@@ -161,6 +213,63 @@ def test_torch_mismatch(built, running, refused):
     if refused:
         assert built in message and running in message and "--no-build-isolation" in message
     assert build_info_module.torch_mismatch(None, running) is None
+
+
+@pytest.mark.parametrize(
+    "kernels, running_cuda, refused",
+    [
+        pytest.param(["cpu", "cuda"], "13.0", False, id="same-cuda"),
+        pytest.param(["cpu", "cuda"], "13.2", False, id="same-cuda-major"),
+        pytest.param(["cpu", "cuda"], None, True, id="cuda-kernels-under-a-cpu-torch"),
+        pytest.param(["cpu", "cuda"], "12.6", True, id="other-cuda-major"),
+        pytest.param(["cpu"], None, False, id="cpu-kernels-under-a-cpu-torch"),
+    ],
+)
+def test_torch_mismatch_of_the_cuda_kernels(kernels, running_cuda, refused):
+    """The CUDA kernels link torch's CUDA libraries: an extension that has them, built under a
+    CUDA 13 torch, was let into a +cpu or CUDA 12 torch of the same release (and then failed to
+    load, or at the first launch, without the rebuild command)."""
+    record = {"torch_version": "2.14.1+cu130", "torch_cuda_version": "13.0", "kernels": kernels}
+    message = build_info_module.torch_mismatch(record, "2.14.1+x", running_cuda)
+    assert (message is not None) == refused
+    if refused:
+        assert "CUDA 13.0" in message and build_info_module.REBUILD_HINT in message
+
+
+def test_the_rebuild_command_leaves_the_installed_torch_alone(tmp_path):
+    """The hint said `pip install --no-build-isolation --force-reinstall <checkout>`: that also
+    reinstalls torch at its newest version after building against the old one, so the rebuilt
+    extension is refused again. Its flags, in a dry run against no index, touch fusedclip alone
+    (without --no-deps pip must look up torch, and fails here)."""
+    pytest.importorskip("setuptools")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--quiet",
+         "--report", str(tmp_path / "report.json"), *build_info_module.PIP_REBUILD_FLAGS, ROOT],
+        env={**os.environ, "FUSEDCLIP_SKIP_EXT": "1"},
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    installs = [item["metadata"]["name"] for item in report["install"]]
+    assert installs == ["fusedclip"]
+    assert " ".join(build_info_module.PIP_REBUILD_FLAGS) in build_info_module.REBUILD_HINT
+
+
+def test_the_cuda_backend_says_why_the_build_has_no_cuda_kernels(monkeypatch):
+    """It said "built without a CUDA toolkit (set CUDA_HOME and rebuild)" for a build that had
+    found one and skipped it on FUSEDCLIP_SKIP_CUDA=1, where CUDA_HOME alone changes nothing."""
+    monkeypatch.setattr(ops, "has_kernel", lambda op_name, dispatch_key: dispatch_key != "CUDA")
+    monkeypatch.setattr(ops, "EXTENSION_ERROR", None)
+    record = {"torch_version": torch.__version__, "kernels": ["cpu"]}
+    for skipped in ("FUSEDCLIP_SKIP_CUDA=1", "no CUDA toolkit found (CUDA_HOME unset, ...)"):
+        monkeypatch.setattr(
+            build_info_module,
+            "read_build_record",
+            lambda skipped=skipped: record | {"cuda_skipped": skipped},
+        )
+        reason = dispatch.unavailable_reason("cuda")
+        assert skipped in reason and "without FUSEDCLIP_SKIP_CUDA=1" in reason, reason
 
 
 def test_an_extension_built_for_another_torch_is_refused_at_import(tmp_path):
