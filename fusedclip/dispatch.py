@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 
-from fusedclip import build_info, ops, reference
+from fusedclip import ops, reference
 
 BackendName = Literal["auto", "cuda", "triton", "cpu", "reference"]
 BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
@@ -45,7 +45,7 @@ def _triton_ops():
 
 def _built_without_cuda() -> str:
     """Why the extension has no CUDA kernels, as its build recorded it."""
-    skipped = (build_info.read_build_record() or {}).get("cuda_skipped")
+    skipped = (ops.BUILD_RECORD or {}).get("cuda_skipped")
     why = f" ({skipped})" if skipped else ""
     return (
         f"the extension was built without the CUDA kernels{why}: rebuild with CUDA_HOME naming "

@@ -18,9 +18,13 @@ import torch
 
 from fusedclip import build_info
 
+# Read once: what the build recorded (None without one). Read again while torch.compile traces, a
+# file would break the graph.
+BUILD_RECORD = build_info.read_build_record()
+
 try:
     # An extension compiled against another torch can crash or misbehave: refuse it unloaded.
-    if (torch_mismatch := build_info.torch_mismatch(build_info.read_build_record())) is not None:
+    if (torch_mismatch := build_info.torch_mismatch(BUILD_RECORD)) is not None:
         raise ImportError(torch_mismatch)
     from fusedclip import _C  # registers torch.ops.fusedclip.*
 

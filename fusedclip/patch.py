@@ -26,11 +26,13 @@ function, whose body runs after the call returns: it is refused).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Callable
 
 import torch.nn.utils
@@ -143,12 +145,20 @@ class Patch:
                 f"fusedclip.patch() decorates a function, got {type(function).__name__}; "
                 "write `@fusedclip.patch()` above a def, or `with fusedclip.patch(): ...`"
             )
-        kind = _deferred_body_kind(function)
-        if kind is not None:
+        kind, certain = _deferred_body_kind(function)
+        if kind is not None and certain:
             raise TypeError(
                 f"fusedclip.patch() cannot decorate {function.__qualname__}, {kind} function: "
                 "its body runs after the call returns, unpatched; write `with "
                 "fusedclip.patch():` inside it instead"
+            )
+        if kind is not None:
+            warnings.warn(
+                f"fusedclip.patch() decorates {function.__qualname__}, {kind} function: where "
+                "the wrapper returns that body unrun, it runs after the call returns, "
+                "unpatched; write `with fusedclip.patch():` inside it instead",
+                RuntimeWarning,
+                stacklevel=2,
             )
 
         @functools.wraps(function)
@@ -166,21 +176,36 @@ _DEFERRED_BODIES = (
 )
 
 
-def _deferred_body_kind(function: Callable) -> str | None:
-    """What kind of function `function` is ("a generator") where calling it returns before its
-    body runs; None for a plain one. A function that wraps one (its `__wrapped__`, as
-    contextlib.contextmanager and functools.wraps leave it) counts as what it wraps: the body runs
-    when the caller consumes the result (enters the context, iterates, awaits), after the call."""
-    wrapper = None
+async def _async_generator():
+    yield
+
+
+# The code of the functions contextlib's decorators return: calling one returns a context
+# manager, and the body it wraps runs when the caller enters it, after the call.
+_CONTEXT_MANAGER_CODE = {
+    contextlib.contextmanager(lambda: (yield)).__code__,
+    contextlib.asynccontextmanager(_async_generator).__code__,
+}
+
+
+def _deferred_body_kind(function: Callable) -> tuple[str | None, bool]:
+    """(what kind of function `function` is, "a generator", where calling it returns before its
+    body runs, or None for a plain one; whether that is certain). A function that wraps one (its
+    `__wrapped__`, as functools.wraps leaves it) may run the body in the call (list(f()),
+    asyncio.run(f())) or return it unrun: certain only for contextlib's context managers."""
+    wrappers: list[Callable] = []
     seen: set[int] = set()
     while callable(function) and id(function) not in seen:
         seen.add(id(function))
         for is_kind, kind in _DEFERRED_BODIES:
             if is_kind(function):
-                return kind if wrapper is None else f"a function wrapping {kind}"
-        wrapper = function
+                if not wrappers:
+                    return kind, True
+                certain = getattr(wrappers[0], "__code__", None) in _CONTEXT_MANAGER_CODE
+                return f"a function wrapping {kind}", certain
+        wrappers.append(function)
         function = getattr(function, "__wrapped__", None)
-    return None
+    return None, False
 
 
 _open_handles: list[Patch] = []

@@ -258,18 +258,21 @@ def test_the_rebuild_command_leaves_the_installed_torch_alone(tmp_path):
 
 def test_the_cuda_backend_says_why_the_build_has_no_cuda_kernels(monkeypatch):
     """It said "built without a CUDA toolkit (set CUDA_HOME and rebuild)" for a build that had
-    found one and skipped it on FUSEDCLIP_SKIP_CUDA=1, where CUDA_HOME alone changes nothing."""
+    found one and skipped it on FUSEDCLIP_SKIP_CUDA=1, where CUDA_HOME alone changes nothing. The
+    reason comes from the record read at import: traced, dispatch reads no file (a fullgraph
+    compile of a CUDA clip then failed to trace the file read)."""
     monkeypatch.setattr(ops, "has_kernel", lambda op_name, dispatch_key: dispatch_key != "CUDA")
     monkeypatch.setattr(ops, "EXTENSION_ERROR", None)
     record = {"torch_version": torch.__version__, "kernels": ["cpu"]}
     for skipped in ("FUSEDCLIP_SKIP_CUDA=1", "no CUDA toolkit found (CUDA_HOME unset, ...)"):
-        monkeypatch.setattr(
-            build_info_module,
-            "read_build_record",
-            lambda skipped=skipped: record | {"cuda_skipped": skipped},
-        )
+        monkeypatch.setattr(ops, "BUILD_RECORD", record | {"cuda_skipped": skipped})
         reason = dispatch.unavailable_reason("cuda")
         assert skipped in reason and "without FUSEDCLIP_SKIP_CUDA=1" in reason, reason
+        torch._dynamo.reset()
+        traced = torch.compile(
+            lambda x: (dispatch.unavailable_reason("cuda"), x + 1)[1], fullgraph=True
+        )
+        assert torch.equal(traced(torch.ones(2)), torch.full((2,), 2.0))
 
 
 def test_an_extension_built_for_another_torch_is_refused_at_import(tmp_path):

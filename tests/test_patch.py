@@ -266,15 +266,23 @@ def test_a_refused_decoration_leaves_nothing_patched():
         assert not patch_module.is_patched(), kind
 
 
-def test_a_function_wrapping_a_deferred_body_is_refused_too():
-    """contextlib's context managers and functools.wraps decorators return a plain function whose
-    body (the wrapped generator or coroutine) runs after the call returns: it was accepted and ran
-    unpatched. A plain function that only wraps a plain one is still patched while it runs."""
+def test_a_context_manager_is_refused_and_other_wrappers_of_a_deferred_body_warn():
+    """contextlib's context managers are plain functions whose body (the wrapped generator) runs
+    when the caller enters the context, after the call: it was accepted and ran unpatched. Other
+    functools.wraps wrappers of a generator or coroutine may run it inside the call (list(f()),
+    asyncio.run(f())) or return it unrun: they are patched, with a warning."""
 
     def passing_through(function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             return function(*args, **kwargs)
+
+        return wrapper
+
+    def consuming(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            return list(function(*args, **kwargs))
 
         return wrapper
 
@@ -286,25 +294,29 @@ def test_a_function_wrapping_a_deferred_body_is_refused_too():
     async def async_context():
         yield torch.nn.utils.clip_grad_norm_
 
-    @passing_through
-    async def coroutine():
-        return torch.nn.utils.clip_grad_norm_
-
-    @passing_through
-    def generator():
-        yield torch.nn.utils.clip_grad_norm_
-
-    for function, kind in (
-        (context, "a generator"),
-        (async_context, "an async generator"),
-        (coroutine, "a coroutine"),
-        (generator, "a generator"),
-    ):
+    for function, kind in ((context, "a generator"), (async_context, "an async generator")):
         with pytest.raises(
             TypeError, match=rf"cannot decorate .*{function.__name__}, a function wrapping {kind}"
         ):
             fusedclip.patch()(function)
         assert not patch_module.is_patched(), function.__name__
+
+    @passing_through
+    async def coroutine():
+        return torch.nn.utils.clip_grad_norm_
+
+    @consuming
+    def generator():
+        yield torch.nn.utils.clip_grad_norm_
+
+    for function, kind in ((coroutine, "a coroutine"), (generator, "a generator")):
+        with pytest.warns(RuntimeWarning, match=rf"decorates .*, a function wrapping {kind}"):
+            patched = fusedclip.patch()(function)
+        assert not patch_module.is_patched(), function.__name__
+        assert patched is not function
+    (seen,) = patched()  # the consuming wrapper ran the body inside the call: patched
+    assert seen is not TORCH_FUNCTIONS["clip_grad_norm_"]
+    assert torch.nn.utils.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
 
     @fusedclip.patch()
     @passing_through
@@ -312,7 +324,6 @@ def test_a_function_wrapping_a_deferred_body_is_refused_too():
         return torch.nn.utils.clip_grad_norm_
 
     assert plain() is not TORCH_FUNCTIONS["clip_grad_norm_"]
-    assert torch.nn.utils.clip_grad_norm_ is TORCH_FUNCTIONS["clip_grad_norm_"]
 
 
 def test_the_stand_ins_pickle_as_torchs_names():

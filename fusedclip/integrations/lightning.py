@@ -60,11 +60,12 @@ class FusedMixedPrecision(MixedPrecision):
         self.last_result: ClipResult | None = None
 
     # Lightning files a precision plugin's state (here the scaler's) under the plugin's class
-    # name. The state is MixedPrecision's, so it is filed under MixedPrecision's name: a run
-    # resumes with its loss scale whichever of the two plugins saved or loads the checkpoint.
+    # name. The state is MixedPrecision's, so it is filed under MixedPrecision's name too: a run
+    # resumes with its loss scale whichever of the two plugins saved or loads the checkpoint (and
+    # an earlier fusedclip, which reads its own name only, still finds it).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        state = checkpoint.pop(type(self).__qualname__, None)
+        state = checkpoint.get(type(self).__qualname__)
         if state is not None:
             checkpoint[MixedPrecision.__qualname__] = state
 
