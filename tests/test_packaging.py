@@ -253,7 +253,10 @@ def test_the_rebuild_command_leaves_the_installed_torch_alone(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     installs = [item["metadata"]["name"] for item in report["install"]]
     assert installs == ["fusedclip"]
-    assert " ".join(build_info_module.PIP_REBUILD_FLAGS) in build_info_module.REBUILD_HINT
+    flags = " ".join(build_info_module.PIP_REBUILD_FLAGS)
+    assert flags in build_info_module.REBUILD_HINT
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    assert f"pip install {flags}" in readme, "the README's rebuild command is not the hint's"
 
 
 def test_the_cuda_backend_says_why_the_build_has_no_cuda_kernels(monkeypatch):
