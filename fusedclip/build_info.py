@@ -140,6 +140,6 @@ def build_info() -> BuildInfo:
         extension_loaded=ops.EXTENSION_ERROR is None,
         extension_error=ops.EXTENSION_ERROR,
         # A record left beside no extension (removed by hand) describes nothing that is here.
-        built_with=read_build_record() if importlib.util.find_spec("fusedclip._C") else None,
+        built_with=ops.BUILD_RECORD if importlib.util.find_spec("fusedclip._C") else None,
         backends={name: dispatch.unavailable_reason(name) for name in dispatch.BACKEND_NAMES[1:]},
     )

@@ -51,6 +51,33 @@ def _assert_same_run(stock: list[dict], fused: list[dict]) -> None:
 # Lightning ---------------------------------------------------------------------------------------
 
 
+def _lightning_module_type(lightning, batch_count: int, overflows):
+    """A LightningModule class training _tiny_net with SGD on `batch_count` batches of 6, its
+    loss made infinite where `overflows(module, batch_idx)`."""
+    inputs, targets = (torch.cat(parts) for parts in zip(*_batches(batch_count), strict=True))
+    batches = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(inputs, targets), batch_size=6, shuffle=False
+    )
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _tiny_net()
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            loss = torch.nn.functional.mse_loss(self.net(inputs).float(), targets)
+            return loss * float("inf") if overflows(self, batch_idx) else loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            return batches
+
+    return Module
+
+
 def _lightning_run(
     *,
     fused: bool,
@@ -71,29 +98,10 @@ def _lightning_run(
 
     from fusedclip.integrations.lightning import FusedMixedPrecision
 
-    inputs, targets = (torch.cat(parts) for parts in zip(*_batches(6), strict=True))
-    batches = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(inputs, targets), batch_size=6, shuffle=False
-    )
+    def overflows(module, batch_idx):
+        return batch_idx == OVERFLOW_BATCH and precision == "16-mixed"
 
-    class Module(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _tiny_net()
-
-        def training_step(self, batch, batch_idx):
-            inputs, targets = batch
-            loss = torch.nn.functional.mse_loss(self.net(inputs).float(), targets)
-            if batch_idx == OVERFLOW_BATCH and precision == "16-mixed":
-                loss = loss * float("inf")
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
-        def train_dataloader(self):
-            return batches
-
+    class Module(_lightning_module_type(lightning, 6, overflows)):
         if clipping_override is not None:
 
             def configure_gradient_clipping(
@@ -278,27 +286,11 @@ def test_a_checkpoint_resumes_its_loss_scale_under_either_plugin(saved_by, resum
     from fusedclip.integrations.lightning import FusedMixedPrecision
 
     plugin_types = {"stock": MixedPrecision, "fused": FusedMixedPrecision}
-    inputs, targets = (torch.cat(parts) for parts in zip(*_batches(4), strict=True))
-    batches = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(inputs, targets), batch_size=6, shuffle=False
-    )
 
-    class Module(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _tiny_net()
+    def overflows(module, batch_idx):  # once, in the first run's epoch
+        return module.current_epoch == 0 and batch_idx == OVERFLOW_BATCH
 
-        def training_step(self, batch, batch_idx):
-            loss = torch.nn.functional.mse_loss(self.net(batch[0]).float(), batch[1])
-            overflow = self.current_epoch == 0 and batch_idx == OVERFLOW_BATCH
-            return loss * float("inf") if overflow else loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
-        def train_dataloader(self):
-            return batches
-
+    Module = _lightning_module_type(lightning, 4, overflows)
     scales_at_start: list[float] = []
 
     class Record(lightning.Callback):
