@@ -452,27 +452,51 @@ def cpu_order_scaled_norms(tensors, norm_type: float) -> list[float]:
     return [scale * total ** (1.0 / norm_type) for scale, total in [*sums, grand]]
 
 
+def wide_range_gradients(sizes, dtypes, device):
+    """Values whose magnitudes span 2^-40 to 2^40: their float64 sums of |g| and g^2 round
+    differently in any other order, which sums of normal float32 values seldom do."""
+    generator = torch.Generator().manual_seed(17)
+    tensors = []
+    for index, size in enumerate(sizes):
+        mantissas = torch.randn(size, dtype=torch.float64, generator=generator)
+        exponents = torch.randint(-40, 41, (size,), generator=generator).to(torch.float64)
+        values = mantissas * 2.0**exponents
+        tensors.append(values.to(dtypes[index % len(dtypes)]).to(device))
+    return tensors
+
+
 @pytest.mark.skipif(
     dispatch.unavailable_reason("cpu", "cpu") is not None, reason="the CPU kernels are not built"
 )
 @pytest.mark.parametrize(
-    ("dtypes", "norm_type", "oracle"),
+    ("dtypes", "norm_type", "oracle", "values"),
     [
-        ([torch.float64], 1.0, cpu_order_norms),
-        ([torch.float32, torch.bfloat16, torch.float16], 2.0, cpu_order_norms),
-        ([torch.float64], 2.0, cpu_order_scaled_norms),
-        ([torch.float32, torch.bfloat16], 9.0, cpu_order_scaled_norms),
+        ([torch.float64], 1.0, cpu_order_norms, random_gradients),
+        ([torch.float32, torch.bfloat16, torch.float16], 2.0, cpu_order_norms, random_gradients),
+        ([torch.float32, torch.bfloat16], 1.0, cpu_order_norms, wide_range_gradients),
+        ([torch.float32, torch.bfloat16], 2.0, cpu_order_norms, wide_range_gradients),
+        ([torch.float64], 2.0, cpu_order_scaled_norms, random_gradients),
+        ([torch.float32, torch.bfloat16], 9.0, cpu_order_scaled_norms, random_gradients),
     ],
-    ids=["plain-float64-p1", "plain-p2", "scaled-float64-p2", "scaled-p9"],
+    ids=[
+        "plain-float64-p1",
+        "plain-p2",
+        "plain-wide-p1",
+        "plain-wide-p2",
+        "scaled-float64-p2",
+        "scaled-p9",
+    ],
 )
-def test_cpu_read_pass_sums_in_its_documented_order(dtypes, norm_type, oracle):
+def test_cpu_read_pass_sums_in_its_documented_order(dtypes, norm_type, oracle, values):
     """Bit for bit, per tensor and in total, on whichever clone of the loops this CPU runs. Sums
-    of float32 values in float64 are nearly exact in any order; the float64 and scaled cases tell:
-    a build that regrouped the lanes failed the two float64 cases, one whose compiler fused
-    multiplies into adds (FMA contraction) failed scaled-p9."""
+    of normal float32 values in float64 are nearly exact in any order, and a square root can hide
+    a sum's last bit; the float64, wide-range and scaled cases tell: a build that regrouped the
+    lanes failed the two float64 cases; one whose float32 loop alone fed elements to the wrong
+    lanes (an AVX2 variant, tried) failed plain-wide-p1 only; one whose compiler fused multiplies
+    into adds (FMA contraction) failed scaled-p9."""
     ops = dispatch.select(torch.device("cpu"), "cpu")
     sizes = [1, 15, 16, 17, 1000, 1023, 1025, 4096, 2 * CPU_CHUNK_SIZE + 37] * 2
-    tensors = random_gradients(sizes, dtypes, "cpu")
+    tensors = values(sizes, dtypes, "cpu")
     raw_norm, _, per_tensor_norms = ops.reduce(tensors, norm_type, True)
     found = torch.cat([per_tensor_norms, raw_norm.reshape(1)])
     expected = torch.tensor(oracle(tensors, norm_type), dtype=torch.float64)
