@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/include/fusedclip/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 export MAX_JOBS ?= 2
 
-.PHONY: test test-oldest bench demo lint build clean gpu-check gpu-check-dry-run
+.PHONY: test test-oldest oldest-tree bench demo lint build clean gpu-check gpu-check-dry-run
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,14 +37,23 @@ test: build
 # other's extension. CPU kernels only: CI compiles the CUDA ones against the pinned torch. The
 # integrations' frameworks are not installed there, so their tests skip.
 OLDEST := build/oldest
-test-oldest:
+test-oldest: oldest-tree
 	test -x $(OLDEST)/venv/bin/python || python3 -m venv $(OLDEST)/venv
 	$(OLDEST)/venv/bin/python -m pip install -q -r requirements-oldest.txt
-	rm -rf $(OLDEST)/tree && mkdir -p $(OLDEST)/tree
-	git ls-files -z --cached --others --exclude-standard \
-		| tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(OLDEST)/tree
 	cd $(OLDEST)/tree && FUSEDCLIP_SKIP_CUDA=1 FUSEDCLIP_REQUIRE_CUDA=0 ../venv/bin/python setup.py -q build_ext --inplace
 	cd $(OLDEST)/tree && ../venv/bin/python -m pytest -q -p no:cacheprovider tests
+
+# The copy: a git checkout's files (tracked or not, unless ignored); an unpacked sdist, which has
+# no .git of its own, all but its build outputs.
+oldest-tree:
+	rm -rf $(OLDEST)/tree && mkdir -p $(OLDEST)/tree
+	if [ "$$(git rev-parse --show-toplevel 2>/dev/null)" = "$(CURDIR)" ]; then \
+		git ls-files -z --cached --others --exclude-standard \
+			| tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(OLDEST)/tree; \
+	else \
+		tar --exclude=./build --exclude=./$(VENV) --exclude='*.so' --exclude='*.pyc' \
+			--exclude=./fusedclip/_build.json -cf - . | tar -xf - -C $(OLDEST)/tree; \
+	fi
 
 bench: build
 	$(PY) -m bench
