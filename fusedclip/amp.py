@@ -25,6 +25,7 @@ from torch.amp.grad_scaler import GradScaler, OptState
 from fusedclip import api, distributed, plan
 from fusedclip.api import ClipResult
 from fusedclip.grad_mode import without_grad
+from fusedclip.norms import FLOAT32_MAX
 
 # How messages call an optimizer's gradients: `the optimizer's parameters[3].grad`.
 OPTIMIZER_PARAMETERS = "the optimizer's parameters"
@@ -353,8 +354,14 @@ def _step_measured(
     if fused and result.total_norm.dtype != torch.float64:
         # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined
         # factor (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become
-        # 0, and the skip flag covers overflow anyway).
-        _step_unless(optimizer, skip, result.clip_coef.double().reciprocal().float())
+        # 0, and the skip flag covers overflow anyway). A factor below 1 / FLOAT32_MAX, from a
+        # norm past about 1e38 times max_norm, has a reciprocal float32 cannot hold: divided by
+        # inf, the gradients would step as zeros. They cannot be clipped in that pass: the step
+        # is skipped, without backing off the scale.
+        grad_scale = result.clip_coef.double().reciprocal()
+        beyond_float32 = torch.isfinite(grad_scale) & (grad_scale.abs() > FLOAT32_MAX)
+        skip = skip.to(torch.bool) | beyond_float32.to(skip.device)
+        _step_unless(optimizer, skip, grad_scale.float())
     else:
         api.scale_(grads, result.clip_coef, backend=backend)
         _step_unless(optimizer, skip)

@@ -570,6 +570,37 @@ def test_a_step_without_gradients_does_what_scaler_step_does(fused, how):
     assert outcomes[1] == outcomes[0]
 
 
+@pytest.mark.parametrize("scale", [None, 2.0**16], ids=["unscaled", "scaled"])
+def test_a_fused_step_whose_factor_float32_cannot_invert_is_skipped(scale):
+    """grad_scale = 1 / factor is float32: for a factor below 1 / FLOAT32_MAX (gradients whose
+    norm is 2e36 as they are, scaled or not, against max_norm 1e-3) the fused optimizer would divide by inf and
+    step on zeroed gradients (AdamW counting the step, its moments decaying). It skips the step
+    instead, and the scale is kept; a foreach optimizer clips it exactly. A norm 100x smaller
+    steps fused as it does foreach."""
+    outcomes = {}
+    for magnitude in (1e36, 1e34):
+        for fused in (False, True):
+            param = torch.nn.Parameter(torch.ones(4))
+            optimizer = torch.optim.AdamW([param], lr=1e-2, fused=fused)
+            scaler = None
+            if scale is not None:
+                scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+                scaler.scale(torch.ones(()))
+            param.grad = torch.full((4,), magnitude)  # scaled or not: the factor is 5e-40
+            result = amp.clip_step(optimizer, 1e-3, scaler=scaler)
+            assert result.found_inf.item() == 0.0
+            if scaler is not None:
+                scaler.update()
+                assert scaler.get_scale() == scale  # no overflow: the scale is kept
+            steps = [int(state["step"]) for state in optimizer.state.values()]
+            outcomes[magnitude, fused] = (param.detach().clone(), steps)
+    skipped, stepped = outcomes[1e36, True], outcomes[1e36, False]
+    assert torch.equal(skipped[0], torch.ones(4)) and skipped[1] in ([], [0]), skipped
+    assert stepped[1] == [1] and not torch.equal(stepped[0], torch.ones(4))
+    assert outcomes[1e34, True][1] == outcomes[1e34, False][1] == [1]
+    assert_close(outcomes[1e34, True][0], outcomes[1e34, False][0], rtol=1e-6, what="param")
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_fused_clip_step_applies_float64_gradients_at_float64(kind):
     """A fused optimizer's grad_scale is float32: float64 gradients get the factor in the write
