@@ -146,15 +146,16 @@ class Patch:
                 "write `@fusedclip.patch()` above a def, or `with fusedclip.patch(): ...`"
             )
         kind, certain = _deferred_body_kind(function)
+        name = getattr(function, "__qualname__", None) or repr(function)
         if kind is not None and certain:
             raise TypeError(
-                f"fusedclip.patch() cannot decorate {function.__qualname__}, {kind} function: "
+                f"fusedclip.patch() cannot decorate {name}, {kind} function: "
                 "its body runs after the call returns, unpatched; write `with "
                 "fusedclip.patch():` inside it instead"
             )
         if kind is not None:
             warnings.warn(
-                f"fusedclip.patch() decorates {function.__qualname__}, {kind} function: where "
+                f"fusedclip.patch() decorates {name}, {kind} function: where "
                 "the wrapper returns that body unrun, it runs after the call returns, "
                 "unpatched; write `with fusedclip.patch():` inside it instead",
                 RuntimeWarning,
@@ -188,6 +189,16 @@ _CONTEXT_MANAGER_CODE = {
 }
 
 
+def _what_a_call_runs(function: Callable) -> Callable:
+    """`function` itself, or for an instance of a class with `__call__` (not a function, a
+    partial or a class), that method."""
+    if inspect.isroutine(function) or inspect.isclass(function):
+        return function
+    if isinstance(function, functools.partial):
+        return function
+    return type(function).__call__
+
+
 def _deferred_body_kind(function: Callable) -> tuple[str | None, bool]:
     """(what kind of function `function` is, "a generator", where calling it returns before its
     body runs, or None for a plain one; whether that is certain). A function that wraps one (its
@@ -198,7 +209,7 @@ def _deferred_body_kind(function: Callable) -> tuple[str | None, bool]:
     while callable(function) and id(function) not in seen:
         seen.add(id(function))
         for is_kind, kind in _DEFERRED_BODIES:
-            if is_kind(function):
+            if is_kind(_what_a_call_runs(function)):
                 if not wrappers:
                     return kind, True
                 certain = getattr(wrappers[0], "__code__", None) in _CONTEXT_MANAGER_CODE

@@ -237,6 +237,14 @@ def test_torchs_clip_grad_norm_held_outside_module_globals_runs_fusedclips_halve
         assert torch.equal(got.grad, want.grad)
     held(_parameters(7))  # torch's own again after undo
     assert calls == ["get_total_norm", "clip_grads_with_norm_"]
+    # The handoff is torch's: a float32 norm past float32's range is inf, and its factor 0 zeroes
+    # the gradients, as torch does, where fusedclip's one-pass call clips them to max_norm.
+    huge = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    for p in huge:
+        p.grad = torch.full((1,), 3e38)
+    with fusedclip.patch():
+        assert torch.isinf(held(huge))
+    assert all(torch.equal(p.grad, torch.zeros(1)) for p in huge)
 
 
 def test_a_refused_decoration_leaves_nothing_patched():
@@ -262,6 +270,31 @@ def test_a_refused_decoration_leaves_nothing_patched():
         (async_generator, "an async generator"),
     ):
         with pytest.raises(TypeError, match=rf"cannot decorate .*{function.__name__}, {kind}"):
+            fusedclip.patch()(function)
+        assert not patch_module.is_patched(), kind
+
+
+def test_a_partial_or_callable_object_of_a_deferred_body_is_refused_by_name():
+    """A functools.partial of a generator or async function was refused with an AttributeError
+    (no __qualname__ for the message); an object whose __call__ is a generator was accepted and
+    its body ran unpatched, after the call."""
+
+    def generator():
+        yield torch.nn.utils.clip_grad_norm_
+
+    async def coroutine():
+        return torch.nn.utils.clip_grad_norm_
+
+    class CallsAGenerator:
+        def __call__(self):
+            yield torch.nn.utils.clip_grad_norm_
+
+    for function, kind, shown in (
+        (functools.partial(generator), "a generator", r"functools\.partial\(<function .*generator"),
+        (functools.partial(coroutine), "a coroutine", r"functools\.partial\(<function .*coroutine"),
+        (CallsAGenerator(), "a generator", r"<.*CallsAGenerator object at"),
+    ):
+        with pytest.raises(TypeError, match=rf"cannot decorate {shown}.*, {kind} function"):
             fusedclip.patch()(function)
         assert not patch_module.is_patched(), kind
 
