@@ -249,14 +249,20 @@ def _in_plan_order(the_plan: plan.Plan, per_group: list[torch.Tensor]) -> torch.
     inverse = [0] * the_plan.count
     for position, index in enumerate(order):
         inverse[index] = position
-    return joined[torch.tensor(inverse, device=the_plan.device)]
+    return joined[_moved_without_sync(torch.tensor(inverse), the_plan.device)]
+
+
+def _moved_without_sync(host_value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host_value`, a CPU tensor made for this call, on `device`. A copy to a GPU from pageable
+    memory blocks the host until it is done (a sync); from pinned memory it is queued on the
+    stream, and the pinned block is not reused before the copy ran."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return host_value.pin_memory().to(device, non_blocking=True)
+    return host_value.to(device)
 
 
 def _copies_tensor(the_plan: plan.Plan) -> torch.Tensor:
-    copies = torch.tensor(the_plan.copies, dtype=torch.float64)
-    if the_plan.device.type == "cuda":
-        copies = copies.pin_memory()
-    return copies.to(the_plan.device, non_blocking=True)
+    return _moved_without_sync(torch.tensor(the_plan.copies, dtype=torch.float64), the_plan.device)
 
 
 def _measure(
@@ -501,7 +507,7 @@ def _clip(
     else:
         if the_plan.listed is not None:  # a repeat has its first listing's norm
             per_tensor_norms = per_tensor_norms[
-                torch.tensor(the_plan.listed, device=per_tensor_norms.device)
+                _moved_without_sync(torch.tensor(the_plan.listed), per_tensor_norms.device)
             ]
         if per_tensor_unscale is not None:
             per_tensor_norms = per_tensor_norms * per_tensor_unscale
@@ -583,12 +589,15 @@ def _write_only(
     if the_plan is None:
         return
     if isinstance(clip_coef, torch.Tensor):
-        coef = clip_coef.to(device=the_plan.device, dtype=torch.float64).reshape(())
+        coef = clip_coef.to(dtype=torch.float64).reshape(())
+        if coef.device.type == "cpu":  # computed here from a number (clip_grads_with_norm_)
+            coef = _moved_without_sync(coef, the_plan.device)
+        coef = coef.to(the_plan.device)  # another device's: as torch moves it
     elif clip_coef is None and not torch.compiler.is_compiling() and not _in_dispatch_mode():
         coef = _one(the_plan.device)
     else:
         coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)
-        coef = coef.to(the_plan.device)
+        coef = _moved_without_sync(coef, the_plan.device)
     coef = plan.checked_when_run(the_plan, coef, True)
     inputs = [_kernel_inputs(group, writes=True) for group in the_plan.groups]
     _scale(the_plan, inputs, coef, clip_value)

@@ -64,6 +64,16 @@ def test_no_host_sync(backend):
         fusedclip.clip_grad_norm_(parameters, 1.0, backend=backend)
         fusedclip.clip_grad_value_(parameters, 1.0, inv_scale=2.0, backend=backend)
         fusedclip.get_total_norm(grads, float("inf"), backend=backend)
+        # The general path's values made on the host (a coefficient from a number, the index
+        # of repeats and of planned order) reach the device from pinned memory, queued.
+        fusedclip.clip_grads_with_norm_(parameters, 1.0, 5.0, backend=backend)
+        strided = torch.randn(64, device="cuda")[::2]
+        holder = torch.nn.Parameter(torch.empty_like(strided))
+        holder.grad = strided
+        fusedclip.clip_grad_value_([holder], 1.0, inv_scale=0.5, backend=backend)
+        fusedclip.fused_clip_([grads[0], grads[0]], max_norm=1.0, per_tensor=True, backend=backend)
+        mixed = [grads[0], strided, grads[1]]
+        fusedclip.fused_clip_(mixed, max_norm=1.0, per_tensor=True, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
 
