@@ -429,7 +429,10 @@ def _stability(code: str) -> None:
     model.body = torch.nn.Linear(8, 8)
     model.head = torch.nn.Linear(8, 4)
     cell = torch.nn.RNNCell(8, 8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # Two groups in another order than the model's: the monitor's names must follow the
+    # optimizer's (names in the model's order labelled the wrong layers).
+    groups = [{"params": model.head.parameters()}, {"params": model.body.parameters()}]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     x_t, hidden = torch.randn(3, 8), torch.randn(3, 8, requires_grad=True)
     expected_hidden = cell(x_t, hidden)
@@ -442,6 +445,12 @@ def _stability(code: str) -> None:
         exec(code, namespace)
     torch.testing.assert_close(namespace["hidden"], expected_hidden, rtol=0, atol=0)
     assert printed.getvalue().strip(), "monitor.summary() printed nothing"
+    name_of = {p: n for n, p in model.named_parameters()}
+    in_optimizer_order = [name_of[p] for g in optimizer.param_groups for p in g["params"]]
+    per_tensor = namespace["result"].per_tensor_norms.tolist()
+    recorded = dict(zip(in_optimizer_order, per_tensor, strict=True))
+    largest = namespace["monitor"].summary()["largest_norms"]
+    assert largest and all(norm == pytest.approx(recorded[name]) for name, norm in largest)
 
 
 # Tests --------------------------------------------------------------------------------------------
