@@ -517,7 +517,7 @@ def _skip_flag(skip) -> torch.Tensor | None:
             "host, call amp.step only when the step is to be taken"
         )
     if skip.numel() != 1 or skip.is_complex():
-        raise ValueError(
+        raise TypeError(
             f"skip must be a one-element bool or real tensor, got shape {tuple(skip.shape)} and "
             f"dtype {skip.dtype}; reduce it first (for example flags.any())"
         )

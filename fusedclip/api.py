@@ -142,6 +142,11 @@ def check_bound(value, name: str, fix: str = "") -> float | torch.Tensor:
 
 
 def check_norm_type(norm_type: float | str) -> float:
+    if isinstance(norm_type, torch.Tensor) and norm_type.numel() != 1:
+        raise TypeError(
+            "norm_type must be a number > 0 or inf (or a one-element tensor), got a tensor of "
+            f"shape {tuple(norm_type.shape)}"
+        )
     norm_type = to_float(norm_type, "norm_type", "a number > 0 or inf")
     if not norm_type > 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
@@ -155,7 +160,7 @@ def check_inv_scale(inv_scale: float | torch.Tensor | None) -> float | torch.Ten
         return None
     if isinstance(inv_scale, torch.Tensor):
         if inv_scale.numel() != 1 or not inv_scale.is_floating_point():
-            raise ValueError(
+            raise TypeError(
                 "inv_scale must be a float or a one-element floating-point tensor (such as "
                 f"1 / scaler.get_scale()), got a {inv_scale.dtype} tensor of shape {tuple(inv_scale.shape)}"
             )
@@ -177,7 +182,7 @@ def _check_total_norm(total_norm) -> torch.Tensor:
         total_norm = distributed.plain_value(total_norm)  # torch's get_total_norm of DTensors
         # Integer and bool ones too, as torch's division takes them; complex has no order.
         if total_norm.numel() != 1 or total_norm.is_complex():
-            raise ValueError(
+            raise TypeError(
                 "total_norm must be a number or a one-element real tensor (what "
                 f"get_total_norm returns), got a {total_norm.dtype} tensor of shape "
                 f"{tuple(total_norm.shape)}"

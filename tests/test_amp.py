@@ -388,7 +388,7 @@ def test_an_earlier_optimizers_found_inf_survives_the_scalers_update():
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 @pytest.mark.parametrize(
     "skip, error",
-    [(True, TypeError), (1.0, TypeError), (torch.tensor([0.0, 1.0]), ValueError)],
+    [(True, TypeError), (1.0, TypeError), (torch.tensor([0.0, 1.0]), TypeError)],
     ids=["bool", "float", "two-elements"],
 )
 def test_amp_step_refuses_a_bad_skip_before_unscaling(fused, skip, error):

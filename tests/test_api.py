@@ -461,7 +461,10 @@ def test_a_bad_argument_raises_the_class_torch_raises(function, kwargs):
         ({"max_norm": 1.0, "norm_type": "fro"}, ValueError, "norm_type"),
         ({"max_norm": 1.0, "inv_scale": math.inf}, ValueError, "inv_scale"),
         ({"max_norm": 1.0, "inv_scale": -0.5}, ValueError, "inv_scale"),  # flipped every sign
-        ({"max_norm": 1.0, "inv_scale": torch.ones(2)}, ValueError, "inv_scale"),
+        # A wrong shape or dtype is a TypeError, as the README's rule says (it was a ValueError).
+        ({"max_norm": 1.0, "inv_scale": torch.ones(2)}, TypeError, "inv_scale"),
+        ({"max_norm": 1.0, "inv_scale": torch.tensor(1)}, TypeError, "inv_scale"),
+        ({"max_norm": 1.0, "norm_type": torch.ones(2)}, TypeError, "norm_type must be"),
         ({"max_norm": 1.0, "inv_scale": "x"}, ValueError, "inv_scale must be"),
         ({"max_norm": 1.0, "inv_scale": [0.5]}, TypeError, "inv_scale must be"),
         ({"max_norm": 1.0, "backend": "gpu"}, ValueError, "backend"),

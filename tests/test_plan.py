@@ -783,9 +783,9 @@ def test_clip_grads_with_norm_takes_total_norm_at_the_gradients_precision():
     assert torch.equal(untouched, torch.full((3,), 7.0)), "max_norm == total_norm must not write"
     tensors = [torch.randn(3)]
     snapshot = _snapshot(tensors)
-    with pytest.raises(ValueError, match=r"total_norm must be a number or a one-element"):
+    with pytest.raises(TypeError, match=r"total_norm must be a number or a one-element"):
         fusedclip.clip_grads_with_norm_(_parameters(*tensors), 1.0, torch.tensor([1.0, 2.0]))
-    with pytest.raises(ValueError, match=r"total_norm must be a number or a one-element real"):
+    with pytest.raises(TypeError, match=r"total_norm must be a number or a one-element real"):
         fusedclip.clip_grads_with_norm_(_parameters(*tensors), 1.0, torch.tensor(2.0 + 0j))
     assert _unchanged(tensors, snapshot)
 

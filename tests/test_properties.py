@@ -834,13 +834,13 @@ CORRUPTIONS = {
         ValueError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
     ),
     "two-element inv_scale": Corruption(
-        ValueError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
+        TypeError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
     ),
     "integer inv_scale": Corruption(
-        ValueError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
+        TypeError, ("fused_clip_", "clip_grad_norm_", "clip_grad_value_", "measure")
     ),
-    "two-element total_norm": Corruption(ValueError, ("clip_grads_with_norm_",)),
-    "complex total_norm": Corruption(ValueError, ("clip_grads_with_norm_",)),
+    "two-element total_norm": Corruption(TypeError, ("clip_grads_with_norm_",)),
+    "complex total_norm": Corruption(TypeError, ("clip_grads_with_norm_",)),
     # (torch refuses a .grad of another dtype than its parameter's: gradients only)
     "integer gradient": Corruption(TypeError, ("fused_clip_", "measure", "get_total_norm")),
     "complex gradient": Corruption(TypeError, ("fused_clip_", "measure", "get_total_norm")),
