@@ -27,7 +27,7 @@ def _gradients(parameters) -> list[torch.Tensor]:
     that got no gradient this step is skipped, as torch's clip_grad_norm_ skips it."""
     items = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     if any(_is_parameter(item) for item in items):
-        return [item.grad for item in items if item.grad is not None]
+        return plan.gradients_of(items, "parameters")[0]
     return items
 
 
@@ -148,9 +148,7 @@ class SkipBudget:
     """
 
     def __init__(self, max_skips: int = 3, window: int = 100):
-        _check_count("max_skips", max_skips, 1)
-        # A window of max_skips steps would let every step be skipped: what the budget prevents.
-        _check_count("skip_window", window, max_skips + 1)
+        _check_skip_budget(max_skips, window, "window")
         self.max_skips, self.window = max_skips, window
         self._recent: torch.Tensor | None = None  # ring of the last `window` decisions
         # Decisions taken, on the ring's device with it: a host int would be a constant of a
@@ -191,6 +189,14 @@ class SkipBudget:
         return skip
 
 
+def _check_skip_budget(max_skips, window, window_argument: str) -> None:
+    """SkipBudget's arguments; `window_argument` is what the caller's constructor calls the
+    window."""
+    _check_count("max_skips", max_skips, 1)
+    # A window of max_skips steps would let every step be skipped: what the budget prevents.
+    _check_count(window_argument, window, max_skips + 1)
+
+
 def _step_count(steps: int, device: torch.device) -> torch.Tensor:
     """A step counter on the device: indexing the state with it, unlike with a host int, leaves
     a compiled step the same graph every step."""
@@ -209,7 +215,8 @@ class ZClip:
     (with the updated mean), as the reference implementation. `max_norm`, when given, caps the
     clip applied (min(g', max_norm)) but not the statistics, again as the reference: capped
     statistics would call every step above `max_norm` a spike. Non-finite norms neither clip by z
-    nor enter the EMAs; nor does a step without any gradient, which measures nothing.
+    nor enter the EMAs; nor does a step without any gradient, which measures nothing, nor a norm
+    of 0 (all-zero gradients), which is then left as it is.
 
     `skip_on_spike=True` also marks a spike step to be skipped (`result.skip`; `clip_step` and
     `fusedclip.amp.step` honour it on the device), within a budget of `max_skips` skipped steps
@@ -256,22 +263,23 @@ class ZClip:
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.max_norm, self.mode, self.eps, self.backend = max_norm, mode, eps, backend
         self.skip_on_spike = skip_on_spike
+        _check_skip_budget(max_skips, skip_window, "skip_window")
         self._skip_budget = SkipBudget(max_skips, skip_window)
         self.process_group = process_group  # sharded gradients: every rank sees the global norm
         # All state lives on the gradients' device, created at the first step.
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
         self._warmup_norms: torch.Tensor | None = None
-        self._warmup_count: torch.Tensor | None = None  # finite norms recorded so far
+        self._warmup_count: torch.Tensor | None = None  # finite, nonzero norms recorded so far
 
     def _z_clipped(
-        self, norm: torch.Tensor, finite: torch.Tensor
+        self, norm: torch.Tensor, sampled: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(g', spike): the norm clipped by the z-score rule (before max_norm), and whether it was
-        (never where the norm is not `finite`)."""
+        (never where the norm is no `sampled` one: not finite, or 0)."""
         std = self.var.sqrt().clamp(min=self.eps)
         z = (norm - self.mean) / std
-        spike = (z > self.z_thresh) & finite
+        spike = (z > self.z_thresh) & sampled
         if self.mode == "adaptive":
             clipped_to = self.mean + (self.z_thresh**2 / z.clamp(min=self.z_thresh)) * std
         else:
@@ -370,17 +378,20 @@ class ZClip:
         # overflows counts as an overflow. The coefficient is still computed from the float64
         # norm, so that such gradients are clipped, not zeroed.
         finite = torch.isfinite(measured.total_norm)
+        # A norm of 0 (all-zero gradients: a masked loss, zero_grad(set_to_none=False)) is no
+        # sample either: zeros in the warm-up would floor the std and call every later norm a spike.
+        sampled = finite & (norm > 0)
         in_warmup = self._warmup_count < self.warmup_steps
 
-        recorded = in_warmup & finite
+        recorded = in_warmup & sampled
         slot = torch.arange(self.warmup_steps, device=norm.device) == self._warmup_count
         self._warmup_norms = torch.where(slot & recorded, norm, self._warmup_norms)
         self._warmup_count = self._warmup_count + recorded.to(torch.int64)
         warmup_ends = recorded & (self._warmup_count == self.warmup_steps)
 
-        z_clipped, spike = self._z_clipped(norm, finite)
+        z_clipped, spike = self._z_clipped(norm, sampled)
         spike = spike & ~in_warmup
-        updates = finite & ~in_warmup
+        updates = sampled & ~in_warmup
         mean = self.alpha * self.mean + (1 - self.alpha) * z_clipped
         var = self.alpha * self.var + (1 - self.alpha) * (z_clipped - mean) ** 2
         self.mean = torch.where(
@@ -432,6 +443,7 @@ class ZClip:
         the gradients are read once and the optimizer's own pass applies the factor and the skip;
         other optimizers get one write pass and one sync to skip, as `scaler.step`. Call
         `scaler.update()` afterwards as usual: a spike does not back off the scale."""
+        amp._check_scaler_and_optimizer(scaler, optimizer, "ZClip.clip_step", scaler_optional=True)
 
         def measure(grads, names, inv_scale, writes_after, dtensor_group):
             result = self._measure(grads, inv_scale, writes_after, dtensor_group, names)
@@ -454,10 +466,15 @@ def unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _check_agc_arguments(clipping: float, eps: float) -> None:
+def _check_agc_arguments(clipping: float, eps: float) -> tuple[float, float]:
+    """(clipping, eps) as floats, each a finite number > 0."""
+    checked = []
     for name, value in (("clipping", clipping), ("eps", eps)):
+        value = api.to_float(value, name, "a finite number > 0")
         if not 0 < value < math.inf:  # NaN too
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        checked.append(value)
+    return checked[0], checked[1]
 
 
 @without_grad
@@ -469,11 +486,11 @@ def agc_(
     as in the NFNets reference code. Exclude the final classifier, as the paper does.
 
     Raises:
-        ValueError: `clipping` or `eps` is not finite and > 0.
+        ValueError: `clipping` or `eps` is not finite and > 0 (TypeError: not a number).
         TypeError: a parameter that is not a tensor, or a parameter or gradient that is not
             dense floating point (a sparse nn.Embedding's), before any gradient is clipped.
     """
-    _check_agc_arguments(clipping, eps)
+    clipping, eps = _check_agc_arguments(clipping, eps)
     for parameter, grad in _agc_pairs(_agc_parameters(parameters)):
         max_norm = clipping * unitwise_norm(parameter.detach()).clamp(min=eps)
         grad_norm = unitwise_norm(grad)
@@ -529,7 +546,7 @@ class AGC:
 
     def __init__(self, parameters, clipping: float = 0.01, eps: float = 1e-3):
         # Checked now, not at the first step.
-        _check_agc_arguments(clipping, eps)
+        clipping, eps = _check_agc_arguments(clipping, eps)
         self.parameters = _agc_parameters(parameters)
         self.clipping, self.eps = clipping, eps
 
@@ -546,6 +563,23 @@ def _check_record_inv_scale(inv_scale: float | torch.Tensor) -> float | torch.Te
             f"inv_scale must be > 0 (1 / the loss scale, divided out of clip_coef), got {inv_scale}"
         )
     return inv_scale
+
+
+def _without_unscale(clip_coef: torch.Tensor, inv_scale: float | torch.Tensor) -> torch.Tensor:
+    """`clip_coef` (float64) with the unscale divided out: the clip factor. unscale_clip_ and
+    clip_step unscale by the scaler's float32(1 / scale) (amp._inv_scale): divided by 1 / scale in
+    float64, an unclipped step's factor was 1 - ulp for a scale that is no power of two, a clip as
+    counted. So `inv_scale` is rounded as the scaler rounds it (kept as given where float32 has no
+    normal number for it). fused_clip_ and ZClip.step keep a float inv_scale as given: an
+    unclipped step's clip_coef then equals it, a factor of exactly 1 too."""
+    if isinstance(inv_scale, torch.Tensor):
+        given = inv_scale.to(device=clip_coef.device, dtype=torch.float64).reshape(())
+    else:  # filled on the device: a number copied there from the host would sync
+        given = torch.full((), inv_scale, dtype=torch.float64, device=clip_coef.device)
+    rounded = given.float().double()
+    in_float32 = (rounded >= torch.finfo(torch.float32).tiny) & torch.isfinite(rounded)
+    divisor = torch.where(in_float32, rounded, given)
+    return torch.where(clip_coef == given, 1.0, clip_coef / divisor)
 
 
 class GradMonitor:
@@ -586,6 +620,7 @@ class GradMonitor:
             )
         ema = _check_fraction("ema", ema)
         self.capacity, self.names, self.spike_factor, self.ema = capacity, names, spike_factor, ema
+        _check_skip_budget(max_skips, skip_window, "skip_window")
         self._skip_budget = SkipBudget(max_skips, skip_window)
         self._steps: torch.Tensor | None = None  # steps recorded (_step_count), None before any
         self.norms = self.coefs = self.found_inf = self.per_tensor = None
@@ -644,6 +679,12 @@ class GradMonitor:
                 f"shape {tuple(per_tensor.shape)}"
             )
         steps = saved.count("steps")
+        if (steps > 0) != (state["norms"] is not None):
+            recorded = "no history (norms is None)" if steps else "a history (norms)"
+            raise saved.refusal(
+                f"steps={steps} with {recorded}: a monitor has a history exactly when it has "
+                "recorded a step; pass what GradMonitor.state_dict() returned"
+            )
         has_per_tensor = state["has_per_tensor"]
         # One flag per slot exactly when there is a per-tensor history.
         flags = self.capacity if per_tensor is not None else 0
@@ -675,14 +716,26 @@ class GradMonitor:
         """Appends a ClipResult (or ZClipResult) and returns `should_skip`. With AMP pass the
         step's `inv_scale`, or its `scaler` before `scaler.update()`: the result's clip_coef
         includes the unscale, and the monitor records the clip factor alone."""
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"GradMonitor.record: scaler must be a torch.amp.GradScaler or None, got "
+                f"{type(scaler).__name__}; pass the GradScaler that scaled this step's loss"
+            )
         if scaler is not None and scaler._enabled:
             if inv_scale is not None:
                 raise ValueError("pass inv_scale or scaler, not both")
+            if scaler._scale is None:
+                raise ValueError(
+                    "GradMonitor.record: scaler holds no scale yet; call record after "
+                    "scaler.scale(loss).backward() and before scaler.update()"
+                )
             inv_scale = amp._inv_scale(scaler)
         elif inv_scale is not None:
             inv_scale = _check_record_inv_scale(inv_scale)
         norm = result.total_norm.to(torch.float64)
         per_tensor = getattr(result, "per_tensor_norms", None)
+        if per_tensor is not None and per_tensor.numel() == 0:
+            per_tensor = None  # no gradient this step: no per-tensor norms to record
         if (
             per_tensor is not None
             and self.names is not None
@@ -730,8 +783,7 @@ class GradMonitor:
         self.norms.index_copy_(0, slot, norm.reshape(1))
         coef = result.clip_coef.to(torch.float64)
         if inv_scale is not None:
-            inv_scale = torch.as_tensor(inv_scale, dtype=torch.float64, device=coef.device)
-            coef = coef / inv_scale.reshape(())
+            coef = _without_unscale(coef, inv_scale)
         self.coefs.index_copy_(0, slot, coef.reshape(1))
         self.found_inf.index_copy_(0, slot, result.found_inf.to(self.found_inf.dtype).reshape(1))
         if per_tensor is not None:

@@ -13,7 +13,7 @@ from conftest import DEVICES, assert_close, refusing_host_syncs
 
 import fusedclip
 from fusedclip import amp
-from fusedclip.stability import AGC, GradMonitor, ZClip, agc_
+from fusedclip.stability import AGC, GradMonitor, SkipBudget, ZClip, agc_
 
 
 class PythonSkipBudget:
@@ -32,7 +32,8 @@ class PythonZClip:
     """The published rule in plain floats (the oracle), as the reference implementation: raw
     norms start the statistics, the EMAs take the z-clipped norm, max_norm caps only the clip
     applied. fusedclip's additions, as plainly: non-finite norms neither count toward warm-up nor
-    enter the EMAs and are always skipped; spikes are skipped within a budget."""
+    enter the EMAs and are always skipped; a norm of 0 (all-zero gradients) is no sample either,
+    and left as it is; spikes are skipped within a budget."""
 
     def __init__(self, alpha=0.97, z_thresh=2.5, warmup_steps=25, max_norm=None, mode="adaptive"):
         self.alpha, self.z, self.warmup, self.max_norm, self.mode = (
@@ -51,6 +52,9 @@ class PythonZClip:
         if not math.isfinite(norm):
             self.budget.take(False)
             return min(norm, limit), False, True
+        if norm == 0:
+            self.budget.take(False)
+            return 0.0, False, False
         if len(self.history) < self.warmup:
             clipped, spike = norm, False
             self.history.append(norm)
@@ -218,6 +222,38 @@ def test_a_step_without_gradients_is_no_sample_of_the_norm(call):
             rtol=1e-9,
             what=f"threshold at step {step}",
         )
+
+
+def test_zclip_takes_no_sample_from_a_zero_norm():
+    """All-zero gradients (a masked loss after zero_grad(set_to_none=False)) have a norm of 0,
+    which counted in the warm-up: 25 of them started a mean and variance of 0, and the std floor
+    then called every ordinary norm a spike, clipping it to about 1e-11 for good. Zeros during
+    and after warm-up: the statistics must be those of the nonzero norms alone."""
+    ordinary = scripted_norms()
+    norms = [0.0] * 25 + ordinary[:10] + [0.0, 0.0] + ordinary[10:40] + [0.0] + ordinary[40:]
+    direction = torch.ones(4, dtype=torch.float64) / 2
+    zclip, nonzero_only = ZClip(skip_on_spike=True), ZClip(skip_on_spike=True)
+    oracle = PythonZClip(max_norm=1.0)
+    spikes = []
+    for step, norm in enumerate(norms):
+        result = zclip.step([direction * norm])
+        threshold, spike, skip = oracle.observe(norm)
+        assert_close(
+            result.threshold,
+            torch.tensor(threshold, dtype=torch.float64),
+            rtol=1e-9,
+            what=f"threshold at step {step}",
+        )
+        assert (bool(result.spike), bool(result.skip)) == (spike, skip), f"step {step}"
+        if norm == 0:
+            assert result.clip_coef.item() == 1.0, f"a zero norm clipped at step {step}"
+        else:
+            nonzero_only.step([direction * norm])
+        spikes.append(spike)
+    assert sum(spikes) == 3, "the scripted spikes, and only they"
+    state, expected = zclip.state_dict(), nonzero_only.state_dict()
+    for key in ("mean", "var", "warmup_norms", "warmup_count"):
+        assert torch.equal(state[key], expected[key]), key
 
 
 def test_zclip_never_skips_more_than_its_budget_whatever_the_pattern():
@@ -608,6 +644,12 @@ def test_zclip_takes_the_gradients_of_plain_tensor_parameters_and_never_a_weight
         (lambda: ZClip(eps="x"), "eps"),
         (lambda: GradMonitor(spike_factor="x"), "spike_factor"),
         (lambda: GradMonitor(ema=[0.5]), "ema"),
+        (lambda: AGC([torch.nn.Parameter(torch.ones(2))], clipping=None), "clipping"),
+        (lambda: AGC([torch.nn.Parameter(torch.ones(2))], clipping=torch.ones(2)), "clipping"),
+        (lambda: AGC([torch.nn.Parameter(torch.ones(2))], eps="x"), "eps"),
+        # SkipBudget calls its window `window`, ZClip and GradMonitor `skip_window`:
+        (lambda: SkipBudget(max_skips=3, window=3), "window"),
+        (lambda: GradMonitor(max_skips=2, skip_window=2), "skip_window"),
     ],
 )
 def test_stability_tools_refuse_bad_arguments_when_made(make, argument):
@@ -736,6 +778,7 @@ def _with(state: dict, path: tuple, value) -> dict:
     ("make", "path", "value", "match"),
     [
         (GradMonitor, ("steps",), None, "steps must be an integer"),
+        (GradMonitor, ("steps",), 0, "steps=0 with a history"),
         (GradMonitor, ("norms",), torch.zeros(3), r"norms must have shape \(8,\)"),
         (GradMonitor, ("has_per_tensor",), "no", "has_per_tensor must be"),
         # What the next record() tripped on, after writing part of its slot:
@@ -819,6 +862,151 @@ def test_grad_monitor_refuses_a_bad_inv_scale_before_recording_anything(inv_scal
     with pytest.raises((ValueError, TypeError), match="^inv_scale must be"):
         monitor.record(result, inv_scale=inv_scale)
     assert repr(monitor.state_dict()) == before
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        pytest.param(
+            lambda tools: tools["zclip"].step([tools["parameter"], None]),
+            TypeError,
+            r"^parameters\[1\] is a NoneType without a \.grad",
+            id="zclip-step-none-entry",
+        ),
+        pytest.param(
+            lambda tools: tools["zclip"].clip_step(tools["scaler"], scaler=tools["optimizer"]),
+            TypeError,
+            r"^ZClip.clip_step: optimizer must be a torch.optim.Optimizer, got GradScaler",
+            id="zclip-clip_step-swapped",
+        ),
+        pytest.param(
+            lambda tools: tools["zclip"].clip_step(tools["optimizer"], scaler="x"),
+            TypeError,
+            r"^ZClip.clip_step: scaler must be a torch.amp.GradScaler, got str",
+            id="zclip-clip_step-scaler-str",
+        ),
+        pytest.param(
+            lambda tools: tools["monitor"].record(tools["result"], scaler=tools["optimizer"]),
+            TypeError,
+            r"^GradMonitor.record: scaler must be a torch.amp.GradScaler or None, got SGD",
+            id="record-scaler-optimizer",
+        ),
+        pytest.param(
+            lambda tools: tools["monitor"].record(
+                tools["result"], scaler=torch.amp.GradScaler("cpu")
+            ),
+            ValueError,
+            r"^GradMonitor.record: scaler holds no scale yet",
+            id="record-scaler-before-scale",
+        ),
+    ],
+)
+def test_zclip_and_grad_monitor_name_a_wrong_argument_before_changing_anything(call, error, match):
+    """Swapped or missing arguments raised AttributeErrors from deep inside, naming neither the
+    argument nor the fix."""
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.full((3,), 2.0)
+    zclip, monitor = ZClip(warmup_steps=3), GradMonitor(capacity=4)
+    zclip.step([parameter])  # some state, so that a change would show
+    result = fusedclip.fused_clip_([parameter.grad], max_norm=1.0)
+    monitor.record(result)
+    tools = {
+        "zclip": zclip,
+        "monitor": monitor,
+        "parameter": parameter,
+        "optimizer": torch.optim.SGD([parameter], lr=0.1),
+        "scaler": torch.amp.GradScaler("cpu"),
+        "result": result,
+    }
+    before = [repr(tool.state_dict()) for tool in (zclip, monitor)]
+    gradient = parameter.grad.clone()
+    with pytest.raises(error, match=match):
+        call(tools)
+    assert [repr(tool.state_dict()) for tool in (zclip, monitor)] == before
+    assert torch.equal(parameter.grad, gradient) and torch.equal(parameter, torch.zeros(3))
+
+
+@pytest.mark.parametrize("init_scale", [100.0, 29.0, 1000.0, 2.0**16])
+def test_grad_monitor_divides_out_the_inverse_scale_the_scaler_applied(init_scale):
+    """unscale_clip_'s clip_coef holds float32(1 / scale), as GradScaler forms it, and record
+    divided an inv_scale of 1 / scale by it in float64: for a scale that is no power of two an
+    unclipped step recorded 1 - ulp, counted as a clip. Every way to pass the scale must record
+    the factor scaler= records: exactly 1 unclipped, clip_grad_norm_'s factor clipped."""
+    parameter = torch.nn.Parameter(torch.zeros(16))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+    ways = ("scaler", "float", "float64 tensor")
+    monitors = {way: GradMonitor(capacity=8) for way in ways}
+    max_norm, norms, factors = 1.0, [0.5, 3.0, 0.01, 2.0, 0.9], []
+    for step, norm in enumerate(norms):
+        parameter.grad = _loss_scaled(_direction(step, "cpu", size=16) * norm, scaler)
+        result = amp.unscale_clip_(scaler, optimizer, max_norm)
+        monitors["scaler"].record(result, scaler=scaler)
+        monitors["float"].record(result, inv_scale=1.0 / scaler.get_scale())
+        monitors["float64 tensor"].record(result, inv_scale=1.0 / scaler._scale.double())
+        factors.append(min(1.0, max_norm / (result.total_norm.item() + 1e-6)))
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() == init_scale
+    recorded = monitors["scaler"].coefs[: len(norms)]
+    assert [recorded[i].item() for i in (0, 2, 4)] == [1.0, 1.0, 1.0], "unclipped steps"
+    assert_close(recorded, torch.tensor(factors, dtype=torch.float64), rtol=1e-6, what="factors")
+    for way in ways:
+        assert torch.equal(monitors[way].coefs[: len(norms)], recorded), way
+        assert monitors[way].summary()["clip_frequency"] == pytest.approx(2 / 5), way
+
+
+@pytest.mark.parametrize("scale", [3.0, 7.0, 100.0, 1e50])
+def test_grad_monitor_takes_a_float_inv_scale_as_fused_clip_took_it(scale):
+    """fused_clip_ keeps a float inv_scale in float64 (1 / 3 and 1 / 7 float32 rounds up): divided
+    by the rounded one, an unclipped step would record less than 1, a clip; and 1e-50, which
+    float32 rounds to 0, an infinite factor."""
+    monitor = GradMonitor(capacity=4)
+    for norm in (0.5, 3.0):
+        gradient = torch.full((4,), norm / 2 * scale, dtype=torch.float64)
+        result = fusedclip.fused_clip_([gradient], max_norm=1.0, inv_scale=1 / scale)
+        monitor.record(result, inv_scale=1 / scale)
+    assert monitor.coefs[0].item() == 1.0
+    assert monitor.coefs[1].item() == pytest.approx(1 / (3.0 + 1e-6), rel=1e-6)
+    assert monitor.summary()["clip_frequency"] == 0.5
+
+
+def test_grad_monitor_records_a_step_without_gradients_as_one_without_per_tensor_norms():
+    """Without any gradient unscale_clip_(..., per_tensor=True) returns no per-tensor norms (a
+    tensor of 0): as the first step it made the per-tensor history 0 columns wide, refusing every
+    later step, and later in a run named gradients refused it. Such a step is left out of the
+    per-tensor summary, as a step recorded without per-tensor norms is."""
+    weight, bias = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight, bias], lr=0.1)
+    unscaled = torch.amp.GradScaler("cpu", enabled=False)
+    for names in (None, ["weight", "bias"]):
+        monitor = GradMonitor(capacity=8, names=names)
+        recorded = []
+        for step, has_gradients in enumerate([False, True, True, False, True]):
+            weight.grad = torch.full((3,), float(step)) if has_gradients else None
+            bias.grad = torch.full((2,), 3.0) if has_gradients else None
+            result = amp.unscale_clip_(unscaled, optimizer, 100.0, per_tensor=True)
+            monitor.record(result)
+            if has_gradients:
+                recorded.append(result.per_tensor_norms.tolist())
+        means = [statistics.fmean(column) for column in zip(*recorded, strict=True)]
+        labels = names or ["tensor 0", "tensor 1"]
+        summary = monitor.summary()
+        assert summary["steps"] == 5
+        assert summary["largest_norms"] == [
+            (labels[i], pytest.approx(means[i], rel=1e-12))
+            for i in sorted(range(2), key=lambda i: -means[i])
+        ]
+
+
+def test_grad_monitor_refuses_a_step_count_without_a_history():
+    """steps=5 with no history loaded, and summary() then indexed the missing history."""
+    state = GradMonitor(capacity=4).state_dict()
+    state["steps"] = 5
+    fresh = GradMonitor(capacity=4)
+    with pytest.raises(ValueError, match=r"GradMonitor.load_state_dict: steps=5 with no history"):
+        fresh.load_state_dict(state)
+    assert fresh.steps == 0 and fresh.summary() == {"steps": 0}
 
 
 def test_grad_monitor_refuses_mismatched_names_before_starting_its_history():
