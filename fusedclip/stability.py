@@ -210,7 +210,7 @@ class ZClip:
     are recorded; their mean and variance start the EMAs (overflowed steps, common early in fp16
     training, do not count). Then each step: z = (g - mean) / std; when z > z_thresh the norm is
     clipped to g' = mean + (z_thresh^2 / z) * std ("adaptive", the paper's default) or to
-    g' = mean + z_thresh * std ("zscore"), else g' = g; the EMAs are updated with g':
+    g' = mean + z_thresh * std ("percentile"), else g' = g; the EMAs are updated with g':
     mean <- alpha * mean + (1 - alpha) * g', var <- alpha * var + (1 - alpha) * (g' - mean)^2
     (with the updated mean), as the reference implementation. `max_norm`, when given, caps the
     clip applied (min(g', max_norm)) but not the statistics, again as the reference: capped
@@ -242,8 +242,15 @@ class ZClip:
         z_thresh = api.to_float(z_thresh, "z_thresh", "a number > 0")
         if not z_thresh > 0:
             raise ValueError(f"z_thresh must be > 0, got {z_thresh}")
-        if mode not in ("adaptive", "zscore"):
-            raise ValueError(f"mode must be 'adaptive' or 'zscore', got {mode!r}")
+        if mode == "zscore":  # one name, two rules: refused rather than guessed
+            raise ValueError(
+                "mode='zscore' is ambiguous: the reference implementation's mode='zscore' (its "
+                "default, with clip_option='adaptive_scaling') is mode='adaptive' here, and the "
+                "fixed threshold mean + z_thresh * std (the reference's mode='percentile', "
+                "called 'zscore' here before) is mode='percentile'"
+            )
+        if mode not in ("adaptive", "percentile"):
+            raise ValueError(f"mode must be 'adaptive' or 'percentile', got {mode!r}")
         _check_count("warmup_steps", warmup_steps, 1)
         if max_norm is not None:
             expected = "a non-negative number or None"
