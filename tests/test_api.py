@@ -218,6 +218,46 @@ def test_clip_grad_value_matches_torch(device, backend, dtype):
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize(
+    ("dtype", "clip_value"),
+    [(torch.float16, 1e5), (torch.bfloat16, 1e39), (torch.float32, 1e39)],
+    ids=str,
+)
+def test_a_clip_value_past_the_dtypes_range_clamps_nothing_finite(
+    device, backend, dtype, clip_value
+):
+    """README ("deliberately differs"): torch raises a RuntimeError; a bound above every value
+    is no error here, and inf and NaN stay as torch's clamp leaves them."""
+    parameters = make_parameters([1, 4095], [dtype], device)
+    parameters[1].grad[:3] = torch.tensor([math.inf, -math.inf, math.nan])
+    before = [p.grad.clone() for p in parameters]
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_value_(clone_parameters(parameters), clip_value)
+    fusedclip.clip_grad_value_(parameters, clip_value, backend=backend)
+    largest = torch.finfo(dtype).max
+    for p, grad in zip(parameters, before, strict=True):
+        expected = grad.clamp(-largest, largest).where(grad.isfinite(), grad)
+        assert torch.equal(p.grad.isnan(), grad.isnan())
+        assert torch.equal(p.grad.nan_to_num(0.0), expected.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grad_value_"])
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_foreach_is_accepted_and_ignored_as_a_drop_in(call, foreach):
+    """README: `foreach` is accepted and ignored (every backend is multi-tensor); the result is
+    torch's with the same foreach."""
+    parameters = make_parameters([7, 300], [torch.float32], "cpu")
+    theirs = clone_parameters(parameters)
+    bound = 0.5
+    ours = getattr(fusedclip, call)(parameters, bound, foreach=foreach)
+    expected = getattr(torch.nn.utils, call)(theirs, bound, foreach=foreach)
+    if call == "clip_grad_norm_":
+        assert_close(ours, expected, rtol=NORM_RTOL[torch.float32], what="norm")
+    for mine, torch_parameter in zip(parameters, theirs, strict=True):
+        assert_grads_close(mine.grad, torch_parameter.grad.double(), what="gradient")
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_clip_grad_value_of_zero_keeps_the_signs_of_zeros_as_torch(device, backend, dtype):
     """A clamp to [-0.0, 0.0]: Triton's maximum/minimum gave +0.0 where torch (and the C++
