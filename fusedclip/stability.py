@@ -324,6 +324,10 @@ class ZClip:
             saved.tensor(key, shapes.get(name, ()), dtype)
             for key, (name, dtype) in zip(keys, self._STATE.items(), strict=True)
         ]
+        for key in ("mean", "var"):  # statistics of norms: a NaN or negative one skews every step
+            value = tensors[keys.index(key)]
+            if value is not None and not (torch.isfinite(value) & (value >= 0)).item():
+                raise saved.refusal(f"{key} must be a finite number >= 0, got {value.item()}")
         count = tensors[keys.index("warmup_count")]
         if count is not None and not 0 <= count.item() <= self.warmup_steps:
             raise saved.refusal(

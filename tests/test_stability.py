@@ -803,6 +803,8 @@ def _with(state: dict, path: tuple, value) -> dict:
         (ZClip, ("mean",), torch.tensor(True), "mean must be a torch.float64 tensor"),
         (ZClip, ("var",), torch.zeros((), dtype=torch.complex128), "var must be a torch.float64"),
         (ZClip, ("var",), torch.zeros((), dtype=torch.float64, device="meta"), "meta tensor"),
+        (ZClip, ("mean",), torch.tensor(math.nan, dtype=torch.float64), "mean must be a finite"),
+        (ZClip, ("var",), torch.tensor(-1.0, dtype=torch.float64), "var must be a finite"),
         (ZClip, ("warmup_count",), torch.tensor(-5), r"warmup_count must be in \[0, "),
         (ZClip, ("warmup_count",), torch.tensor(6), r"warmup_count must be in \[0, "),
         (ZClip, ("skip_budget", "recent"), torch.zeros(100), "recent must be a torch.bool"),
