@@ -167,10 +167,11 @@ class SkipBudget:
         self._recent, steps = ring
         self._steps = None if self._recent is None else _step_count(steps, self._recent.device)
 
-    def _checked(self, state, window_argument: str) -> tuple[torch.Tensor | None, int]:
+    def _checked(self, state, window_argument: str, owner=None) -> tuple[torch.Tensor | None, int]:
         """(ring, steps) of a saved state, checked; `window_argument` is what the caller's
-        constructor calls the window."""
-        saved = _SavedState(self, state, ("window", "recent", "steps"))
+        constructor calls the window, `owner` what messages name (the ZClip or GradMonitor
+        whose budget this is; this SkipBudget by default)."""
+        saved = _SavedState(owner or self, state, ("window", "recent", "steps"))
         saved.same_argument("window", self.window, window_argument)
         return saved.tensor("recent", (self.window,), torch.bool), saved.count("steps")
 
@@ -317,7 +318,7 @@ class ZClip:
         keys = tuple(name.lstrip("_") for name in self._STATE)
         saved = _SavedState(self, state, (*keys, "warmup_steps", "skip_budget"))
         saved.same_argument("warmup_steps", self.warmup_steps)
-        ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
+        ring = self._skip_budget._checked(state["skip_budget"], "skip_window", self)
         saved.all_or_none(keys)
         shapes = self._state_shapes()
         tensors = [
@@ -674,7 +675,7 @@ class GradMonitor:
         keys = (*self._STATE, "capacity", "steps", "has_per_tensor", "skip_budget")
         saved = _SavedState(self, state, keys)
         saved.same_argument("capacity", self.capacity)
-        ring = self._skip_budget._checked(state["skip_budget"], "skip_window")
+        ring = self._skip_budget._checked(state["skip_budget"], "skip_window", self)
         saved.all_or_none(("norms", "coefs", "found_inf", "norm_ema", "should_skip"))
         history = (self.capacity,)
         shapes = {"norms": history, "coefs": history, "found_inf": history, "per_tensor": None}

@@ -745,7 +745,17 @@ def _summary_of_uninterrupted(norms, direction):
     ("make", "state_of", "match"),
     [
         (lambda: ZClip(warmup_steps=5), lambda: ZClip(warmup_steps=6), "warmup_steps=6"),
-        (lambda: ZClip(skip_window=50), lambda: ZClip(skip_window=40), "skip_window=40"),
+        # Named as the ZClip's (its message said "this SkipBudget has skip_window=50"):
+        (
+            lambda: ZClip(skip_window=50),
+            lambda: ZClip(skip_window=40),
+            r"^ZClip\.load_state_dict: .* this ZClip has skip_window=50; .*skip_window=40",
+        ),
+        (
+            lambda: GradMonitor(skip_window=50),
+            lambda: GradMonitor(skip_window=40),
+            r"^GradMonitor\.load_state_dict: .* this GradMonitor has skip_window=50",
+        ),
         (lambda: GradMonitor(capacity=8), lambda: GradMonitor(capacity=9), "capacity=9"),
         (lambda: ZClip(), lambda: GradMonitor(), "lacks mean"),
         (lambda: GradMonitor(), lambda: ZClip(), "lacks norms"),
