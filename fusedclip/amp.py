@@ -346,21 +346,25 @@ def _step_measured(
     dtensor_group = distributed.group_to_join(None, grads, _each_parameter(optimizer))
     inv_scale = _inv_scale(scaler) if scaling else None
     result, skip = measure(grads, names, inv_scale, fused, dtensor_group)
+    # A fused optimizer's grad_scale is float32: float64 gradients (the norm's dtype says there
+    # are some) take their coefficient at their own precision in the write pass instead.
+    fused_scale = fused and result.total_norm.dtype != torch.float64
+    if fused_scale:
+        # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined
+        # factor (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become
+        # 0, and the skip flag covers overflow anyway). A factor below 1 / FLOAT32_MAX (a scaled
+        # norm past about 3e38 times max_norm) has a reciprocal float32 cannot hold: divided by
+        # inf, the gradients would step as zeros. They cannot be clipped in that pass: the step
+        # counts as an overflow (found_inf), so it is skipped, seen, and the scaler backs off,
+        # which doubles the next step's factor.
+        grad_scale = result.clip_coef.double().reciprocal()
+        beyond_float32 = torch.isfinite(grad_scale) & (grad_scale.abs() > FLOAT32_MAX)
+        result = _counted_as_overflow(result, beyond_float32)
+        skip = skip.to(torch.bool) | beyond_float32.to(skip.device)
     flag = _recorded_flag(scaler, result.found_inf if grads else None) if scaling else None
     if flag is not None and _sharded_scaler(scaler)[0]:  # another rank's overflow skips here too
         skip = skip.to(torch.bool) | (flag.reshape(()) > 0).to(skip.device)
-    # A fused optimizer's grad_scale is float32: float64 gradients (the norm's dtype says there
-    # are some) take their coefficient at their own precision in the write pass instead.
-    if fused and result.total_norm.dtype != torch.float64:
-        # Fused optimizers divide the gradients by grad_scale: the reciprocal of the combined
-        # factor (inf when the factor is 0, i.e. max_norm=0 or an infinite norm: gradients become
-        # 0, and the skip flag covers overflow anyway). A factor below 1 / FLOAT32_MAX, from a
-        # norm past about 1e38 times max_norm, has a reciprocal float32 cannot hold: divided by
-        # inf, the gradients would step as zeros. They cannot be clipped in that pass: the step
-        # is skipped, without backing off the scale.
-        grad_scale = result.clip_coef.double().reciprocal()
-        beyond_float32 = torch.isfinite(grad_scale) & (grad_scale.abs() > FLOAT32_MAX)
-        skip = skip.to(torch.bool) | beyond_float32.to(skip.device)
+    if fused_scale:
         _step_unless(optimizer, skip, grad_scale.float())
     else:
         api.scale_(grads, result.clip_coef, backend=backend)
@@ -368,6 +372,14 @@ def _step_measured(
     if state is not None:
         _record_found_inf(scaler, optimizer, state, flag, OptState.STEPPED)
     return result
+
+
+def _counted_as_overflow(result, overflows: torch.Tensor):
+    """`result` (a ClipResult or ZClipResult) with found_inf (and skip) set where `overflows`."""
+    found_inf = torch.maximum(result.found_inf, overflows.to(result.found_inf.dtype))
+    if hasattr(result, "skip"):
+        return result._replace(found_inf=found_inf, skip=result.skip | overflows)
+    return result._replace(found_inf=found_inf)
 
 
 def clip_step(
@@ -387,7 +399,9 @@ def clip_step(
     the step on `found_inf`. Any other optimizer takes the three-pass path: `unscale_clip_`, then
     `scaler.step` (which, for a non-fused optimizer, is torch's one sync on found_inf); without a
     scaler, `fused_clip_`, then the step unless found_inf (one sync). Either way a step whose
-    gradients hold inf or NaN is skipped, scaler or not. With a scaler, call `scaler.update()`
+    gradients hold inf or NaN is skipped, scaler or not; with a fused optimizer so is one whose
+    factor is below 1 / FLOAT32_MAX, which no float32 grad_scale can apply: it counts as an
+    overflow (found_inf 1, the scaler backs off). With a scaler, call `scaler.update()`
     afterwards as usual.
 
     Raises:

@@ -93,7 +93,13 @@ def check_backend(backend: BackendName | None) -> None:
 
 def to_float(value, name: str, expected: str) -> float:
     """float(value), raising what float() raises (TypeError or ValueError, as torch would) with
-    the argument named; a number past float64's range (10**400) is a ValueError too."""
+    the argument named; a number past float64's range (10**400) is a ValueError too, and a
+    tensor of more than one element a TypeError (a wrong shape, as the README's rule says)."""
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise TypeError(
+            f"{name} must be {expected} (or a one-element tensor), got a tensor of shape "
+            f"{tuple(value.shape)}"
+        )
     try:
         return float(value)
     except (TypeError, ValueError) as error:
@@ -142,11 +148,6 @@ def check_bound(value, name: str, fix: str = "") -> float | torch.Tensor:
 
 
 def check_norm_type(norm_type: float | str) -> float:
-    if isinstance(norm_type, torch.Tensor) and norm_type.numel() != 1:
-        raise TypeError(
-            "norm_type must be a number > 0 or inf (or a one-element tensor), got a tensor of "
-            f"shape {tuple(norm_type.shape)}"
-        )
     norm_type = to_float(norm_type, "norm_type", "a number > 0 or inf")
     if not norm_type > 0:  # NaN too; also a SymFloat under torch.compile, where math.isnan breaks
         raise ValueError(
@@ -259,11 +260,19 @@ def _in_plan_order(the_plan: plan.Plan, per_group: list[torch.Tensor]) -> torch.
 
 def _moved_without_sync(host_value: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`host_value`, a CPU tensor made for this call, on `device`. A copy to a GPU from pageable
-    memory blocks the host until it is done (a sync); from pinned memory it is queued on the
-    stream, and the pinned block is not reused before the copy ran."""
-    if device.type == "cuda" and not torch.compiler.is_compiling():
-        return host_value.pin_memory().to(device, non_blocking=True)
-    return host_value.to(device)
+    memory blocks the host until it is done (a sync). One value is filled on the device instead
+    (no copy; a CUDA graph captures the fill); more are copied from pinned memory, queued on the
+    stream, the pinned block not reused before the copy ran. Under a capture they take the
+    pageable copy, which the capture refuses: a graph must not replay from a host buffer that
+    the allocator may have handed out again."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return host_value.to(device)
+    if host_value.numel() == 1:
+        value = host_value.reshape(()).tolist()  # a CPU tensor's value: no device sync
+        return torch.full(host_value.shape, value, dtype=host_value.dtype, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        return host_value.to(device)
+    return host_value.pin_memory().to(device, non_blocking=True)
 
 
 def _copies_tensor(the_plan: plan.Plan) -> torch.Tensor:

@@ -451,7 +451,8 @@ class ZClip:
         self, optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None
     ) -> ZClipResult:
         """Unscale, clip and step, skipping the step on overflow (and on a spike, with
-        `skip_on_spike`) without a sync: with a fused optimizer (`fused=True` Adam, AdamW, SGD)
+        `skip_on_spike`; and, as amp.clip_step, with a fused optimizer on a factor no float32
+        grad_scale can apply, counted as an overflow) without a sync: with a fused optimizer (`fused=True` Adam, AdamW, SGD)
         the gradients are read once and the optimizer's own pass applies the factor and the skip;
         other optimizers get one write pass and one sync to skip, as `scaler.step`. Call
         `scaler.update()` afterwards as usual: a spike does not back off the scale."""
@@ -498,7 +499,8 @@ def agc_(
     as in the NFNets reference code. Exclude the final classifier, as the paper does.
 
     Raises:
-        ValueError: `clipping` or `eps` is not finite and > 0 (TypeError: not a number).
+        ValueError: `clipping` or `eps` is not finite and > 0 (TypeError: not a number, or a
+            tensor of several elements).
         TypeError: a parameter that is not a tensor, or a parameter or gradient that is not
             dense floating point (a sparse nn.Embedding's), before any gradient is clipped.
     """
@@ -756,7 +758,9 @@ class GradMonitor:
             raise ValueError(
                 f"GradMonitor(names=...) has {len(self.names)} names but the result has "
                 f"{per_tensor.numel()} per-tensor norms: pass one name per gradient that exists, "
-                "e.g. names=[n for n, p in model.named_parameters() if p.grad is not None]"
+                "in the optimizer's order, e.g. name_of = {p: n for n, p in "
+                "model.named_parameters()}; names=[name_of[p] for g in optimizer.param_groups "
+                "for p in g['params'] if p.grad is not None]"
             )
         if (
             per_tensor is not None

@@ -571,12 +571,13 @@ def test_a_step_without_gradients_does_what_scaler_step_does(fused, how):
 
 
 @pytest.mark.parametrize("scale", [None, 2.0**16], ids=["unscaled", "scaled"])
-def test_a_fused_step_whose_factor_float32_cannot_invert_is_skipped(scale):
+def test_a_fused_step_whose_factor_float32_cannot_invert_counts_as_an_overflow(scale):
     """grad_scale = 1 / factor is float32: for a factor below 1 / FLOAT32_MAX (gradients whose
-    norm is 2e36 as they are, scaled or not, against max_norm 1e-3) the fused optimizer would divide by inf and
-    step on zeroed gradients (AdamW counting the step, its moments decaying). It skips the step
-    instead, and the scale is kept; a foreach optimizer clips it exactly. A norm 100x smaller
-    steps fused as it does foreach."""
+    norm is 2e36 as they are, scaled or not, against max_norm 1e-3) the fused optimizer divided
+    by inf and stepped on zeroed gradients (AdamW counting the step, its moments decaying). The
+    step now counts as an overflow: skipped, found_inf 1 (a skip the caller sees), and the scaler
+    backs off, which doubles the next factor; a foreach optimizer clips it exactly. A norm 100x
+    smaller steps fused as it does foreach."""
     outcomes = {}
     for magnitude in (1e36, 1e34):
         for fused in (False, True):
@@ -588,17 +589,36 @@ def test_a_fused_step_whose_factor_float32_cannot_invert_is_skipped(scale):
                 scaler.scale(torch.ones(()))
             param.grad = torch.full((4,), magnitude)  # scaled or not: the factor is 5e-40
             result = amp.clip_step(optimizer, 1e-3, scaler=scaler)
-            assert result.found_inf.item() == 0.0
+            new_scale = None
             if scaler is not None:
                 scaler.update()
-                assert scaler.get_scale() == scale  # no overflow: the scale is kept
+                new_scale = scaler.get_scale()
             steps = [int(state["step"]) for state in optimizer.state.values()]
-            outcomes[magnitude, fused] = (param.detach().clone(), steps)
+            outcomes[magnitude, fused] = (
+                param.detach().clone(),
+                steps,
+                result.found_inf.item(),
+                new_scale,
+            )
     skipped, stepped = outcomes[1e36, True], outcomes[1e36, False]
     assert torch.equal(skipped[0], torch.ones(4)) and skipped[1] in ([], [0]), skipped
+    assert skipped[2] == 1.0 and stepped[2] == 0.0
     assert stepped[1] == [1] and not torch.equal(stepped[0], torch.ones(4))
-    assert outcomes[1e34, True][1] == outcomes[1e34, False][1] == [1]
+    if scale is not None:
+        assert skipped[3] == scale / 2 and stepped[3] == scale  # backed off, as an overflow
+    for fused in (False, True):
+        assert outcomes[1e34, fused][1] == [1] and outcomes[1e34, fused][2] == 0.0
     assert_close(outcomes[1e34, True][0], outcomes[1e34, False][0], rtol=1e-6, what="param")
+
+
+def test_zclip_clip_step_marks_a_fused_step_float32_cannot_invert_as_skipped():
+    """The same limit through ZClip.clip_step: result.skip and found_inf say so."""
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param], lr=1e-2, fused=True)
+    param.grad = torch.full((4,), 1e36)
+    result = ZClip(max_norm=1e-3).clip_step(optimizer)
+    assert bool(result.skip) and result.found_inf.item() == 1.0
+    assert torch.equal(param.detach(), torch.ones(4))
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])

@@ -613,6 +613,20 @@ def test_zclip_takes_the_gradients_of_plain_tensor_parameters_and_never_a_weight
 @pytest.mark.parametrize(
     ("make", "argument"),
     [
+        (lambda: ZClip(z_thresh=torch.ones(2)), "z_thresh"),
+        (lambda: ZClip(max_norm=torch.ones(2)), "max_norm"),
+        (lambda: AGC([torch.nn.Parameter(torch.ones(2))], clipping=torch.ones(2)), "clipping"),
+    ],
+)
+def test_a_tensor_of_several_elements_is_a_type_error_by_name(make, argument):
+    """The README's rule: a wrong shape is a TypeError (these raised float()'s ValueError)."""
+    with pytest.raises(TypeError, match=rf"^{argument} must be .*tensor of shape \(2,\)"):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("make", "argument"),
+    [
         (lambda: ZClip(eps=math.nan), "eps"),
         (lambda: ZClip(eps=0.0), "eps"),
         (lambda: ZClip(eps=-1e-6), "eps"),
