@@ -609,9 +609,9 @@ def _write_only(
         coef = coef.to(the_plan.device)  # another device's: as torch moves it
     elif clip_coef is None and not torch.compiler.is_compiling() and not _in_dispatch_mode():
         coef = _one(the_plan.device)
-    else:
-        coef = torch.full((), 1.0 if clip_coef is None else clip_coef, dtype=torch.float64)
-        coef = _moved_without_sync(coef, the_plan.device)
+    else:  # filled on the device: no host value to copy there
+        value = 1.0 if clip_coef is None else clip_coef
+        coef = torch.full((), value, dtype=torch.float64, device=the_plan.device)
     coef = plan.checked_when_run(the_plan, coef, True)
     inputs = [_kernel_inputs(group, writes=True) for group in the_plan.groups]
     _scale(the_plan, inputs, coef, clip_value)
